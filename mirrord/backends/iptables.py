@@ -1,0 +1,340 @@
+"""iptables backends: mangle-table TEE (nft or legacy), and the legacy ROUTE --tee dialect.
+
+mirrord owns chains named MIRRORD_* in the mangle table, jumped to from the
+first position of PREROUTING and POSTROUTING. Everything is applied with one
+`iptables-restore --noflush` per address family: declaring a chain flushes
+it, so the input is the complete desired state of mirrord's chains, and the
+table is committed at once (legacy: one table replace; nft: one transaction).
+
+Layout: MIRRORD_PRE / MIRRORD_POST jump to one chain per collector, which
+first RETURNs the collector's own traffic (no feedback loop; one `-s` per
+rule is all iptables allows, so the exclusion cannot ride on each rule).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from typing import Literal, Optional
+
+from ..match import PROTOCOL_NAMES, FamilyMatch, PortRange
+from ..plan import CloneRule, Plan
+from .base import ApplyError, Backend, CounterKey, Counts, Rendered, comment, parse_comment
+
+PRE, POST = "MIRRORD_PRE", "MIRRORD_POST"
+HOOKS = {"in": ("PREROUTING", PRE, "-i"), "out": ("POSTROUTING", POST, "-o")}
+MULTIPORT_MAX = 15  # the kernel's xt_multiport limit; a range takes two slots
+
+Dialect = Literal["tee", "route"]
+
+
+def _ports(ranges: tuple[PortRange, ...]) -> str:
+    return ",".join(str(r.low) if r.low == r.high else f"{r.low}:{r.high}" for r in ranges)
+
+
+def _chunks(ranges: tuple[PortRange, ...]) -> list[tuple[PortRange, ...]]:
+    out: list[list[PortRange]] = [[]]
+    used = 0
+    for r in ranges:
+        cost = 1 if r.low == r.high else 2
+        if used + cost > MULTIPORT_MAX:
+            out.append([])
+            used = 0
+        out[-1].append(r)
+        used += cost
+    return [tuple(c) for c in out]
+
+
+def match_args(fm: FamilyMatch) -> list[list[str]]:
+    """The match as alternatives of iptables arguments (one rule each).
+
+    Lists expand to one rule per element; the elements are disjoint (merged
+    prefixes, merged port ranges, one protocol per packet), so no packet
+    matches two of them and none is copied twice.
+    """
+    protos: list[list[str]] = [[]]
+    if fm.protocols:
+        protos = [["-p", PROTOCOL_NAMES.get(p, str(p))] for p in fm.protocols]
+    srcs: list[list[str]] = [["-s", str(n)] for n in fm.sources] or [[]]
+    dsts: list[list[str]] = [["-d", str(n)] for n in fm.destinations] or [[]]
+    ports: list[list[str]] = []
+    for clause in fm.port_clauses:
+        variants: list[list[str]] = [[]]
+        for field, ranges, negated in clause.tests:
+            flag = "--sports" if field == "sport" else "--dports"
+            if negated:
+                # AND of negations: several multiport matches in one rule.
+                neg = [a for c in _chunks(ranges) for a in ("-m", "multiport", "!", flag, _ports(c))]
+                variants = [v + neg for v in variants]
+            else:
+                variants = [[*v, "-m", "multiport", flag, _ports(c)] for v in variants
+                            for c in _chunks(ranges)]
+        ports.extend(variants)
+    return [p + s + d + pt for p in protos for s in srcs for d in dsts for pt in ports]
+
+
+class IptablesBackend(Backend):
+    name = "iptables"
+    dialect: Dialect = "tee"
+    # The `iptables` command may be either variant; probe decides.
+    binary_suffix = ""
+
+    def __init__(self) -> None:
+        self._event_driven: Optional[bool] = None
+
+    # -- commands ----------------------------------------------------------
+    def _bin(self, version: int, tool: str) -> str:
+        base = "iptables" if version == 4 else "ip6tables"
+        return f"{base}{self.binary_suffix}{tool}"
+
+    def _run(self, argv: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+
+    def versions_wanted(self, plan: Plan) -> set[int]:
+        return {r.version for r in plan.clones}
+
+    @property
+    def uses_nft(self) -> bool:
+        if self._event_driven is None:
+            p = self._run([self._bin(4, ""), "--version"]) if shutil.which(self._bin(4, "")) else None
+            self._event_driven = bool(p and "nf_tables" in p.stdout)
+        return self._event_driven
+
+    # -- probing -------------------------------------------------------------
+    def unsupported(self) -> Optional[str]:
+        for tool in ("-restore", "-save"):
+            if shutil.which(self._bin(4, tool)) is None:
+                return f"{self._bin(4, tool)} is not installed (install iptables)"
+        p = self._run([self._bin(4, "-save"), "-t", "mangle"])
+        if p.returncode != 0:
+            return f"cannot read the mangle table: {p.stderr.strip()}"
+        return self._probe_target()
+
+    def _target_args(self, gateway: str, device: Optional[str]) -> list[str]:
+        args = ["-j", "TEE", "--gateway", gateway]
+        if device:
+            args += ["--oif", device]
+        return args
+
+    def _probe_target(self) -> Optional[str]:
+        chain = "MIRRORD_PROBE"
+        rule = " ".join(self._target_args("192.0.2.1", None))
+        add = f"*mangle\n:{chain} - [0:0]\n-A {chain} {rule}\nCOMMIT\n"
+        p = self._run([self._bin(4, "-restore"), "--noflush"], add)
+        self._run([self._bin(4, "-restore"), "--noflush"], f"*mangle\n-F {chain}\n-X {chain}\nCOMMIT\n")
+        if p.returncode != 0:
+            return self._missing_target(p.stderr.strip().splitlines()[0] if p.stderr else "")
+        return None
+
+    def _missing_target(self, err: str) -> str:
+        return (f"the kernel or iptables lacks the TEE target ({err}); install "
+                "kmod-ipt-tee and iptables-mod-tee (OpenWrt) or enable CONFIG_NETFILTER_XT_TARGET_TEE")
+
+    # -- rendering -------------------------------------------------------------
+    def render(self, plan: Plan) -> Rendered:
+        texts = self.render_restore(plan)
+        text = "".join(f"# {self._bin(v, '-restore')} --noflush\n{t}" for v, t in texts.items())
+        keys = frozenset((r.mirror, r.direction) for r in plan.clones)
+        return Rendered(text=text, payload=texts, keys=keys)
+
+    def render_restore(self, plan: Plan) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for version in sorted(self.versions_wanted(plan)):
+            rules = [r for r in plan.clones if r.version == version]
+            out[version] = self._render_family(rules, plan.clone_egress)
+        return out
+
+    def _render_family(self, rules: list[CloneRule], egress: frozenset[str]) -> str:
+        collectors = list(dict.fromkeys((str(r.gateway), r.device) for r in rules))
+        lines = ["*mangle", f":{PRE} - [0:0]", f":{POST} - [0:0]"]
+        body: list[str] = []
+        for direction, (_, top, _flag) in HOOKS.items():
+            for i, (gw, dev) in enumerate(collectors, 1):
+                mine = [r for r in rules
+                        if r.direction == direction and (str(r.gateway), r.device) == (gw, dev)]
+                if not mine:
+                    continue
+                chain = f"{top}_{i}"
+                lines.append(f":{chain} - [0:0]")
+                body.append(f"-A {top} -j {chain}")
+                body.append(f"-A {chain} -s {gw} -j RETURN")
+                body.append(f"-A {chain} -d {gw} -j RETURN")
+                if direction == "out":
+                    for ifname in sorted({i for r in mine for i in r.interfaces} & egress):
+                        # Clones leave here and pass POSTROUTING (untracked):
+                        # their copy is suppressed by the kernel, but they
+                        # must not be counted either.
+                        body.append(f"-A {chain} -o {ifname} -m conntrack --ctstate UNTRACKED "
+                                    "-j RETURN")
+                for r in mine:
+                    body += self._rule_lines(chain, r)
+        lines += body
+        lines.append("COMMIT")
+        return "\n".join(lines) + "\n"
+
+    def _rule_lines(self, chain: str, r: CloneRule) -> list[str]:
+        flag = HOOKS[r.direction][2]
+        note = ["-m", "comment", "--comment", f'"{comment(r.mirror, r.direction)}"']
+        target = self._target_args(str(r.gateway), r.device)
+        out = []
+        for ifname in r.interfaces:
+            for alt in match_args(r.match):
+                out.append(" ".join([f"-A {chain}", flag, ifname, *alt, *note, *target]))
+        return out
+
+    # -- the kernel --------------------------------------------------------------
+    def _save(self, version: int, counters: bool = False) -> list[str]:
+        argv = [self._bin(version, "-save"), "-t", "mangle"]
+        if counters:
+            argv.insert(1, "-c")
+        p = self._run(argv)
+        return p.stdout.splitlines() if p.returncode == 0 else []
+
+    def _jumps_present(self, lines: list[str]) -> set[str]:
+        return {c for c in (PRE, POST) for ln in lines if ln.endswith(f"-j {c}") and
+                re.match(r"^(\[\d+:\d+\] )?-A (PREROUTING|POSTROUTING) -j MIRRORD_", ln)}
+
+    def apply(self, rendered: Rendered, carry: Counts) -> None:
+        texts: dict[int, str] = rendered.payload
+        for version in (4, 6):
+            if shutil.which(self._bin(version, "-restore")) is None:
+                if version in texts:
+                    raise ApplyError(f"{self._bin(version, '-restore')} is not installed")
+                continue
+            current = self._save(version)
+            if version not in texts:
+                if any("MIRRORD_" in ln for ln in current):
+                    self._remove(version, current)
+                continue
+            text = _with_counters(texts[version], carry)
+            present = self._jumps_present(current)
+            extra = []
+            for _direction, (hook, top, _) in HOOKS.items():
+                if top not in present:
+                    extra.append(f"-I {hook} 1 -j {top}")
+            # --noflush keeps PREROUTING's other rules, so our jump is added
+            # only when missing, in the same commit as the chains it targets.
+            text = text.replace("COMMIT\n", "".join(f"{e}\n" for e in extra) + "COMMIT\n")
+            stale = _stale_chains(current, text)
+            if stale:
+                drop = "".join(f"-F {c}\n" for c in stale) + "".join(f"-X {c}\n" for c in stale)
+                text = text.replace("COMMIT\n", drop + "COMMIT\n")
+            p = self._run([self._bin(version, "-restore"), "--noflush", "--counters"], text)
+            if p.returncode != 0:
+                raise ApplyError(
+                    f"{self._bin(version, '-restore')} refused the rules: {p.stderr.strip()}\n"
+                    f"input:\n{text}"
+                )
+
+    def _remove(self, version: int, current: list[str]) -> None:
+        lines = ["*mangle"]
+        for _direction, (hook, top, _) in HOOKS.items():
+            if top in self._jumps_present(current):
+                lines.append(f"-D {hook} -j {top}")
+        chains = [ln[1:].split()[0] for ln in current if ln.startswith(":MIRRORD_")]
+        lines += [f"-F {c}" for c in chains] + [f"-X {c}" for c in chains]
+        lines.append("COMMIT")
+        p = self._run([self._bin(version, "-restore"), "--noflush"], "\n".join(lines) + "\n")
+        if p.returncode != 0:
+            raise ApplyError(f"{self._bin(version, '-restore')} could not remove mirrord's chains: "
+                             f"{p.stderr.strip()}")
+
+    def snapshot(self) -> str:
+        parts = []
+        for version in (4, 6):
+            if shutil.which(self._bin(version, "-save")) is None:
+                continue
+            mine = [ln for ln in self._save(version) if "MIRRORD_" in ln]
+            if mine:
+                parts.append(f"v{version}\n" + "\n".join(mine))
+        return "\n".join(parts)
+
+    def counters(self) -> Counts:
+        out: Counts = {}
+        for version in (4, 6):
+            if shutil.which(self._bin(version, "-save")) is None:
+                continue
+            for ln in self._save(version, counters=True):
+                m = re.match(r'^\[(\d+):(\d+)\] -A MIRRORD_\S+ .*--comment (?:"([^"]+)"|(\S+))', ln)
+                if not m:
+                    continue
+                key = parse_comment(m.group(3) or m.group(4))
+                if key:
+                    p, b = out.get(key, (0, 0))
+                    out[key] = (p + int(m.group(1)), b + int(m.group(2)))
+        return out
+
+    def flush(self) -> None:
+        for version in (4, 6):
+            if shutil.which(self._bin(version, "-save")) is None:
+                continue
+            current = self._save(version)
+            if any("MIRRORD_" in ln for ln in current):
+                self._remove(version, current)
+
+
+def _stale_chains(current: list[str], text: str) -> list[str]:
+    """Our chains in the kernel that the new input no longer declares.
+
+    They are flushed, then deleted, in the same commit as the new rules.
+    """
+    declared = {ln[1:].split()[0] for ln in text.splitlines() if ln.startswith(":")}
+    have = [ln[1:].split()[0] for ln in current if ln.startswith(":MIRRORD_")]
+    return [c for c in have if c not in declared]
+
+
+def _with_counters(text: str, carry: Counts) -> str:
+    """Seed the first rule of each mirror/direction with its carried totals."""
+    seen: set[CounterKey] = set()
+    out = []
+    for ln in text.splitlines():
+        m = re.search(r'--comment "([^"]+)"', ln)
+        key = parse_comment(m.group(1)) if m else None
+        if ln.startswith("-A "):
+            if key and key not in seen:
+                seen.add(key)
+                p, b = carry.get(key, (0, 0))
+                ln = f"[{p}:{b}] {ln}"
+            else:
+                ln = f"[0:0] {ln}"
+        out.append(ln)
+    return "\n".join(out) + "\n"
+
+
+class IptablesLegacyBackend(IptablesBackend):
+    name = "iptables-legacy"
+    binary_suffix = "-legacy"
+    event_driven = False
+
+    @property
+    def uses_nft(self) -> bool:
+        return False
+
+
+class RouteTeeBackend(IptablesBackend):
+    """The patch-o-matic ROUTE target of old DD-WRT/OpenWrt kernels: IPv4 only."""
+
+    name = "route-tee"
+    dialect = "route"
+    versions = frozenset({4})
+
+    def versions_wanted(self, plan: Plan) -> set[int]:
+        return {4} if any(r.version == 4 for r in plan.clones) else set()
+
+    def _target_args(self, gateway: str, device: Optional[str]) -> list[str]:
+        args = ["-j", "ROUTE"]
+        if device:
+            args += ["--oif", device]
+        return [*args, "--gw", gateway, "--tee"]
+
+    def _missing_target(self, err: str) -> str:
+        return (f"this kernel has no ROUTE target ({err}); ROUTE --tee exists only on old "
+                "patch-o-matic kernels (DD-WRT): use backend iptables (TEE) or nftables")
+
+
+def backend_event_driven(b: Backend) -> bool:
+    if isinstance(b, IptablesBackend):
+        return b.uses_nft
+    return b.event_driven
+

@@ -1,0 +1,373 @@
+"""nftables backend: `dup to` rules in mirrord's own tables, one JSON transaction.
+
+nft 1.0.x cannot `dup` from an inet table, so mirrord owns `table ip mirrord`
+and `table ip6 mirrord`. Both are deleted and re-created in one libnftables
+batch: the kernel swaps the old rules for the new ones at commit, so there is
+never a moment without rules, and a refused batch changes nothing.
+
+Layout per table: base chains `prerouting` (mangle priority, before DNAT: the
+packet as it arrived) and `postrouting` (after SNAT: the packet as it leaves)
+dispatch by interface name through a verdict map to one chain per interface,
+so the per-packet cost stays one hash lookup however many interfaces are
+mirrored. Interface names (not indexes) are matched, so rules survive an
+interface being deleted and re-created.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from typing import Any, Optional
+
+from ..match import FamilyMatch, Network, PortRange
+from ..plan import CloneRule, Plan
+from .base import ApplyError, Backend, CounterKey, Counts, Rendered, comment
+
+TABLE = "mirrord"
+TRACE_TABLE = "mirrord_trace"
+FAMILIES = {4: "ip", 6: "ip6"}
+PRIO_PREROUTING = -150  # mangle: after conntrack, before dstnat
+PRIO_POSTROUTING = 300  # after srcnat: what actually leaves the interface
+
+Expr = dict[str, Any]
+
+
+# -- pure rendering ---------------------------------------------------------
+def _value(items: list[Any]) -> Any:
+    return items[0] if len(items) == 1 else {"set": items}
+
+
+def _net(n: Network) -> Any:
+    if n.prefixlen == n.max_prefixlen:
+        return str(n.network_address)
+    return {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
+
+
+def _port(r: PortRange) -> Any:
+    return r.low if r.low == r.high else {"range": [r.low, r.high]}
+
+
+def _match(left: Expr, right: Any, op: str = "==") -> Expr:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _payload(protocol: str, field: str) -> Expr:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _meta(key: str) -> Expr:
+    return {"meta": {"key": key}}
+
+
+def match_exprs(fm: FamilyMatch) -> list[list[Expr]]:
+    """The match as alternatives of nft JSON expressions (one rule each)."""
+    fam = FAMILIES[fm.version]
+    common: list[Expr] = []
+    if fm.protocols:
+        common.append(_match(_meta("l4proto"), _value(list(fm.protocols))))
+    if fm.sources:
+        common.append(_match(_payload(fam, "saddr"), _value([_net(n) for n in fm.sources])))
+    if fm.destinations:
+        common.append(_match(_payload(fam, "daddr"), _value([_net(n) for n in fm.destinations])))
+    alternatives: list[list[Expr]] = []
+    for clause in fm.port_clauses:
+        exprs = list(common)
+        for field, ranges, negated in clause.tests:
+            exprs.append(
+                _match(_payload("th", field), _value([_port(r) for r in ranges]),
+                       "!=" if negated else "==")
+            )
+        alternatives.append(exprs)
+    return alternatives
+
+
+def _chain_name(direction: str, ifname: str, taken: set[str]) -> str:
+    base = f"{direction}_{re.sub(r'[^A-Za-z0-9_.-]', '_', ifname)}"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
+
+
+def counter_name(key: CounterKey) -> str:
+    return f"{key[0]}.{key[1]}"
+
+
+def render_tables(plan: Plan) -> dict[str, list[dict[str, Any]]]:
+    """family -> the objects of that table, in creation order (pure)."""
+    by_version: dict[int, list[CloneRule]] = defaultdict(list)
+    for rule in plan.clones:
+        by_version[rule.version].append(rule)
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for version, rules in sorted(by_version.items()):
+        fam = FAMILIES[version]
+        t = {"family": fam, "table": TABLE}
+        objs: list[dict[str, Any]] = [{"table": {"family": fam, "name": TABLE}}]
+        keys = list(dict.fromkeys((r.mirror, r.direction) for r in rules))
+        objs += [{"counter": {**t, "name": counter_name(k)}} for k in keys]
+        taken: set[str] = set()
+        rule_objs: list[dict[str, Any]] = []
+        for direction, hook, prio, meta in (
+            ("in", "prerouting", PRIO_PREROUTING, "iifname"),
+            ("out", "postrouting", PRIO_POSTROUTING, "oifname"),
+        ):
+            per_if: dict[str, list[CloneRule]] = defaultdict(list)
+            for r in rules:
+                if r.direction == direction:
+                    for ifname in r.interfaces:
+                        per_if[ifname].append(r)
+            if not per_if:
+                continue
+            objs.append({"chain": {**t, "name": hook, "type": "filter", "hook": hook,
+                                   "prio": prio, "policy": "accept"}})
+            dispatch: list[list[Any]] = []
+            for ifname in sorted(per_if):
+                chain = _chain_name(direction, ifname, taken)
+                objs.append({"chain": {**t, "name": chain}})
+                dispatch.append([ifname, {"jump": {"target": chain}}])
+                if direction == "out" and ifname in plan.clone_egress:
+                    # Clones leave through this interface and traverse
+                    # postrouting; the kernel marks them untracked. Their
+                    # copy is already suppressed, but they must not count.
+                    rule_objs.append({"rule": {**t, "chain": chain, "expr": [
+                        _match({"ct": {"key": "state"}}, "untracked", "in"), {"return": None}]}})
+                for r in per_if[ifname]:
+                    rule_objs += _clone_rules(t, chain, r)
+            rule_objs.insert(0, {"rule": {**t, "chain": hook, "expr": [
+                {"vmap": {"key": _meta(meta), "data": {"set": dispatch}}}]}})
+        objs += rule_objs
+        tables[fam] = objs
+    return tables
+
+
+def _clone_rules(t: dict[str, str], chain: str, r: CloneRule) -> list[dict[str, Any]]:
+    fam = FAMILIES[r.version]
+    gw = str(r.gateway)
+    # Traffic of the collector itself is never copied: no feedback loop.
+    exclude = [_match(_payload(fam, "saddr"), gw, "!="), _match(_payload(fam, "daddr"), gw, "!=")]
+    dup: dict[str, Any] = {"addr": gw}
+    if r.device:
+        dup["dev"] = r.device
+    out = []
+    for alt in match_exprs(r.match):
+        expr = [*alt, *exclude, {"counter": counter_name((r.mirror, r.direction))}, {"dup": dup}]
+        out.append({"rule": {**t, "chain": chain, "expr": expr,
+                             "comment": comment(r.mirror, r.direction)}})
+    return out
+
+
+def batch(tables: dict[str, list[dict[str, Any]]], carry: Counts) -> list[dict[str, Any]]:
+    """One transaction: remove both tables if present, then create the wanted ones."""
+    cmds: list[dict[str, Any]] = []
+    for fam in FAMILIES.values():
+        cmds.append({"add": {"table": {"family": fam, "name": TABLE}}})
+        cmds.append({"delete": {"table": {"family": fam, "name": TABLE}}})
+    for objs in tables.values():
+        for obj in objs:
+            if "counter" in obj:
+                key = _counter_key(obj["counter"]["name"])
+                packets, nbytes = carry.get(key, (0, 0)) if key else (0, 0)
+                obj = {"counter": {**obj["counter"], "packets": packets, "bytes": nbytes}}
+            cmds.append({"add": obj})
+    return cmds
+
+
+def _counter_key(name: str) -> Optional[CounterKey]:
+    mirror, _, direction = name.rpartition(".")
+    return (mirror, direction) if mirror and direction in ("in", "out") else None
+
+
+# -- text form, for `mirrord render` ------------------------------------------
+def _text_value(v: Any) -> str:
+    if isinstance(v, dict):
+        if "set" in v:
+            return "{ " + ", ".join(_text_value(x) for x in v["set"]) + " }"
+        if "range" in v:
+            return f"{v['range'][0]}-{v['range'][1]}"
+        if "prefix" in v:
+            return f"{v['prefix']['addr']}/{v['prefix']['len']}"
+    if isinstance(v, list):
+        return f"{_text_value(v[0])} : {_text_value(v[1])}"
+    if isinstance(v, str) and not re.fullmatch(r"[0-9a-fA-F.:]+", v):
+        return v
+    return str(v)
+
+
+def _text_left(e: Expr) -> str:
+    if "meta" in e:
+        return f"meta {e['meta']['key']}"
+    if "payload" in e:
+        return f"{e['payload']['protocol']} {e['payload']['field']}"
+    if "ct" in e:
+        return f"ct {e['ct']['key']}"
+    raise ValueError(f"no text form for {e}")
+
+
+def _text_expr(e: Expr) -> str:
+    if "match" in e:
+        m = e["match"]
+        op = "" if m["op"] in ("==", "in") else f"{m['op']} "
+        return f"{_text_left(m['left'])} {op}{_text_value(m['right'])}"
+    if "counter" in e:
+        return f'counter name "{e["counter"]}"'
+    if "dup" in e:
+        dev = f' device "{e["dup"]["dev"]}"' if "dev" in e["dup"] else ""
+        return f"dup to {e['dup']['addr']}{dev}"
+    if "vmap" in e:
+        items = ", ".join(f'"{k}" : jump {v["jump"]["target"]}' for k, v in e["vmap"]["data"]["set"])
+        return f"{_text_left(e['vmap']['key'])} vmap {{ {items} }}"
+    if "return" in e:
+        return "return"
+    raise ValueError(f"no text form for {e}")
+
+
+def to_text(tables: dict[str, list[dict[str, Any]]]) -> str:
+    out: list[str] = []
+    for fam, objs in tables.items():
+        chains = [o["chain"] for o in objs if "chain" in o]
+        out.append(f"table {fam} {TABLE} {{")
+        for o in objs:
+            if "counter" in o:
+                out.append(f"\tcounter {o['counter']['name']} {{\n\t}}")
+        for c in chains:
+            out.append(f"\tchain {c['name']} {{")
+            if "hook" in c:
+                out.append(f"\t\ttype {c['type']} hook {c['hook']} priority {c['prio']}; "
+                           f"policy {c['policy']};")
+            for o in objs:
+                r = o.get("rule")
+                if r and r["chain"] == c["name"]:
+                    line = " ".join(_text_expr(e) for e in r["expr"])
+                    if "comment" in r:
+                        line += f' comment "{r["comment"]}"'
+                    out.append(f"\t\t{line}")
+            out.append("\t}")
+        out.append("}")
+    return "\n".join(out) + ("\n" if out else "")
+
+
+# -- the kernel ----------------------------------------------------------------
+class NftablesBackend(Backend):
+    name = "nftables"
+    event_driven = True
+
+    def __init__(self) -> None:
+        self._nft: Any = None
+
+    def _lib(self) -> Any:
+        if self._nft is None:
+            import nftables
+
+            nft = nftables.Nftables()
+            nft.set_json_output(True)
+            nft.set_handle_output(False)
+            self._nft = nft
+        return self._nft
+
+    def _json(self, cmds: list[dict[str, Any]]) -> tuple[int, Any, str]:
+        rc, out, err = self._lib().json_cmd({"nftables": cmds})
+        return int(rc), out, str(err or "")
+
+    def unsupported(self) -> Optional[str]:
+        try:
+            self._lib()
+        except (ImportError, OSError) as e:
+            return (f"the libnftables Python bindings are not importable ({e}); install "
+                    "python3-nftables (Debian/Ubuntu), python3-nftables (OpenWrt), or "
+                    "pip install pip-nftables")
+        probe: dict[str, Any] = {"family": "ip", "table": "mirrord_probe"}
+        cmds: list[dict[str, Any]] = [
+            {"add": {"table": {"family": "ip", "name": "mirrord_probe"}}},
+            {"add": {"chain": {**probe, "name": "c"}}},
+            {"add": {"rule": {**probe, "chain": "c", "expr": [{"dup": {"addr": "192.0.2.1"}}]}}},
+        ]
+        _set_dry_run(self._lib(), True)
+        try:
+            rc, _, err = self._json(cmds)
+        finally:
+            _set_dry_run(self._lib(), False)
+        if rc != 0:
+            if "Operation not permitted" in err:
+                return "not permitted to change nftables (needs CAP_NET_ADMIN)"
+            return ("the kernel refused an nftables dup rule (" + err.strip().splitlines()[0]
+                    + "); install kmod-nft-dup-inet (OpenWrt) or a kernel with "
+                    "CONFIG_NFT_DUP_IPV4/IPV6")
+        return None
+
+    def render(self, plan: Plan) -> Rendered:
+        tables = render_tables(plan)
+        keys = frozenset((r.mirror, r.direction) for r in plan.clones)
+        return Rendered(text=to_text(tables), payload=tables, keys=keys)
+
+    def apply(self, rendered: Rendered, carry: Counts) -> None:
+        cmds = batch(rendered.payload, carry)
+        rc, _, err = self._json(cmds)
+        if rc != 0:
+            raise ApplyError(
+                f"nftables refused the ruleset: {err.strip()}\n"
+                f"input: {json.dumps({'nftables': cmds})}"
+            )
+
+    def _list(self, fam: str) -> list[dict[str, Any]]:
+        rc, out, _ = self._json([{"list": {"table": {"family": fam, "name": TABLE}}}])
+        if rc != 0 or not out:
+            return []
+        data = out if isinstance(out, dict) else json.loads(out)
+        return [o for o in data.get("nftables", []) if "metainfo" not in o]
+
+    def snapshot(self) -> str:
+        objs: list[Any] = []
+        for fam in FAMILIES.values():
+            for o in self._list(fam):
+                objs.append(_strip_volatile(o))
+        return json.dumps(objs, sort_keys=True) if objs else ""
+
+    def counters(self) -> Counts:
+        out: Counts = {}
+        for fam in FAMILIES.values():
+            for o in self._list(fam):
+                c = o.get("counter")
+                if c:
+                    key = _counter_key(c["name"])
+                    if key:
+                        p, b = out.get(key, (0, 0))
+                        out[key] = (p + int(c.get("packets", 0)), b + int(c.get("bytes", 0)))
+        return out
+
+    def flush(self) -> None:
+        cmds: list[dict[str, Any]] = []
+        for fam, name in (("ip", TABLE), ("ip6", TABLE), ("inet", TRACE_TABLE)):
+            cmds.append({"add": {"table": {"family": fam, "name": name}}})
+            cmds.append({"delete": {"table": {"family": fam, "name": name}}})
+        rc, _, err = self._json(cmds)
+        if rc != 0:
+            raise ApplyError(f"nftables refused to remove mirrord's tables: {err.strip()}")
+
+
+def _set_dry_run(nft: Any, on: bool) -> None:
+    """Check-only mode: the kernel validates the batch, then it is aborted."""
+    if hasattr(nft, "set_dry_run"):
+        nft.set_dry_run(on)
+        return
+    # The PyPI copy of the bindings lacks the wrapper; the C call is the same.
+    import ctypes
+
+    lib = ctypes.CDLL("libnftables.so.1")
+    lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+    lib.nft_ctx_set_dry_run(nft._Nftables__ctx, on)
+
+
+def _strip_volatile(o: Any) -> Any:
+    """Drop what changes without anyone changing the rules: handles, counts."""
+    if isinstance(o, dict):
+        return {
+            k: _strip_volatile(v)
+            for k, v in o.items()
+            if k not in ("handle", "packets", "bytes")
+        }
+    if isinstance(o, list):
+        return [_strip_volatile(v) for v in o]
+    return o

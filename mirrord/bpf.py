@@ -1,0 +1,403 @@
+"""Compile a `Match` into a classic BPF socket filter for an AF_PACKET socket.
+
+The filter runs in the kernel before a packet is copied to the capture ring,
+so unmatched traffic costs the TZSP worker nothing. It also drops everything
+to or from the collector: our own TZSP datagrams (and the ICMP errors they
+provoke) must never be captured again, even when the collector is reached
+through the mirrored interface.
+
+Offsets are from the start of the link-layer frame (Ethernet: L3 at 14). A
+VLAN tag stripped into skb metadata is invisible here; a tag still in the
+frame (an outgoing tag the driver did not offload, QinQ) moves L3 by 4 per tag,
+so the program keeps the L3 offset in X and uses indirect loads throughout.
+Devices without a link header (tun, PPP, IP tunnels) start at L3; their
+ethertype comes from the skb protocol (an ancillary load).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import itertools
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+from .match import PORT_PROTOCOLS, Address, FamilyMatch, Match, Network, PortClause
+
+Insn = tuple[int, int, int, int]  # (code, jt, jf, k), as in struct sock_filter
+Link = Literal["ethernet", "raw"]
+
+# Instruction classes and fields (linux/filter.h, linux/bpf_common.h).
+LD, LDX, ALU, JMP, RET, MISC = 0x00, 0x01, 0x04, 0x05, 0x06, 0x07
+W, H, B = 0x00, 0x08, 0x10
+IMM, ABS, IND, MSH = 0x00, 0x20, 0x40, 0xA0
+ADD, AND, LSH = 0x00, 0x50, 0x60
+JA, JEQ, JGT, JGE, JSET = 0x00, 0x10, 0x20, 0x30, 0x40
+K, X = 0x00, 0x08
+TAX, TXA = 0x00, 0x80
+
+SKF_AD_OFF = -0x1000
+SKF_AD_PROTOCOL = 0
+SKF_AD_PKTTYPE = 4
+PACKET_OUTGOING = 4
+BPF_MAXINSNS = 4096
+
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
+ETH_HLEN = 14
+VLAN_HLEN = 4
+
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
+
+# Largest frame a TZSP datagram can carry over IPv4 (65507-byte UDP payload
+# minus the header with tag 41, minus a VLAN tag that may be re-inserted).
+MAX_SNAPLEN = 65507 - 9 - VLAN_HLEN
+
+
+def _anc(offset: int) -> int:
+    return (SKF_AD_OFF + offset) & 0xFFFFFFFF
+
+
+class BpfError(ValueError):
+    """The match cannot be expressed as a classic BPF program."""
+
+
+@dataclass
+class _Op:
+    code: int
+    k: int = 0
+    jt: Optional[str] = None  # label; None = next instruction
+    jf: Optional[str] = None
+    target: Optional[str] = None  # for JA
+
+
+_Item = Union[_Op, str]  # a str is a label
+
+
+class _Asm:
+    """A tiny assembler: symbolic labels, far conditional jumps via trampolines."""
+
+    def __init__(self) -> None:
+        self.items: list[_Item] = []
+        self._n = itertools.count()
+
+    def label(self, hint: str) -> str:
+        return f"{hint}.{next(self._n)}"
+
+    def place(self, label: str) -> None:
+        self.items.append(label)
+
+    def op(self, code: int, k: int = 0) -> None:
+        self.items.append(_Op(code, k & 0xFFFFFFFF))
+
+    def jump(self, code: int, k: int, jt: Optional[str], jf: Optional[str]) -> None:
+        self.items.append(_Op(JMP | code | K, k & 0xFFFFFFFF, jt, jf))
+
+    def ja(self, target: str) -> None:
+        self.items.append(_Op(JMP | JA, 0, target=target))
+
+    def ret(self, k: int) -> None:
+        self.items.append(_Op(RET | K, k))
+
+    def assemble(self) -> list[Insn]:
+        items = list(self.items)
+        while True:
+            pos: dict[str, int] = {}
+            ops: list[_Op] = []
+            for it in items:
+                if isinstance(it, str):
+                    pos[it] = len(ops)
+                else:
+                    ops.append(it)
+            far = self._first_far(ops, pos)
+            if far is None:
+                break
+            items = self._trampoline(items, far)
+        out: list[Insn] = []
+        for i, o in enumerate(ops):
+            if o.code == JMP | JA and o.target is not None:
+                out.append((o.code, 0, 0, pos[o.target] - i - 1))
+            elif o.code & 0x07 == JMP:
+                jt = pos[o.jt] - i - 1 if o.jt else 0
+                jf = pos[o.jf] - i - 1 if o.jf else 0
+                out.append((o.code, jt, jf, o.k))
+            else:
+                out.append((o.code, 0, 0, o.k))
+        if len(out) > BPF_MAXINSNS:
+            raise BpfError(f"filter needs {len(out)} instructions, the kernel allows {BPF_MAXINSNS}")
+        return out
+
+    @staticmethod
+    def _first_far(ops: list[_Op], pos: dict[str, int]) -> Optional[_Op]:
+        for i, o in enumerate(ops):
+            if o.code & 0x07 != JMP or o.code == JMP | JA:
+                continue
+            for lab in (o.jt, o.jf):
+                if lab is None:
+                    continue
+                d = pos[lab] - i - 1
+                if d < 0:
+                    raise BpfError("internal: backward jump")
+                if d > 255:
+                    return o
+        return None
+
+    def _trampoline(self, items: list[_Item], op: _Op) -> list[_Item]:
+        # cond(jt -> T1, jf -> T2); T1: ja jt; T2: ja jf (or fall through past it)
+        idx = next(i for i, it in enumerate(items) if it is op)
+        after = self.label("after")
+        t_true, t_false = self.label("tt"), self.label("tf")
+        new: list[_Item] = [_Op(op.code, op.k, t_true, t_false)]
+        new += [t_true, _Op(JMP | JA, 0, target=op.jt or after)]
+        new += [t_false, _Op(JMP | JA, 0, target=op.jf or after)]
+        new.append(after)
+        return items[:idx] + new + items[idx + 1:]
+
+
+def _v4_words(net: Network) -> list[tuple[int, int, int]]:
+    """(byte offset within the address, mask, value) words that decide `net`."""
+    n = int(net.network_address)
+    bits = net.max_prefixlen
+    words = bits // 32
+    out = []
+    for i in range(words):
+        covered = max(0, min(32, net.prefixlen - 32 * i))
+        if covered == 0:
+            break
+        mask = (0xFFFFFFFF << (32 - covered)) & 0xFFFFFFFF
+        value = (n >> (bits - 32 * (i + 1))) & mask
+        out.append((4 * i, mask, value))
+    return out
+
+
+class _Compiler:
+    def __init__(self, snaplen: int) -> None:
+        self.a = _Asm()
+        self.snaplen = snaplen
+        self.reject = self.a.label("reject")
+        self.accept = self.a.label("accept")
+
+    # A = 32-bit word at L3 + off (X holds the L3 offset)
+    def ld_ind(self, size: int, off: int) -> None:
+        self.a.op(LD | size | IND, off)
+
+    def exclude_address(self, addr: Address, fields: Sequence[int]) -> None:
+        """Reject when the address at any of `fields` (L3 offsets) equals `addr`."""
+        words = _v4_words(ipaddress.ip_network(addr))
+        for field in fields:
+            differs = self.a.label("differs")
+            for i, (off, _mask, value) in enumerate(words):
+                self.ld_ind(W, field + off)
+                last = i == len(words) - 1
+                self.a.jump(JEQ, value, self.reject if last else None, differs)
+            self.a.place(differs)
+
+    def any_of(self, size: int, off: int, values: Iterable[int]) -> None:
+        """Continue when the field equals one of `values`, else reject."""
+        ok = self.a.label("ok")
+        self.ld_ind(size, off)
+        vals = list(values)
+        for i, v in enumerate(vals):
+            self.a.jump(JEQ, v, ok, self.reject if i == len(vals) - 1 else None)
+        self.a.place(ok)
+
+    def networks(self, field: int, nets: Sequence[Network]) -> None:
+        """Continue when the address at `field` is in one of `nets`, else reject."""
+        if not nets or any(n.prefixlen == 0 for n in nets):
+            return
+        ok = self.a.label("in_net")
+        for j, net in enumerate(nets):
+            nxt = self.reject if j == len(nets) - 1 else self.a.label("next_net")
+            words = _v4_words(net)
+            for i, (off, mask, value) in enumerate(words):
+                self.ld_ind(W, field + off)
+                if mask != 0xFFFFFFFF:
+                    self.a.op(ALU | AND | K, mask)
+                self.a.jump(JEQ, value, ok if i == len(words) - 1 else None, nxt)
+            if nxt != self.reject:
+                self.a.place(nxt)
+        self.a.place(ok)
+
+    def ports(self, clauses: Sequence[PortClause]) -> None:
+        """X = L4 offset. Accept when any clause holds, else reject."""
+        for ci, clause in enumerate(clauses):
+            fail = self.reject if ci == len(clauses) - 1 else self.a.label("next_clause")
+            for field, ranges, negated in clause.tests:
+                passed = self.a.label("test_ok")
+                inside, outside = (fail, passed) if negated else (passed, fail)
+                self.ld_ind(H, 0 if field == "sport" else 2)
+                for ri, r in enumerate(ranges):
+                    nxt = outside if ri == len(ranges) - 1 else self.a.label("next_range")
+                    if r.low == r.high:
+                        self.a.jump(JEQ, r.low, inside, nxt)
+                    else:
+                        check_high = self.a.label("check_high")
+                        self.a.jump(JGE, r.low, check_high, nxt)
+                        self.a.place(check_high)
+                        self.a.jump(JGT, r.high, nxt, inside)
+                    if nxt is not outside:
+                        self.a.place(nxt)
+                self.a.place(passed)
+            self.a.ja(self.accept)
+            if fail != self.reject:
+                self.a.place(fail)
+
+    def family(self, fm: Optional[FamilyMatch], version: int, exclude: Sequence[Address]) -> None:
+        if fm is None:
+            self.a.ja(self.reject)
+            return
+        v6 = version == 6
+        src, dst, proto = (8, 24, 6) if v6 else (12, 16, 9)
+        for addr in exclude:
+            if addr.version == version:
+                self.exclude_address(addr, (src, dst))
+        if fm.protocols:
+            protocols = fm.protocols
+            if fm.has_ports:
+                protocols = tuple(p for p in protocols if p in PORT_PROTOCOLS)
+                if not protocols:
+                    self.a.ja(self.reject)
+                    return
+            self.any_of(B, proto, protocols)
+        elif fm.has_ports:
+            self.any_of(B, proto, sorted(PORT_PROTOCOLS))
+        self.networks(src, fm.sources)
+        self.networks(dst, fm.destinations)
+        if fm.has_ports:
+            if v6:
+                # Ports only after a plain next header (no extension header walk).
+                self.a.op(MISC | TXA)
+                self.a.op(ALU | ADD | K, 40)
+            else:
+                # A non-first fragment carries no transport header, so no ports.
+                self.ld_ind(H, 6)
+                self.a.jump(JSET, 0x1FFF, self.reject, None)
+                self.ld_ind(B, 0)
+                self.a.op(ALU | AND | K, 0x0F)
+                self.a.op(ALU | LSH | K, 2)
+                self.a.op(ALU | ADD | X)
+            self.a.op(MISC | TAX)
+            self.ports(fm.port_clauses)
+        else:
+            self.a.ja(self.accept)
+
+
+def compile_filter(
+    match: Match,
+    exclude: Sequence[Address] = (),
+    *,
+    directions: Sequence[str] = ("in", "out"),
+    link: Link = "ethernet",
+    snaplen: int = MAX_SNAPLEN,
+) -> list[Insn]:
+    """The filter program for `match`, dropping traffic to/from `exclude`.
+
+    `directions` ("in", "out") tests the packet type in the kernel, so a
+    one-direction mirror never wakes the worker for the other direction.
+    The accept return value is the snap length: the kernel cuts the copy.
+    A match on all traffic (family any, nothing else) also passes non-IP
+    frames (ARP, LLDP), as a switch's SPAN port would.
+    """
+    snaplen = max(1, min(snaplen, MAX_SNAPLEN))
+    dirs = set(directions)
+    if not dirs or not dirs <= {"in", "out"}:
+        raise BpfError(f"directions must be 'in' and/or 'out', not {tuple(directions)}")
+    c = _Compiler(snaplen)
+    a = c.a
+    if dirs != {"in", "out"}:
+        a.op(LD | W | ABS, _anc(SKF_AD_PKTTYPE))
+        if dirs == {"in"}:
+            a.jump(JEQ, PACKET_OUTGOING, c.reject, None)
+        else:
+            a.jump(JEQ, PACKET_OUTGOING, None, c.reject)
+    dispatch = a.label("dispatch")
+    if link == "ethernet":
+        tagged = a.label("tagged")
+        double = a.label("double")
+        a.op(LD | H | ABS, 12)
+        for tpid in VLAN_TPIDS:
+            a.jump(JEQ, tpid, tagged, None)
+        a.op(LDX | W | IMM, ETH_HLEN)
+        a.ja(dispatch)
+        a.place(tagged)
+        a.op(LD | H | ABS, ETH_HLEN + 2)
+        for tpid in VLAN_TPIDS:
+            a.jump(JEQ, tpid, double, None)
+        a.op(LDX | W | IMM, ETH_HLEN + VLAN_HLEN)
+        a.ja(dispatch)
+        a.place(double)
+        a.op(LD | H | ABS, ETH_HLEN + 2 * VLAN_HLEN + 2)
+        a.op(LDX | W | IMM, ETH_HLEN + 2 * VLAN_HLEN)
+    elif link == "raw":
+        a.op(LD | W | ABS, _anc(SKF_AD_PROTOCOL))
+        a.op(LDX | W | IMM, 0)
+    else:
+        raise BpfError(f"unknown link type {link!r}")
+    a.place(dispatch)
+    v4, v6 = a.label("ipv4"), a.label("ipv6")
+    a.jump(JEQ, ETH_P_IP, v4, None)
+    a.jump(JEQ, ETH_P_IPV6, v6, None)
+    unconstrained = match == Match()
+    a.ret(snaplen if unconstrained else 0)
+    a.place(v4)
+    c.family(match.for_version(4), 4, exclude)
+    a.place(v6)
+    c.family(match.for_version(6), 6, exclude)
+    a.place(c.accept)
+    a.ret(snaplen)
+    a.place(c.reject)
+    a.ret(0)
+    return a.assemble()
+
+
+def pack(program: Sequence[Insn]) -> bytes:
+    """The program as an array of struct sock_filter."""
+    return b"".join(struct.pack("=HBBI", *insn) for insn in program)
+
+
+def attach(sock: socket.socket, program: Sequence[Insn]) -> None:
+    """SO_ATTACH_FILTER; the kernel copies the program, so the buffer may go."""
+    buf = ctypes.create_string_buffer(pack(program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def disassemble(program: Sequence[Insn]) -> str:
+    """tcpdump -d style text, for logs and `render`."""
+    lines = []
+    sizes = {W: "", H: "h", B: "b"}
+    for i, (code, jt, jf, k) in enumerate(program):
+        cls = code & 0x07
+        if cls == LD:
+            mode, size = code & 0xE0, code & 0x18
+            if mode == ABS:
+                where = f"[{k}]" if k < 0x80000000 else f"#anc[{k - 0x100000000 - SKF_AD_OFF}]"
+            elif mode == IND:
+                where = f"[x + {k}]"
+            else:
+                where = f"#{k}"
+            text = f"ld{sizes.get(size, '?')} {where}"
+        elif cls == LDX:
+            text = f"ldx #{k}" if code & 0xE0 == IMM else f"ldxb 4*([{k}]&0xf)"
+        elif cls == ALU:
+            name = {ADD: "add", AND: "and", LSH: "lsh"}.get(code & 0xF0, f"alu{code:#x}")
+            text = f"{name} x" if code & X else f"{name} #{k:#x}"
+        elif cls == JMP:
+            if code & 0xF0 == JA:
+                text = f"ja {i + 1 + k}"
+            else:
+                name = {JEQ: "jeq", JGT: "jgt", JGE: "jge", JSET: "jset"}[code & 0xF0]
+                text = f"{name} #{k:#x} jt {i + 1 + jt} jf {i + 1 + jf}"
+        elif cls == RET:
+            text = f"ret #{k}"
+        elif cls == MISC:
+            text = "tax" if code & 0xF8 == TAX else "txa"
+        else:
+            text = f"op {code:#x} {jt} {jf} {k:#x}"
+        lines.append(f"({i:03d}) {text}")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""The one-shot commands: check, render, status, flush."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import backends, plan, spec, topology
+from .cli import add_config_argument
+from .control import default_socket, try_request
+from .status import all_active, format_table
+
+log = logging.getLogger("mirrord")
+
+EXIT_NOT_ACTIVE = 1
+EXIT_NO_DAEMON = 2
+
+
+def add_check_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_argument(p)
+
+
+def add_render_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_argument(p)
+    p.add_argument("--backend", choices=sorted(backends.FACTORIES), default=None,
+                   help="render for this backend instead of the spec's choice")
+
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", default=None, metavar="PATH",
+                   help="the daemon's control socket (default: /run/mirrord/mirrord.sock or "
+                        "/run/mirrord.sock, whichever exists; $MIRRORD_SOCKET overrides)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def add_flush_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed")
+
+
+def _load(args: argparse.Namespace) -> spec.Spec:
+    return spec.load(args.config or spec.default_path())
+
+
+def _print_problems(e: spec.SpecError) -> int:
+    for problem in e.problems:
+        print(problem, file=sys.stderr)
+    return 1
+
+
+def describe_mirror(s: spec.Spec, m: spec.Mirror) -> str:
+    c = s.collector_of(m)
+    ways = {"in": "in", "out": "out", "both": "in+out"}[m.direction]
+    via = f" via {c.interface}" if c.interface else ""
+    extra = f":{c.port}" if c.transport == "tzsp" else ""
+    note = ""
+    if c.transport == "clone" and m.match.family == "any":
+        note = f" (IPv{c.address.version} only: a clone goes to a next hop of its own family)"
+    return (f"{m.name}: {', '.join(m.interfaces)} {ways}, {m.match.describe()} -> "
+            f"{c.name} {c.address}{extra}{via} (transport {c.transport}){note}")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    try:
+        s = _load(args)
+    except spec.SpecError as e:
+        return _print_problems(e)
+    for m in s.mirrors:
+        print(describe_mirror(s, m))
+    print("OK")
+    return 0
+
+
+def run_render(args: argparse.Namespace) -> int:
+    try:
+        s = _load(args)
+    except spec.SpecError as e:
+        return _print_problems(e)
+    name = args.backend or s.backend
+    if name == "auto":
+        chosen, why = backends.select("auto")
+        if chosen is None:
+            print(f"# {why}; rendering for nftables", file=sys.stderr)
+        name = chosen.name if chosen else "nftables"
+    backend = backends.create(name)
+    topo = topology.read(plan.collector_keys(s))
+    p = plan.build(s, topo, backend.name)
+    for mp in p.mirrors:
+        if not any(r.mirror == mp.mirror.name for r in p.clones):
+            what = "TZSP capture, no kernel rule" if mp.transport == "tzsp" else "no rule"
+            print(f"# mirror {mp.mirror.name}: {mp.state}, {what}"
+                  f"{': ' + mp.reason if mp.reason else ''}")
+    sys.stdout.write(backend.render(p).text)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    path = args.socket or default_socket()
+    reply, err = try_request(path, "status")
+    if reply is None:
+        print(f"mirrord status: {err}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    if "error" in reply:
+        print(f"mirrord status: {reply['error']}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print(format_table(reply))
+    return 0 if all_active(reply) else EXIT_NOT_ACTIVE
+
+
+def run_flush(args: argparse.Namespace) -> int:
+    """Remove what any mirrord left behind, in every backend, and nothing else."""
+    rc = 0
+    for name in ("nftables", "iptables", "iptables-legacy"):
+        b = backends.create(name)
+        try:
+            before = b.snapshot()
+        except (ImportError, OSError) as e:
+            log.debug("%s: not available (%s)", name, e)
+            continue
+        if args.dry_run:
+            if before:
+                print(f"{name}: would remove mirrord's rules")
+            continue
+        try:
+            # Always: removal is idempotent and also takes what snapshot()
+            # does not show (a crashed `mirrord trace` table).
+            b.flush()
+            if before:
+                print(f"{name}: removed mirrord's rules")
+        except backends.BackendError as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            rc = 1
+    return rc

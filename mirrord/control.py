@@ -1,0 +1,117 @@
+"""The daemon's control socket: one JSON request, one JSON answer, per connection.
+
+A unix stream socket (mode 0600: status reveals the network's layout) served
+from the daemon's main loop; requests are tiny and answered from memory plus
+one counter read, so no thread is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any, Callable, Optional
+
+DEFAULT_SOCKET = "/run/mirrord.sock"
+# systemd's unit gives the daemon a RuntimeDirectory; look there too.
+SOCKET_CANDIDATES = ("/run/mirrord/mirrord.sock", DEFAULT_SOCKET)
+MAX_REQUEST = 4096
+
+
+def default_socket() -> str:
+    env = os.environ.get("MIRRORD_SOCKET")
+    if env:
+        return env
+    for path in SOCKET_CANDIDATES:
+        if os.path.exists(path):
+            return path
+    return DEFAULT_SOCKET
+
+
+class ControlServer:
+    def __init__(self, path: str, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.path = path
+        self.handler = handler
+        if os.path.exists(path):
+            _refuse_if_live(path)
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        self.sock.listen(8)
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def serve_one(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(1.0)
+            try:
+                data = b""
+                while b"\n" not in data and len(data) < MAX_REQUEST:
+                    chunk = conn.recv(MAX_REQUEST)
+                    if not chunk:
+                        break
+                    data += chunk
+                try:
+                    request = json.loads(data.decode() or "{}")
+                    if not isinstance(request, dict):
+                        raise ValueError("request must be a JSON object")
+                    reply = self.handler(request)
+                except ValueError as e:
+                    reply = {"error": f"bad request: {e}"}
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass  # a client that went away is its own problem
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _refuse_if_live(path: str) -> None:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # stale socket of a dead daemon
+    finally:
+        probe.close()
+    raise RuntimeError(f"another mirrord is already serving {path}")
+
+
+def request(path: str, cmd: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        data = b""
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    reply: dict[str, Any] = json.loads(data.decode())
+    return reply
+
+
+def try_request(path: str, cmd: str) -> tuple[Optional[dict[str, Any]], str]:
+    try:
+        return request(path, cmd), ""
+    except FileNotFoundError:
+        return None, f"no daemon socket at {path} (is mirrord running?)"
+    except ConnectionRefusedError:
+        return None, f"nothing listens on {path} (stale socket: is mirrord running?)"
+    except (OSError, ValueError) as e:
+        return None, f"cannot talk to the daemon at {path}: {e}"

@@ -1,0 +1,490 @@
+"""`mirrord run`: the daemon's main loop.
+
+Signal handlers only set flags (and wake the loop through the wakeup fd); the
+loop blocks on its sockets: netlink events, the control socket, TZSP worker
+exits. Start-up, SIGHUP and every heal go through `reconcile`:
+
+    spec + topology -> plan -> render -> compare with the kernel -> apply if different
+
+A reload commits the new spec only after the kernel accepted its rules; a
+refused or invalid one leaves the running rules and spec untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import selectors
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from . import backends, plan, spec, topology
+from .backends.base import Backend, Counts, Rendered
+from .backends.iptables import backend_event_driven
+from .cli import add_config_argument
+from .control import DEFAULT_SOCKET, ControlServer
+from .notify import Notifier
+from .watch import Change, NftEvents, RouteEvents
+
+log = logging.getLogger("mirrord")
+
+# Long enough to fold one firewall reload's burst of netlink messages into a
+# single reconcile, short enough that healing stays in the tens of ms.
+DEBOUNCE = 0.01
+WORKER_RESTART_DELAY = 1.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_argument(p)
+    p.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH",
+                   help=f"control socket for `mirrord status` (default {DEFAULT_SOCKET})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .logsetup import setup_logging
+
+    setup_logging(args.verbose)
+    path = args.config or spec.default_path()
+    try:
+        initial = spec.load(path)
+    except spec.SpecError as e:
+        for problem in e.problems:
+            log.error("%s", problem)
+        return 1
+    daemon = Daemon(initial, args.socket, Notifier.from_env())
+    return daemon.run()
+
+
+@dataclass
+class Heal:
+    when: float
+    why: str
+
+
+@dataclass
+class MirrorRecord:
+    """What the daemon remembers about a mirror across reconciles."""
+
+    last_change: Optional[Heal] = None
+    last_state: str = ""
+
+
+@dataclass
+class Flags:
+    hup: bool = False
+    term: bool = False
+    signum: int = 0
+
+
+@dataclass
+class Worker:
+    tap: plan.TzspTap
+    handle: Any  # tzsp_worker.TzspWorker; imported only when a TZSP mirror exists
+    exited: Optional[str] = None
+    restart_at: float = 0.0
+
+
+@dataclass
+class Pending:
+    due: Optional[float] = None
+    reasons: list[str] = field(default_factory=list)
+    topology: bool = False
+
+    def add(self, change: Change, topology_changed: bool) -> None:
+        if self.due is None:
+            self.due = time.monotonic() + DEBOUNCE
+        if change.what not in self.reasons:
+            self.reasons.append(change.what)
+        self.topology = self.topology or topology_changed or change.resync
+
+
+class Daemon:
+    def __init__(self, spec_: spec.Spec, socket_path: str, notifier: Notifier) -> None:
+        self.spec = spec_
+        self.socket_path = socket_path
+        self.notifier = notifier
+        self.flags = Flags()
+        self.backend: Optional[Backend] = None
+        self.backend_error = ""
+        self.topo: Optional[topology.Topology] = None
+        self.plan: Optional[plan.Plan] = None
+        self.rendered: Optional[Rendered] = None
+        self.applied_snapshot = ""
+        self.apply_error = ""
+        self.applies = 0
+        self.reapplies = 0
+        self.last_counts: Counts = {}
+        self.tzsp_banked: dict[str, tuple[int, int]] = {}
+        self.records: dict[str, MirrorRecord] = {}
+        self.workers: dict[plan.TzspTap, Worker] = {}
+        self.pending = Pending()
+        self.started = time.time()
+        self.sel = selectors.DefaultSelector()
+        self.route_events: Optional[RouteEvents] = None
+        self.nft_events: Optional[NftEvents] = None
+        self.control: Optional[ControlServer] = None
+        self.next_poll: Optional[float] = None
+        self.next_watchdog: Optional[float] = None
+
+    # -- set-up ------------------------------------------------------------
+    def _choose_backend(self, s: spec.Spec) -> tuple[Optional[Backend], str]:
+        if self.backend is not None and self.backend.name == s.backend:
+            return self.backend, ""
+        if self.backend is not None and s.backend == "auto" and self.spec.backend == "auto":
+            return self.backend, ""
+        return backends.select(s.backend)
+
+    def _watch_tables(self) -> frozenset[tuple[str, str]]:
+        if self.backend is None or self.backend.name == "nftables":
+            return frozenset({("ip", "mirrord"), ("ip6", "mirrord")})
+        return frozenset({("ip", "mangle"), ("ip6", "mangle")})
+
+    def _open_sources(self) -> None:
+        self.route_events = RouteEvents()
+        self.sel.register(self.route_events.fileno(), selectors.EVENT_READ, "route")
+        self._open_nft_events()
+
+    def _open_nft_events(self) -> None:
+        if self.nft_events is not None:
+            self.sel.unregister(self.nft_events.fileno())
+            self.nft_events.close()
+            self.nft_events = None
+        try:
+            self.nft_events = NftEvents(self._watch_tables())
+        except OSError as e:  # no nf_tables in this kernel (iptables-legacy only)
+            log.info("no nftables events (%s); relying on the poll", e)
+            return
+        self.sel.register(self.nft_events.fileno(), selectors.EVENT_READ, "nft")
+
+    def _install_signals(self) -> int:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+
+        def on_hup(signum: int, _frame: Any) -> None:
+            self.flags.hup = True
+
+        def on_term(signum: int, _frame: Any) -> None:
+            self.flags.term = True
+            self.flags.signum = signum
+
+        signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        self.sel.register(rfd, selectors.EVENT_READ, "signal")
+        return rfd
+
+    # -- the loop ----------------------------------------------------------
+    def run(self) -> int:
+        self.backend, self.backend_error = self._choose_backend(self.spec)
+        if self.backend_error and any(True for _ in self.spec.mirrors):
+            log.warning("%s", self.backend_error)
+        wake = self._install_signals()
+        self._open_sources()
+        try:
+            self.reconcile(["start"], refresh_topology=True, force=True)
+        except backends.ApplyError as e:
+            log.error("could not apply the mirror rules at start: %s", e)
+            self._shutdown()
+            return 1
+        try:
+            self.control = ControlServer(self.socket_path, self.handle_request)
+        except (OSError, RuntimeError) as e:
+            log.error("control socket %s: %s", self.socket_path, e)
+            self._shutdown()
+            return 1
+        self.sel.register(self.control.fileno(), selectors.EVENT_READ, "control")
+        self._schedule_poll()
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self.next_watchdog = time.monotonic() + interval
+        self.notifier.ready(self.summary())
+        log.info("running: %s", self.summary(), extra={"ACTION": "ready"})
+        while not self.flags.term:
+            for key, _ in self.sel.select(self._timeout()):
+                self._dispatch(key.data, key.fileobj, wake)
+            if self.flags.term:
+                break
+            if self.flags.hup:
+                self.flags.hup = False
+                self.reload()
+            now = time.monotonic()
+            if self.pending.due is not None and now >= self.pending.due:
+                p, self.pending = self.pending, Pending()
+                self._reconcile_logged(p.reasons, p.topology)
+            if self.next_poll is not None and now >= self.next_poll:
+                self._reconcile_logged(["poll"], refresh_topology=False)
+                self._schedule_poll()
+            self._tend_workers(now)
+            if self.next_watchdog is not None and now >= self.next_watchdog:
+                self.notifier.watchdog()
+                self.next_watchdog = now + (self.notifier.watchdog_interval() or 1.0)
+        log.info("stopping on signal %d: removing mirror rules", self.flags.signum,
+                 extra={"ACTION": "stop"})
+        self.notifier.stopping()
+        return self._shutdown()
+
+    def _timeout(self) -> Optional[float]:
+        deadlines = [d for d in (self.pending.due, self.next_poll, self.next_watchdog) if d]
+        deadlines += [w.restart_at for w in self.workers.values() if w.exited and w.restart_at]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _schedule_poll(self) -> None:
+        # iptables-legacy changes produce no event at all: only a poll sees them.
+        needs = self.backend is not None and not backend_event_driven(self.backend) and bool(
+            self.plan and self.plan.clones)
+        self.next_poll = time.monotonic() + self.spec.poll_interval if needs else None
+
+    def _dispatch(self, what: str, fileobj: Any, wake: int) -> None:
+        if what == "signal":
+            try:
+                while os.read(wake, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        elif what == "route" and self.route_events is not None:
+            for change in self.route_events.read():
+                self.pending.add(change, topology_changed=True)
+        elif what == "nft" and self.nft_events is not None:
+            for change in self.nft_events.read():
+                self.pending.add(change, topology_changed=False)
+        elif what == "control" and self.control is not None:
+            self.control.serve_one()
+        elif what == "worker":
+            self.sel.unregister(fileobj)
+            for w in self.workers.values():
+                if w.handle.sentinel == fileobj and w.exited is None:
+                    w.exited = w.handle.poll() or "exited"
+                    w.restart_at = time.monotonic() + WORKER_RESTART_DELAY
+                    log.warning("TZSP worker for %s on %s stopped: %s", w.tap.mirror,
+                                w.tap.interface, w.exited,
+                                extra={"MIRROR": w.tap.mirror, "ACTION": "worker-exit"})
+                    # The interface may be gone or changed: look again.
+                    self.pending.add(Change(f"worker exited: {w.exited}"), topology_changed=True)
+
+    # -- reconcile -----------------------------------------------------------
+    def _reconcile_logged(self, reasons: list[str], refresh_topology: bool) -> None:
+        try:
+            self.reconcile(reasons, refresh_topology)
+        except backends.ApplyError as e:
+            log.error("re-applying failed (%s); will retry on the next change: %s",
+                      ", ".join(reasons), e, extra={"ACTION": "apply-failed"})
+
+    def _read_topology(self, s: spec.Spec) -> topology.Topology:
+        return topology.read(plan.collector_keys(s))
+
+    def reconcile(self, reasons: list[str], refresh_topology: bool, force: bool = False,
+                  new_spec: Optional[spec.Spec] = None) -> None:
+        """The one path from spec to kernel. Commits state only after the kernel agreed."""
+        s = new_spec or self.spec
+        topo = self.topo if (self.topo is not None and not refresh_topology
+                             and new_spec is None) else self._read_topology(s)
+        backend, backend_error = (self.backend, self.backend_error)
+        if new_spec is not None:
+            backend, backend_error = self._choose_backend(new_spec)
+        p = plan.build(s, topo, backend.name if backend else None, backend_error)
+        rendered = backend.render(p) if backend is not None else None
+        snapshot = backend.snapshot() if backend is not None else ""
+        changed_rules = rendered is not None and (
+            self.rendered is None or rendered.text != self.rendered.text or backend is not self.backend
+        )
+        drift = backend is not None and snapshot != self.applied_snapshot
+        applied = False
+        if backend is not None and rendered is not None and (force or changed_rules or drift):
+            carry = self._carry(backend)
+            if rendered.text or snapshot:
+                if backend is not self.backend and self.backend is not None:
+                    self.backend.flush()
+                backend.apply(rendered, carry)  # raises: nothing below runs
+                applied = True
+            self.applied_snapshot = backend.snapshot()
+        # The kernel agreed (or nothing needed doing): commit.
+        why = ", ".join(reasons)
+        if applied:
+            self.applies += 1
+            if self.applies > 1:
+                self.reapplies += 1
+            what = "rules changed" if changed_rules else "rules were altered outside mirrord"
+            log.info("applied %s rules (%s; %s)", backend.name if backend else "", what, why,
+                     extra={"ACTION": "apply"})
+        self.spec, self.topo, self.plan = s, topo, p
+        self.backend, self.backend_error = backend, backend_error
+        if rendered is not None:
+            self.rendered = rendered
+        self._note_changes(p, why, drift and applied and not force)
+        self._sync_workers(p)
+
+    def _carry(self, backend: Backend) -> Counts:
+        """Counter totals to seed the new rules with: never let a total go down."""
+        current = backend.counters() if backend is self.backend else {}
+        carry: Counts = dict(self.last_counts)
+        for key, (p, b) in current.items():
+            lp, lb = carry.get(key, (0, 0))
+            carry[key] = (max(p, lp), max(b, lb))
+        return carry
+
+    def _note_changes(self, p: plan.Plan, why: str, healed_drift: bool) -> None:
+        now = time.time()
+        for mp in p.mirrors:
+            name = mp.mirror.name
+            rec = self.records.setdefault(name, MirrorRecord())
+            state = f"{mp.state}:{mp.transport}:{mp.reason}"
+            if rec.last_state and rec.last_state != state:
+                rec.last_change = Heal(now, why)
+                log.info("mirror %s: %s%s (%s)", name, mp.state,
+                         f" ({mp.reason})" if mp.reason else "", why,
+                         extra={"MIRROR": name, "ACTION": "state"})
+            elif healed_drift and mp.transport == "clone":
+                rec.last_change = Heal(now, f"rules restored after: {why}")
+            rec.last_state = state
+        for name in list(self.records):
+            if p.mirror(name) is None:
+                del self.records[name]
+
+    # -- TZSP workers --------------------------------------------------------
+    def _sync_workers(self, p: plan.Plan) -> None:
+        wanted = set(p.tzsp)
+        for tap in list(self.workers):
+            if tap not in wanted:
+                self._stop_worker(tap)
+        for tap in wanted:
+            if tap not in self.workers:
+                self._start_worker(tap)
+
+    def _start_worker(self, tap: plan.TzspTap) -> None:
+        from .tzsp_worker import TzspJob, TzspWorker
+
+        mirror = next(m for m in self.spec.mirrors if m.name == tap.mirror)
+        job = TzspJob(
+            mirror=tap.mirror, interface=tap.interface, ifindex=tap.ifindex,
+            directions=tap.directions, match=mirror.match, collector=tap.collector.address,
+            port=tap.collector.port, snaplen=tap.collector.snaplen,
+        )
+        handle = TzspWorker(job)
+        w = Worker(tap, handle)
+        self.workers[tap] = w
+        try:
+            handle.start()
+        except OSError as e:
+            w.exited = f"could not start: {e}"
+            w.restart_at = time.monotonic() + WORKER_RESTART_DELAY
+            log.error("TZSP worker for %s on %s: %s", tap.mirror, tap.interface, w.exited,
+                      extra={"MIRROR": tap.mirror, "ACTION": "worker-start"})
+            return
+        self.sel.register(handle.sentinel, selectors.EVENT_READ, "worker")
+        log.info("TZSP capture on %s (%s) -> %s:%d", tap.interface, "+".join(tap.directions),
+                 tap.collector.address, tap.collector.port,
+                 extra={"MIRROR": tap.mirror, "ACTION": "worker-start"})
+
+    def _stop_worker(self, tap: plan.TzspTap) -> None:
+        w = self.workers.pop(tap)
+        self._bank_worker(w)
+        if w.exited is None:
+            try:
+                self.sel.unregister(w.handle.sentinel)
+            except (KeyError, ValueError):
+                pass
+        w.handle.stop()
+
+    def _bank_worker(self, w: Worker) -> None:
+        """Keep a stopped worker's totals so they survive its replacement."""
+        c = w.handle.counters()
+        p, b = self.tzsp_banked.get(w.tap.mirror, (0, 0))
+        self.tzsp_banked[w.tap.mirror] = (p + c.sent, b + c.bytes)
+
+    def _tend_workers(self, now: float) -> None:
+        for tap, w in list(self.workers.items()):
+            if w.exited and w.restart_at and now >= w.restart_at:
+                self._bank_worker(w)
+                w.handle.stop()
+                del self.workers[tap]
+                if self.plan is not None and tap in self.plan.tzsp:
+                    self._start_worker(tap)
+
+    # -- reload, stop --------------------------------------------------------
+    def reload(self) -> None:
+        self.notifier.reloading()
+        path = self.spec.path
+        log.info("SIGHUP: reloading %s", path, extra={"ACTION": "reload"})
+        try:
+            new = spec.load(path)
+        except spec.SpecError as e:
+            for problem in e.problems:
+                log.error("%s", problem)
+            log.error("reload rejected: %d problem(s); the running mirrors stay as they were",
+                      len(e.problems), extra={"ACTION": "reload-rejected"})
+            self.notifier.ready(self.summary() + " (last reload rejected)")
+            return
+        try:
+            self.reconcile(["reload"], refresh_topology=True, force=True, new_spec=new)
+        except backends.ApplyError as e:
+            log.error("reload rejected by the kernel; the running mirrors stay as they were: %s",
+                      e, extra={"ACTION": "reload-rejected"})
+            self.notifier.ready(self.summary() + " (last reload rejected)")
+            return
+        self._open_nft_events()
+        self._schedule_poll()
+        self.notifier.ready(self.summary())
+        log.info("reloaded: %s", self.summary(), extra={"ACTION": "reloaded"})
+
+    def _shutdown(self) -> int:
+        rc = 0
+        for tap in list(self.workers):
+            self._stop_worker(tap)
+        if self.backend is not None and self.applies:
+            try:
+                self.backend.flush()
+            except backends.BackendError as e:
+                log.error("could not remove the mirror rules: %s", e)
+                rc = 1
+        if self.control is not None:
+            self.control.close()
+        for src in (self.route_events, self.nft_events):
+            if src is not None:
+                src.close()
+        return rc
+
+    # -- status ----------------------------------------------------------------
+    def counts(self) -> Counts:
+        out: Counts = {}
+        if self.backend is not None and self.plan is not None and self.plan.clones:
+            current = self.backend.counters()
+            for key in set(current) | set(self.last_counts):
+                p, b = current.get(key, (0, 0))
+                lp, lb = self.last_counts.get(key, (0, 0))
+                out[key] = (max(p, lp), max(b, lb))
+            self.last_counts.update(out)
+        return out
+
+    def tzsp_counts(self) -> dict[str, tuple[int, int]]:
+        """mirror -> (packets, bytes) sent as TZSP, including stopped workers'."""
+        out = dict(self.tzsp_banked)
+        for w in self.workers.values():
+            c = w.handle.counters()
+            p, b = out.get(w.tap.mirror, (0, 0))
+            out[w.tap.mirror] = (p + c.sent, b + c.bytes)
+        return out
+
+    def summary(self) -> str:
+        if self.plan is None:
+            return "starting"
+        states: dict[str, int] = {}
+        for m in self.plan.mirrors:
+            states[m.state] = states.get(m.state, 0) + 1
+        parts = [f"{n} {s}" for s, n in sorted(states.items())]
+        return f"{len(self.plan.mirrors)} mirror(s): " + ", ".join(parts)
+
+    def status(self) -> dict[str, Any]:
+        from .status import build_status
+
+        return build_status(self)
+
+    def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd", "status")
+        if cmd == "status":
+            return self.status()
+        return {"error": f"unknown command {cmd!r}"}

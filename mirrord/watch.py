@@ -1,0 +1,165 @@
+"""Netlink event sources: what changed in links, addresses, routes, neighbours, nftables.
+
+These are plain non-blocking netlink sockets that the daemon's selector waits
+on. pyroute2 answers the daemon's questions (topology.py), but its 0.9
+synchronous sockets read ahead into an internal queue, so select() on their
+descriptor can miss events that were already read; an event source has to be
+a socket whose readiness is the truth.
+
+A source only says *that* something relevant changed (with a short reason for
+the log); the daemon then re-reads the kernel and reconciles. ENOBUFS means
+events were lost, which is reported as a change too: a full resync covers it.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+NETLINK_ROUTE = 0
+NETLINK_NETFILTER = 12
+
+RTMGRP_LINK = 0x1
+RTMGRP_NEIGH = 0x4
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
+NFNLGRP_NFTABLES = 7
+
+RTM_NAMES = {
+    16: "link added/changed", 17: "link deleted",
+    20: "address added", 21: "address deleted",
+    24: "route added", 25: "route deleted",
+    28: "neighbour changed", 29: "neighbour deleted",
+}
+IFLA_IFNAME = 3
+NUD_FAILED = 0x20
+
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NAMES = {
+    0: "table added", 2: "table deleted", 3: "chain added", 5: "chain deleted",
+    6: "rule added", 8: "rule deleted", 9: "set added", 11: "set deleted",
+    12: "set element added", 14: "set element deleted", 18: "object added", 20: "object deleted",
+}
+NFT_MSG_NEWGEN = 15
+NFPROTO_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+NLMSG_HDR = struct.Struct("=IHHII")
+NLA_HDR = struct.Struct("=HH")
+
+
+@dataclass(frozen=True)
+class Change:
+    what: str  # for the log: "link deleted: wan", "table deleted: ip mirrord"
+    resync: bool = False  # events were lost: assume everything changed
+
+
+def _attrs(buf: bytes, offset: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while offset + 4 <= end:
+        length, kind = NLA_HDR.unpack_from(buf, offset)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = buf[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def _cstr(b: Optional[bytes]) -> str:
+    return b.split(b"\0", 1)[0].decode(errors="replace") if b else ""
+
+
+class _Source:
+    def __init__(self, protocol: int, groups: int) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                  protocol)
+        # Bursts (a firewall reload replaces thousands of rules) must not
+        # overflow the queue; ENOBUFS is still handled as a full resync.
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((0, groups))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def read(self) -> list[Change]:
+        changes: list[Change] = []
+        while True:
+            try:
+                buf = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return changes
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    changes.append(Change("netlink events were lost (ENOBUFS)", resync=True))
+                    continue
+                raise
+            offset = 0
+            while offset + NLMSG_HDR.size <= len(buf):
+                length, kind, _flags, _seq, _pid = NLMSG_HDR.unpack_from(buf, offset)
+                if length < NLMSG_HDR.size:
+                    break
+                change = self.parse(kind, buf, offset + NLMSG_HDR.size, offset + length)
+                if change is not None:
+                    changes.append(change)
+                offset += (length + 3) & ~3
+
+    def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
+        raise NotImplementedError
+
+
+class RouteEvents(_Source):
+    """Links, addresses, routes, neighbours: what decides a plan's topology."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            NETLINK_ROUTE,
+            RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+            | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE,
+        )
+
+    def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
+        name = RTM_NAMES.get(kind)
+        if name is None:
+            return None
+        detail = ""
+        if kind in (16, 17):  # ifinfomsg: 16 bytes, then attributes
+            detail = _cstr(_attrs(buf, start + 16, end).get(IFLA_IFNAME))
+        elif kind in (28, 29):  # ndmsg: family, pad, pad, ifindex, state u16, flags, type
+            state = struct.unpack_from("=H", buf, start + 8)[0] if end - start >= 12 else 0
+            # Neighbour churn (REACHABLE <-> STALE) is constant on a busy
+            # router; only the transition to FAILED changes a plan.
+            if kind == 28 and not state & NUD_FAILED:
+                return None
+            detail = "FAILED" if kind == 28 else ""
+        return Change(f"{name}: {detail}" if detail else name)
+
+
+class NftEvents(_Source):
+    """nftables changes, including those iptables-nft makes; filtered by table."""
+
+    def __init__(self, tables: frozenset[tuple[str, str]]) -> None:
+        super().__init__(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))
+        self.tables = tables  # (family, name) pairs whose changes matter
+
+    def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
+        if kind >> 8 != NFNL_SUBSYS_NFTABLES:
+            return None
+        msg = kind & 0xFF
+        name = NFT_MSG_NAMES.get(msg)
+        if name is None or end - start < 4:
+            return None
+        family = NFPROTO_NAMES.get(buf[start], str(buf[start]))
+        # Attribute 1 names the table in every table/chain/rule/set/object message.
+        table = _cstr(_attrs(buf, start + 4, end).get(1))
+        if (family, table) not in self.tables:
+            return None
+        return Change(f"{name}: {family} {table}")
