@@ -26,6 +26,9 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
     add_config_argument(p)
     p.add_argument("--backend", choices=sorted(backends.FACTORIES), default=None,
                    help="render for this backend instead of the spec's choice")
+    p.add_argument("--offline", action="store_true",
+                   help="render as on the router, without asking this machine's kernel: every "
+                        "interface present and up, every collector on-link")
 
 
 def add_status_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,12 +83,12 @@ def run_render(args: argparse.Namespace) -> int:
         return _print_problems(e)
     name = args.backend or s.backend
     if name == "auto":
-        chosen, why = backends.select("auto")
+        chosen, why = (None, "--offline") if args.offline else backends.select("auto")
         if chosen is None:
             print(f"# {why}; rendering for nftables", file=sys.stderr)
         name = chosen.name if chosen else "nftables"
     backend = backends.create(name)
-    topo = topology.read(plan.collector_keys(s))
+    topo = offline_topology(s) if args.offline else topology.read(plan.collector_keys(s))
     p = plan.build(s, topo, backend.name)
     for mp in p.mirrors:
         if not any(r.mirror == mp.mirror.name for r in p.clones):
@@ -94,6 +97,19 @@ def run_render(args: argparse.Namespace) -> int:
                   f"{': ' + mp.reason if mp.reason else ''}")
     sys.stdout.write(backend.render(p).text)
     return 0
+
+
+def offline_topology(s: spec.Spec) -> topology.Topology:
+    """The router the spec describes: its interfaces up, its collectors on-link."""
+    names = list(dict.fromkeys(
+        [i for m in s.mirrors for i in m.interfaces]
+        + [c.interface for c in s.collectors.values() if c.interface]
+    ))
+    links = {n: topology.Link(n, i, True, None, topology.ARPHRD_ETHER, 1500)
+             for i, n in enumerate(names, 2)}
+    reach = {(c.address, c.interface): topology.Reach(c.address, oif=c.interface)
+             for c in s.collectors.values()}
+    return topology.Topology(links=links, reach=reach)
 
 
 def run_status(args: argparse.Namespace) -> int:

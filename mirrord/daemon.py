@@ -37,6 +37,15 @@ DEBOUNCE = 0.01
 WORKER_RESTART_DELAY = 1.0
 
 
+def summarize(reasons: list[str], keep: int = 2) -> str:
+    """One log-friendly line: a flush of a table is five events, not five lines."""
+    unique = list(dict.fromkeys(reasons))
+    # The most telling events of a burst come last (the table went, then ...).
+    shown = list(reversed(unique))[:keep]
+    more = len(unique) - len(shown)
+    return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_argument(p)
     p.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH",
@@ -272,7 +281,7 @@ class Daemon:
             self.reconcile(reasons, refresh_topology)
         except backends.ApplyError as e:
             log.error("re-applying failed (%s); will retry on the next change: %s",
-                      ", ".join(reasons), e, extra={"ACTION": "apply-failed"})
+                      summarize(reasons), e, extra={"ACTION": "apply-failed"})
 
     def _read_topology(self, s: spec.Spec) -> topology.Topology:
         return topology.read(plan.collector_keys(s))
@@ -303,7 +312,7 @@ class Daemon:
                 applied = True
             self.applied_snapshot = backend.snapshot()
         # The kernel agreed (or nothing needed doing): commit.
-        why = ", ".join(reasons)
+        why = summarize(reasons)
         if applied:
             self.applies += 1
             if self.applies > 1:

@@ -660,25 +660,32 @@ def _decode_plain(network: bytes, transport: Optional[bytes]) -> Optional[Header
 
 
 def copy_key(network: Optional[bytes], transport: Optional[bytes]) -> Optional[bytes]:
-    """What a kernel clone keeps of its original: all but TTL/hop limit and checksum."""
+    """The packet's identity as far as a kernel clone or a forwarding step keeps it.
+
+    Leaves out the TTL/hop limit (decremented), the IPv4 checksum and the DF bit
+    (nf_dup sets it on clones).
+    """
     if not network:
         return None
     if network[0] >> 4 == 4 and len(network) >= 20:
-        return network[0:8] + network[9:10] + network[12:] + (transport or b"")
+        return (network[0:6] + bytes([network[6] & ~0x40 & 0xFF]) + network[7:8]
+                + network[9:10] + network[12:] + (transport or b""))
     if network[0] >> 4 == 6 and len(network) >= 40:
         return network[0:7] + network[8:] + (transport or b"")
     return None
 
 
-def packet_key(network: Optional[bytes]) -> Optional[bytes]:
-    """What stays the same for one packet across hooks (NAT aside): IPv4 id, lengths."""
-    if not network:
+def nat_key(network: Optional[bytes]) -> Optional[bytes]:
+    """What NAT leaves alone in an IPv4 packet: total length, id, fragment, protocol.
+
+    None when the id is 0 (some stacks send every DF packet with id 0), so
+    that two different packets are never taken for one.
+    """
+    if not network or network[0] >> 4 != 4 or len(network) < 20:
         return None
-    if network[0] >> 4 == 4 and len(network) >= 20:
-        return network[2:6]
-    if network[0] >> 4 == 6 and len(network) >= 40:
-        return network[1:6]
-    return None
+    if network[4:6] == b"\0\0":
+        return None
+    return network[2:6] + bytes([network[6] & ~0x40 & 0xFF]) + network[7:8] + network[9:10]
 
 
 # -- grouping events into packets -----------------------------------------------------
@@ -693,12 +700,16 @@ class Step:
 
     @property
     def own(self) -> bool:
-        return self.event.family_name == TRACE_FAMILY and self.event.table == TRACE_TABLE
+        return is_own(self.event)
+
+
+def is_own(e: TraceEvent) -> bool:
+    return e.family_name == TRACE_FAMILY and e.table == TRACE_TABLE
 
 
 @dataclass
 class Packet:
-    trace_id: int
+    trace_ids: list[int]
     first_seen: float
     last_seen: float
     wall: float
@@ -706,13 +717,27 @@ class Packet:
     steps: list[Step] = field(default_factory=list)
     headers: Optional[Headers] = None
     last_headers: Optional[Headers] = None
-    key: Optional[bytes] = None
     copy_key: Optional[bytes] = None
+    nat_key: Optional[bytes] = None
     iif: Optional[int] = None
     oif: Optional[int] = None
     nfproto: Optional[int] = None
     copy_of: Optional[Packet] = None
     number: int = 0
+
+    @property
+    def trace_id(self) -> int:
+        return self.trace_ids[0]
+
+    @property
+    def between_hooks(self) -> bool:
+        """Its last base chain ended (policy or accept): it may go on in another hook."""
+        if not self.events:
+            return False
+        e = self.events[-1]
+        if e.type == NFT_TRACETYPE_POLICY:
+            return True
+        return e.verdict is not None and e.verdict.name == "accept"
 
     @property
     def mirrors(self) -> list[MirrorHit]:
@@ -726,7 +751,17 @@ Decode = Callable[[bytes, Optional[bytes]], Optional[Headers]]
 
 
 class Tracker:
-    """Turns the event stream into packets; a packet is done when it has been quiet HOLD s."""
+    """Turns the event stream into packets; a packet is done when it has been quiet HOLD s.
+
+    Events carry a trace id, a hash of the skb address, its flow hash and input
+    interface. It is not a packet identity: the kernel reuses skb addresses for
+    later packets, and a forwarded packet may reach its next hook under another
+    id. So a known id is only followed while the packet headers agree, and a
+    new id continues a packet that just left a hook when the headers say it is
+    the same packet. A kernel clone (dup/TEE) is a new packet with the same
+    headers, born in the middle of its original's chain: it first meets the
+    output hook, where mirrord_trace's `out` chain is the first to see it.
+    """
 
     def __init__(self, rules: RuleBook, decode: Decode = decode_headers,
                  hold: float = HOLD, gap: float = PACKET_GAP) -> None:
@@ -739,15 +774,22 @@ class Tracker:
 
     def add(self, e: TraceEvent, now: float, wall: Optional[float] = None) -> None:
         pkt = self.open.get(e.trace_id)
-        new_key = packet_key(e.network_header) if e.has_packet else None
+        ckey = copy_key(e.network_header, e.transport_header) if e.has_packet else None
+        nkey = nat_key(e.network_header) if e.has_packet else None
         if pkt is not None and (
             now - pkt.last_seen > self.gap
-            or (new_key is not None and pkt.key is not None and new_key != pkt.key)
+            or (ckey is not None and pkt.copy_key is not None and ckey != pkt.copy_key
+                and (nkey is None or nkey != pkt.nat_key))
         ):
             self._close(pkt)
             pkt = None
+        if pkt is None and e.has_packet and not (is_own(e) and e.chain == "out"):
+            pkt = self._continued(ckey, nkey, now)
+            if pkt is not None:
+                pkt.trace_ids.append(e.trace_id)
+                self.open[e.trace_id] = pkt
         if pkt is None:
-            pkt = Packet(e.trace_id, now, now, wall if wall is not None else time.time())
+            pkt = Packet([e.trace_id], now, now, wall if wall is not None else time.time())
             self.open[e.trace_id] = pkt
         pkt.last_seen = now
         pkt.events.append(e)
@@ -763,10 +805,9 @@ class Tracker:
                 headers = self.decode(e.network_header, e.transport_header)
                 # A dup rule after NAT copies the translated packet: compare
                 # clones with the packet as last seen.
-                pkt.copy_key = copy_key(e.network_header, e.transport_header)
+                pkt.copy_key, pkt.nat_key = ckey, nkey
                 if pkt.headers is None:
                     pkt.headers = headers
-                    pkt.key = new_key
                 elif headers is not None and pkt.last_headers is not None and (
                     headers.flow() != pkt.last_headers.flow()
                 ):
@@ -779,13 +820,27 @@ class Tracker:
             if step.rule is not None and step.rule.mirror is not None:
                 step.copy = self._find_copy(pkt)
 
+    def _continued(self, ckey: Optional[bytes], nkey: Optional[bytes],
+                   now: float) -> Optional[Packet]:
+        for pkt in self._unique_open():
+            if pkt.copy_of is not None or not pkt.between_hooks or now - pkt.last_seen > self.gap:
+                continue
+            if (ckey is not None and ckey == pkt.copy_key) or (
+                nkey is not None and nkey == pkt.nat_key
+            ):
+                return pkt
+        return None
+
+    def _unique_open(self) -> list[Packet]:
+        return list({id(p): p for p in self.open.values()}.values())
+
     def _step(self, e: TraceEvent, changed: Optional[Headers]) -> Optional[Step]:
         if e.type == NFT_TRACETYPE_RULE:
             # The kernel reports the end of a rule list as a rule without a
             # handle; `nft monitor trace` does not print it either.
             if e.rule_handle is None:
                 return None
-            if e.family_name == TRACE_FAMILY and e.table == TRACE_TABLE:
+            if is_own(e):
                 return Step(e, RuleInfo(None), changed=changed)
             info = self.rules.lookup(e.family_name, e.table or "", e.chain or "", e.rule_handle)
             return Step(e, info, changed=changed)
@@ -798,7 +853,7 @@ class Tracker:
         key = original.copy_key
         if key is None:
             return None
-        for pkt in list(self.open.values()) + self.done[::-1]:
+        for pkt in self._unique_open() + self.done[::-1]:
             if pkt is original or pkt.copy_of is not None or pkt.number:
                 continue
             if pkt.copy_key == key and original.last_seen - pkt.first_seen < 1.0:
@@ -810,9 +865,10 @@ class Tracker:
         return None
 
     def _close(self, pkt: Packet) -> None:
-        if self.open.get(pkt.trace_id) is pkt:
-            del self.open[pkt.trace_id]
-        if pkt.copy_of is None:
+        for tid in pkt.trace_ids:
+            if self.open.get(tid) is pkt:
+                del self.open[tid]
+        if pkt.copy_of is None and pkt not in self.done:
             self.done.append(pkt)
 
     def next_due(self) -> Optional[float]:
@@ -823,7 +879,7 @@ class Tracker:
         return min(p.last_seen for p in self.open.values()) + self.hold
 
     def ready(self, now: float, flush: bool = False) -> list[Packet]:
-        for pkt in list(self.open.values()):
+        for pkt in self._unique_open():
             if flush or now - pkt.last_seen >= self.hold:
                 self._close(pkt)
         out = sorted(self.done, key=lambda p: p.first_seen)
@@ -909,7 +965,7 @@ def step_json(s: Step, names: dict[int, str]) -> dict[str, Any]:
         d["packet_now"] = s.changed.as_json()
     if s.copy is not None:
         d["copy"] = {"out": ifname(s.copy.oif, names),
-                     "trace_id": f"{s.copy.trace_id:08x}",
+                     "trace_ids": [f"{t:08x}" for t in s.copy.trace_ids],
                      "events": [step_json(x, names) for x in s.copy.visible_steps()]}
     return d
 
@@ -918,7 +974,7 @@ def packet_json(pkt: Packet, names: dict[int, str]) -> dict[str, Any]:
     return {
         "packet": pkt.number,
         "time": round(pkt.wall, 6),
-        "trace_id": f"{pkt.trace_id:08x}",
+        "trace_ids": [f"{t:08x}" for t in pkt.trace_ids],
         "in": ifname(pkt.iif, names),
         "out": ifname(pkt.oif, names),
         "headers": pkt.headers.as_json() if pkt.headers else None,

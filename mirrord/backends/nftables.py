@@ -20,7 +20,7 @@ import re
 from collections import defaultdict
 from typing import Any, Optional
 
-from ..match import FamilyMatch, Network, PortRange
+from ..match import PROTOCOL_NAMES, FamilyMatch, Network, PortRange
 from ..plan import CloneRule, Plan
 from .base import ApplyError, Backend, CounterKey, Counts, Rendered, comment
 
@@ -196,9 +196,16 @@ def _text_value(v: Any) -> str:
     return str(v)
 
 
+def _protocol_names(v: Any) -> Any:
+    if isinstance(v, dict) and "set" in v:
+        return {"set": [_protocol_names(x) for x in v["set"]]}
+    return PROTOCOL_NAMES.get(v, v) if isinstance(v, int) else v
+
+
 def _text_left(e: Expr) -> str:
     if "meta" in e:
-        return f"meta {e['meta']['key']}"
+        key = e["meta"]["key"]
+        return key if key in ("iifname", "oifname") else f"meta {key}"
     if "payload" in e:
         return f"{e['payload']['protocol']} {e['payload']['field']}"
     if "ct" in e:
@@ -210,7 +217,10 @@ def _text_expr(e: Expr) -> str:
     if "match" in e:
         m = e["match"]
         op = "" if m["op"] in ("==", "in") else f"{m['op']} "
-        return f"{_text_left(m['left'])} {op}{_text_value(m['right'])}"
+        right = m["right"]
+        if m["left"] == _meta("l4proto"):
+            right = _protocol_names(right)
+        return f"{_text_left(m['left'])} {op}{_text_value(right)}"
     if "counter" in e:
         return f'counter name "{e["counter"]}"'
     if "dup" in e:

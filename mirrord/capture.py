@@ -1,0 +1,369 @@
+"""AF_PACKET capture into a TPACKET_V3 ring, and batched UDP sends.
+
+The ring is shared with the kernel: it writes frames into blocks and hands a
+whole block to userspace at once (one wake-up per block, or when the block
+retire timer fires), so the per-packet cost in Python is a header unpack. The
+sender points its iovecs straight into the ring, so a frame is copied once,
+by the kernel, from the ring into the outgoing datagram.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+from .bpf import Insn, Link, attach
+
+log = logging.getLogger(__name__)
+
+SOL_PACKET = 263
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_AUXDATA = 8
+PACKET_VERSION = 10
+PACKET_IGNORE_OUTGOING = 23
+TPACKET_V3 = 2
+ETH_P_ALL = 0x0003
+
+PACKET_HOST = 0
+PACKET_OUTGOING = 4
+
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1 << 0
+TP_STATUS_COPY = 1 << 1
+TP_STATUS_LOSING = 1 << 2
+TP_STATUS_VLAN_VALID = 1 << 4
+TP_STATUS_VLAN_TPID_VALID = 1 << 6
+
+# Link types whose frames start with an Ethernet header.
+ETHERNET_HATYPES = frozenset({1, 772})  # ARPHRD_ETHER, ARPHRD_LOOPBACK
+# Link types with no link header: L3 starts the frame (tun/wireguard, PPP,
+# raw-IP modems, IP-in-IP / SIT / GRE / ip6 tunnels).
+RAW_HATYPES = frozenset({0xFFFE, 512, 519, 768, 769, 776, 778, 823})
+
+# struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1:
+# block_status @8, num_pkts @12, offset_to_first_pkt @16, blk_len @20.
+BLOCK_STATUS_OFF = 8
+BLOCK_HDR = struct.Struct("=II")  # num_pkts, offset_to_first_pkt at offset 12
+# struct tpacket3_hdr: next_offset, sec, nsec, snaplen, len, status, mac, net,
+# rxhash, vlan_tci, vlan_tpid ...
+PKT_HDR = struct.Struct("=I8xIIIHH4xIH")
+SLL_OFF = 48  # TPACKET_ALIGN(sizeof(struct tpacket3_hdr))
+SLL_PROTOCOL = struct.Struct("!H")  # at SLL_OFF + 2
+SLL_PKTTYPE_OFF = SLL_OFF + 10
+
+DEFAULT_BLOCK_SIZE = 1 << 18
+DEFAULT_RING_BYTES = 8 << 20
+DEFAULT_RETIRE_MS = 10
+
+
+class CaptureError(OSError):
+    """A capture or send failure with a one-line, user-facing reason."""
+
+
+_libc: Optional[ctypes.CDLL] = None
+
+
+def libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _bind_ifindex(sock: socket.socket, ifindex: int, protocol: int) -> None:
+    """bind(2) to an interface by index; Python's AF_PACKET bind only takes a name,
+    and a name can point at a re-created device with another index."""
+    sll = struct.pack("=HHiHBB8s", socket.AF_PACKET, socket.htons(protocol), ifindex, 0, 0, 0,
+                      b"")
+    buf = ctypes.create_string_buffer(sll, len(sll))
+    if libc().bind(sock.fileno(), buf, len(sll)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def link_kind(hatype: int) -> Link:
+    if hatype in ETHERNET_HATYPES:
+        return "ethernet"
+    if hatype in RAW_HATYPES:
+        return "raw"
+    raise CaptureError(errno.EPROTONOSUPPORT, f"link type {hatype} is neither Ethernet nor raw IP")
+
+
+def synth_ethernet(ethertype: int, outgoing: bool) -> bytes:
+    """An Ethernet header for a frame from a device that has none (PPP, tun).
+
+    tzsp2pcap and most receivers assume Ethernet whatever the encapsulation
+    says. The locally administered MACs tell the direction apart: the router
+    is ...:01, the far end ...:02.
+    """
+    router, peer = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
+    dst, src = (peer, router) if outgoing else (router, peer)
+    return dst + src + struct.pack("!H", ethertype)
+
+
+class RxRing:
+    """A packet socket on one interface with a BPF filter and a TPACKET_V3 ring.
+
+    The order matters: the socket is created with protocol 0 (no packets),
+    bound to learn the link type, given its filter and ring, and only then
+    bound to ETH_P_ALL, so nothing unfiltered is ever queued.
+    """
+
+    def __init__(
+        self,
+        ifindex: int,
+        program: Callable[[Link], Sequence[Insn]],
+        *,
+        ignore_outgoing: bool = False,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        ring_bytes: int = DEFAULT_RING_BYTES,
+        retire_ms: int = DEFAULT_RETIRE_MS,
+    ) -> None:
+        self.ifindex = ifindex
+        self.block_size = block_size
+        self.block_nr = max(2, ring_bytes // block_size)
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.map: Optional[mmap.mmap] = None
+        self._addr_holder: Optional[ctypes.c_char] = None
+        try:
+            self._open(program, ignore_outgoing, retire_ms)
+        except BaseException:
+            self.close()
+            raise
+        self.cursor = 0
+        self.drops = 0
+        self.kernel_packets = 0
+
+    def _open(self, program: Callable[[Link], Sequence[Insn]], ignore_outgoing: bool,
+              retire_ms: int) -> None:
+        s = self.sock
+        _bind_ifindex(s, self.ifindex, 0)
+        self.hatype: int = s.getsockname()[3]
+        self.link: Link = link_kind(self.hatype)
+        attach(s, program(self.link))
+        s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        self.ignore_outgoing = False
+        if ignore_outgoing:
+            try:
+                s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+                self.ignore_outgoing = True
+            except OSError:
+                pass  # kernel < 4.20: the BPF program still drops them
+        frame_size = 2048
+        req = struct.pack("=7I", self.block_size, self.block_nr, frame_size,
+                          self.block_size * self.block_nr // frame_size, retire_ms, 0, 0)
+        s.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+        size = self.block_size * self.block_nr
+        self.map = mmap.mmap(s.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # The ring's address, for iovecs that point into it.
+        self._addr_holder = ctypes.c_char.from_buffer(self.map)
+        self.address = ctypes.addressof(self._addr_holder)
+        _bind_ifindex(s, self.ifindex, ETH_P_ALL)
+        self.check_error()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def check_error(self) -> None:
+        """Raise the socket's pending error (ENETDOWN when the device went down)."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+
+    def ready(self, block: int) -> bool:
+        assert self.map is not None
+        off = block * self.block_size + BLOCK_STATUS_OFF
+        return bool(self.map[off] & TP_STATUS_USER)
+
+    def block_offset(self, block: int) -> int:
+        return block * self.block_size
+
+    def release(self, block: int) -> None:
+        """Hand a block back to the kernel (after its frames were sent)."""
+        assert self.map is not None
+        struct.pack_into("=I", self.map, block * self.block_size + BLOCK_STATUS_OFF,
+                         TP_STATUS_KERNEL)
+
+    def wait(self, timeout_ms: int, extra: Sequence[int] = ()) -> list[tuple[int, int]]:
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLIN | select.POLLERR)
+        for fd in extra:
+            p.register(fd, select.POLLIN)
+        return p.poll(timeout_ms)
+
+    def statistics(self) -> tuple[int, int]:
+        """(packets, drops) since the last call; the kernel resets them on read."""
+        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
+        packets, drops, _freeze = struct.unpack("=III", raw)
+        self.kernel_packets += packets
+        self.drops += drops
+        return packets, drops
+
+    def close(self) -> None:
+        self._addr_holder = None
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:
+                pass  # an exported pointer still alive; the fd close below frees the ring
+            self.map = None
+        self.sock.close()
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.c_void_p),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    ]
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _Msghdr), ("msg_len", ctypes.c_uint)]
+
+
+IOV_PAIR = struct.Struct("PNPN")  # two struct iovec, native layout
+IOV_PAIR_SIZE = IOV_PAIR.size
+SCRATCH_SLOT = 32  # TZSP header with tag 41 (9) + MACs and VLAN tag (16) or Ethernet (14)
+UIO_MAXIOV = 1024
+# Errors that say "the collector cannot be reached right now": counted, not fatal.
+SEND_ERRORS = frozenset({
+    errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN,
+    errno.ENOBUFS, errno.EAGAIN, errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENXIO,
+    errno.EMSGSIZE, errno.ENOTCONN, errno.EDESTADDRREQ, errno.EADDRNOTAVAIL,
+})
+
+
+class UdpBatchSender:
+    """Datagrams of two parts each (a header, a frame), sent with sendmmsg(2).
+
+    Slot i owns iovecs 2i and 2i+1 and a scratch area for a per-frame header;
+    callers fill iovecs with IOV_PAIR.pack_into(sender.iov, i * IOV_PAIR_SIZE, ...)
+    and call flush(n). Without sendmmsg (old libc) each slot is sent with
+    sendmsg, one syscall per datagram.
+    """
+
+    def __init__(self, collector: str, port: int, source: Optional[str] = None,
+                 capacity: int = UIO_MAXIOV, sndbuf: int = 4 << 20) -> None:
+        self.collector, self.port, self.source = collector, port, source
+        self.family = socket.AF_INET6 if ":" in collector else socket.AF_INET
+        self.capacity = capacity
+        self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            if source:
+                self.sock.bind((source, 0))
+        except BaseException:
+            self.sock.close()
+            raise
+        self.connected = False
+        self._next_connect = 0.0
+        self.last_error: Optional[str] = None
+        self.msgs = (_Mmsghdr * capacity)()
+        self.iov = (_Iovec * (2 * capacity))()
+        self.scratch = ctypes.create_string_buffer(SCRATCH_SLOT * capacity)
+        self.scratch_addr = ctypes.addressof(self.scratch)
+        iov_addr = ctypes.addressof(self.iov)
+        for i in range(capacity):
+            self.msgs[i].msg_hdr.msg_iov = iov_addr + i * IOV_PAIR_SIZE
+            self.msgs[i].msg_hdr.msg_iovlen = 2
+        self.msgs_addr = ctypes.addressof(self.msgs)
+        self.msg_size = ctypes.sizeof(_Mmsghdr)
+        self._sendmmsg = getattr(libc(), "sendmmsg", None)
+        if self._sendmmsg is not None:
+            self._sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+            self._sendmmsg.restype = ctypes.c_int
+        self.connect()
+
+    @property
+    def batched(self) -> bool:
+        return self._sendmmsg is not None
+
+    def connect(self) -> bool:
+        """Connect (route lookup once, ICMP errors reported); retried at most once a second."""
+        if self.connected:
+            return True
+        now = time.monotonic()
+        if now < self._next_connect:
+            return False
+        self._next_connect = now + 1.0
+        try:
+            self.sock.connect((self.collector, self.port))
+        except OSError as e:
+            self.last_error = f"{errno.errorcode.get(e.errno or 0, e.errno)}: {e.strerror}"
+            return False
+        self.connected = True
+        return True
+
+    def datagram_bytes(self, n: int) -> int:
+        """UDP payload bytes of slots 0..n-1 (for a partly sent batch)."""
+        iov = self.iov
+        return sum(iov[2 * i].iov_len + iov[2 * i + 1].iov_len for i in range(n))
+
+    def flush(self, n: int) -> tuple[int, int]:
+        """Send slots 0..n-1: (datagrams sent, send errors)."""
+        if n == 0:
+            return 0, 0
+        if not self.connect():
+            return 0, n
+        if self._sendmmsg is None:
+            return self._flush_slow(n)
+        fd = self.sock.fileno()
+        sent = errors = 0
+        retried = False
+        while sent < n:
+            r = self._sendmmsg(fd, self.msgs_addr + sent * self.msg_size, n - sent, 0)
+            if r > 0:
+                sent += r
+                continue
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            self.last_error = f"{errno.errorcode.get(err, err)}: {os.strerror(err)}"
+            if err == errno.ECONNREFUSED and not retried:
+                # The error belongs to an earlier datagram (ICMP port
+                # unreachable); this one was not sent: try it once more.
+                errors += 1
+                retried = True
+                continue
+            if err not in SEND_ERRORS:
+                log.warning("sendmmsg: %s", self.last_error)
+            # The destination is the same for every slot: the rest would fail too.
+            errors += n - sent
+            break
+        return sent, errors
+
+    def _flush_slow(self, n: int) -> tuple[int, int]:
+        sent = errors = 0
+        for i in range(n):
+            a, b = self.iov[2 * i], self.iov[2 * i + 1]
+            parts = [ctypes.string_at(a.iov_base or 0, a.iov_len),
+                     ctypes.string_at(b.iov_base or 0, b.iov_len)]
+            try:
+                self.sock.sendmsg(parts)
+                sent += 1
+            except OSError as e:
+                errors += 1
+                self.last_error = f"{errno.errorcode.get(e.errno or 0, e.errno)}: {e.strerror}"
+        return sent, errors
+
+    def close(self) -> None:
+        self.sock.close()
