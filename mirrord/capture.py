@@ -135,6 +135,7 @@ class RxRing:
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         self.map: Optional[mmap.mmap] = None
         self._addr_holder: Optional[ctypes.c_char] = None
+        self._poller: Optional[tuple[tuple[int, ...], select.poll]] = None
         try:
             self._open(program, ignore_outgoing, retire_ms)
         except BaseException:
@@ -195,11 +196,15 @@ class RxRing:
                          TP_STATUS_KERNEL)
 
     def wait(self, timeout_ms: int, extra: Sequence[int] = ()) -> list[tuple[int, int]]:
-        p = select.poll()
-        p.register(self.sock.fileno(), select.POLLIN | select.POLLERR)
-        for fd in extra:
-            p.register(fd, select.POLLIN)
-        return p.poll(timeout_ms)
+        """poll(2) the socket (and `extra` fds) until a block is ready or an error."""
+        key = tuple(extra)
+        if self._poller is None or self._poller[0] != key:
+            p = select.poll()
+            p.register(self.sock.fileno(), select.POLLIN | select.POLLERR)
+            for fd in extra:
+                p.register(fd, select.POLLIN)
+            self._poller = (key, p)
+        return self._poller[1].poll(timeout_ms)
 
     def statistics(self) -> tuple[int, int]:
         """(packets, drops) since the last call; the kernel resets them on read."""

@@ -10,7 +10,7 @@ import sys
 from . import backends, plan, spec, topology
 from .cli import add_config_argument
 from .control import default_socket, try_request
-from .status import all_active, format_table
+from .status import format_prometheus, format_table, healthy
 
 log = logging.getLogger("mirrord")
 
@@ -37,6 +37,8 @@ def add_status_arguments(p: argparse.ArgumentParser) -> None:
                         "/run/mirrord.sock, whichever exists; $MIRRORD_SOCKET overrides)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--prometheus", action="store_true",
+                     help="Prometheus text format (for node_exporter's textfile collector)")
 
 
 def add_flush_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,17 +117,21 @@ def offline_topology(s: spec.Spec) -> topology.Topology:
 def run_status(args: argparse.Namespace) -> int:
     path = args.socket or default_socket()
     reply, err = try_request(path, "status")
+    if reply is not None and "error" in reply:
+        err = str(reply["error"])
+        reply = None
     if reply is None:
+        if args.prometheus:
+            sys.stdout.write(format_prometheus(None))
         print(f"mirrord status: {err}", file=sys.stderr)
-        return EXIT_NO_DAEMON
-    if "error" in reply:
-        print(f"mirrord status: {reply['error']}", file=sys.stderr)
         return EXIT_NO_DAEMON
     if args.json:
         print(json.dumps(reply, indent=2))
+    elif args.prometheus:
+        sys.stdout.write(format_prometheus(reply))
     else:
         print(format_table(reply))
-    return 0 if all_active(reply) else EXIT_NOT_ACTIVE
+    return 0 if healthy(reply) else EXIT_NOT_ACTIVE
 
 
 def run_flush(args: argparse.Namespace) -> int:

@@ -127,6 +127,7 @@ class Daemon:
         self.reapplies = 0
         self.last_counts: Counts = {}
         self.tzsp_banked: dict[str, tuple[int, int]] = {}
+        self.rate_sample: Optional[tuple[float, dict[str, tuple[int, int]]]] = None
         self.records: dict[str, MirrorRecord] = {}
         self.workers: dict[plan.TzspTap, Worker] = {}
         self.pending = Pending()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import __version__
 
@@ -16,9 +16,42 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+RATE_MIN_INTERVAL = 0.5  # seconds; a shorter interval gives noise, not a rate
+RATE_MAX_AGE = 300.0
+
+
+def _rates(d: Daemon, now: float, totals: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """Packets/s and bytes/s per mirror since the previous status query.
+
+    The daemon takes no samples on its own (it never wakes without a
+    reason): a monitor that polls every N seconds gets the rate over N.
+    """
+    prev = d.rate_sample
+    out: dict[str, Any] = {}
+    if prev is not None and RATE_MIN_INTERVAL <= now - prev[0] <= RATE_MAX_AGE:
+        dt = now - prev[0]
+        for name, (p, b) in totals.items():
+            pp, pb = prev[1].get(name, (p, b))
+            out[name] = {"interval": round(dt, 3), "pps": round(max(0, p - pp) / dt, 2),
+                         "bps": round(max(0, b - pb) * 8 / dt, 1)}
+    if prev is None or now - prev[0] >= RATE_MIN_INTERVAL:
+        d.rate_sample = (now, totals)
+    return out
+
+
 def build_status(d: Daemon) -> dict[str, Any]:
+    from .health import offload_findings, plan_findings
+
     counts = d.counts()
     tzsp = d.tzsp_counts()
+    totals: dict[str, tuple[int, int]] = {}
+    for mp in d.plan.mirrors if d.plan else ():
+        name = mp.mirror.name
+        tp, tb = tzsp.get(name, (0, 0))
+        cp = sum(counts.get((name, w), (0, 0))[0] for w in mp.mirror.directions)
+        cb = sum(counts.get((name, w), (0, 0))[1] for w in mp.mirror.directions)
+        totals[name] = (cp + tp, cb + tb)
+    rates = _rates(d, time.monotonic(), totals)
     mirrors: list[dict[str, Any]] = []
     for mp in d.plan.mirrors if d.plan else ():
         m = mp.mirror
@@ -63,8 +96,11 @@ def build_status(d: Daemon) -> dict[str, Any]:
             "taps": [{"interface": t.interface, "direction": t.direction, "state": t.state,
                       "reason": t.reason} for t in mp.taps],
             "tzsp": workers,
+            "rate": rates.get(m.name),
             "last_heal": {"when": _iso(heal.when), "why": heal.why} if heal else None,
         })
+    findings = plan_findings(d.plan, d.backend_error) if d.plan else []
+    findings += offload_findings()
     return {
         "version": __version__,
         "pid": os.getpid(),
@@ -76,7 +112,14 @@ def build_status(d: Daemon) -> dict[str, Any]:
         "applies": d.applies,
         "reapplies": d.reapplies,
         "mirrors": mirrors,
+        "findings": [f.as_dict() for f in findings],
     }
+
+
+def healthy(status: dict[str, Any]) -> bool:
+    """Every mirror active and no error finding (warnings advise; they do not fail)."""
+    errors = [f for f in status.get("findings", []) if f.get("severity") == "error"]
+    return all_active(status) and not errors
 
 
 def all_active(status: dict[str, Any]) -> bool:
@@ -112,5 +155,80 @@ def format_table(status: dict[str, Any]) -> str:
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        lines.append(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip())
+    for m in status.get("mirrors", []):
+        rate = m.get("rate")
+        dirs = ", ".join(f"{w} {v['packets']} pkts" for w, v in m.get("directions", {}).items())
+        extra = []
+        if dirs:
+            extra.append(dirs)
+        if rate:
+            extra.append(f"{rate['pps']} pkt/s over {rate['interval']}s")
+        for w in m.get("tzsp", []):
+            extra.append(f"tzsp {w['interface']}: " + ", ".join(
+                f"{k.replace('_', ' ')} {w[k]}" for k in
+                ("captured", "sent", "ring_drops", "send_errors", "truncated") if k in w))
+        if extra:
+            lines.append(f"  {m['name']}: " + "; ".join(extra))
+    for f in status.get("findings", []):
+        lines.append(f"{f['severity'].upper()}: {f['what']}")
+        lines.append(f"  fix: {f['fix']}")
     return "\n".join(lines)
+
+
+def _label(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\"", '\\"').replace("\n", "\\n")
+
+
+STATES = ("active", "waiting", "degraded", "error")
+
+
+def format_prometheus(status: Optional[dict[str, Any]]) -> str:
+    """The Prometheus text format, for node_exporter's textfile collector."""
+    out = ["# HELP mirrord_up Whether the mirrord daemon answered.", "# TYPE mirrord_up gauge",
+           f"mirrord_up {0 if status is None else 1}"]
+    if status is None:
+        return "\n".join(out) + "\n"
+    metrics: dict[str, tuple[str, str, list[str]]] = {
+        "mirrord_mirror_packets_total": ("counter", "Packets copied to the collector.", []),
+        "mirrord_mirror_bytes_total": ("counter", "Bytes copied to the collector.", []),
+        "mirrord_mirror_state": ("gauge", "1 for the state the mirror is in.", []),
+        "mirrord_tzsp_errors_total": ("counter", "TZSP copies lost, by cause.", []),
+        "mirrord_reapplies_total": ("counter", "Rule re-applications after start.", []),
+        "mirrord_findings": ("gauge", "Health findings, by code.", []),
+    }
+    for m in status.get("mirrors", []):
+        name = _label(m["name"])
+        transport = _label(m.get("transport") or "none")
+        dirs = m.get("directions") or {}
+        if dirs:
+            for way, v in dirs.items():
+                lbl = f'mirror="{name}",direction="{way}",transport="{transport}"'
+                metrics["mirrord_mirror_packets_total"][2].append(f"{{{lbl}}} {v['packets']}")
+                metrics["mirrord_mirror_bytes_total"][2].append(f"{{{lbl}}} {v['bytes']}")
+        else:
+            lbl = f'mirror="{name}",direction="{_label(m["direction"])}",transport="{transport}"'
+            metrics["mirrord_mirror_packets_total"][2].append(f"{{{lbl}}} {m['packets']}")
+            metrics["mirrord_mirror_bytes_total"][2].append(f"{{{lbl}}} {m['bytes']}")
+        for st in STATES:
+            metrics["mirrord_mirror_state"][2].append(
+                f'{{mirror="{name}",state="{st}"}} {1 if m["state"] == st else 0}')
+        for w in m.get("tzsp", []):
+            for cause in ("ring_drops", "send_errors", "truncated"):
+                if cause in w:
+                    metrics["mirrord_tzsp_errors_total"][2].append(
+                        f'{{mirror="{name}",interface="{_label(w["interface"])}",'
+                        f'cause="{cause}"}} {w[cause]}')
+    metrics["mirrord_reapplies_total"][2].append(f" {status.get('reapplies', 0)}")
+    codes: dict[str, int] = {}
+    for f in status.get("findings", []):
+        codes[f["code"]] = codes.get(f["code"], 0) + 1
+    for code, n in sorted(codes.items()):
+        metrics["mirrord_findings"][2].append(f'{{code="{_label(code)}"}} {n}')
+    for metric, (kind, text, samples) in metrics.items():
+        if not samples:
+            continue
+        out.append(f"# HELP {metric} {text}")
+        out.append(f"# TYPE {metric} {kind}")
+        out += [f"{metric}{sample}" for sample in samples]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,159 @@
+"""Health findings: things that make a mirror silently incomplete, each with its fix.
+
+Computed when status is asked for (never on a timer): a few cheap reads of
+the plan the daemon already holds, plus one look at the ruleset for flow
+offloading, which no event announces in a way the plan would notice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from .plan import Plan
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str  # "error" | "warning"
+    what: str
+    fix: str
+    mirror: Optional[str] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def plan_findings(p: Plan, backend_error: str) -> list[Finding]:
+    out: list[Finding] = []
+    if backend_error and any(m.transport == "clone" for m in p.mirrors):
+        out.append(Finding("backend-missing", "error", backend_error,
+                           "install the package named above (or set backend: to one that works)"))
+    mirrored: dict[str, list[str]] = {}
+    for mp in p.mirrors:
+        for name in mp.mirror.interfaces:
+            mirrored.setdefault(name, []).append(mp.mirror.name)
+    for mp in p.mirrors:
+        name = mp.mirror.name
+        for tap in mp.taps:
+            if tap.reason.endswith("does not exist") and tap.direction == mp.mirror.directions[0]:
+                out.append(Finding(
+                    "interface-absent", "warning", f"mirror {name}: {tap.reason}",
+                    f"check the name with `ip link`; mirrord starts copying when {tap.interface} "
+                    "appears", name))
+        reach = mp.reach
+        if reach is None:
+            continue
+        if reach.neighbour == "FAILED":
+            out.append(Finding(
+                "collector-neighbour-failed", "error",
+                f"mirror {name}: collector {reach.address} does not answer ARP/ND on {reach.oif}",
+                f"check that {reach.address} is up and attached to {reach.oif} "
+                f"(`ip neigh show {reach.address}`)", name))
+        if reach.oif and reach.oif in mirrored:
+            users = ", ".join(mirrored[reach.oif])
+            out.append(Finding(
+                "collector-via-mirrored-interface", "warning",
+                f"mirror {name}: collector {reach.address} is reached through {reach.oif}, which "
+                f"mirror(s) {users} observe: copies share that link with the traffic they copy "
+                "(the collector's own traffic is excluded)",
+                "give the collector its own port or VLAN if that link is busy", name))
+        if mp.state == "error" and mp.reason and "not on-link" in mp.reason:
+            out.append(Finding("collector-offlink", "error", f"mirror {name}: {mp.reason}",
+                               "set transport: tzsp (or auto) for this collector", name))
+    return out
+
+
+def _nft_ruleset() -> Optional[dict[str, Any]]:
+    try:
+        import nftables
+
+        nft = nftables.Nftables()
+        nft.set_json_output(True)
+        rc, out, _ = nft.cmd("list ruleset")
+    except (ImportError, OSError):
+        return None
+    if rc != 0 or not out:
+        return None
+    data: dict[str, Any] = json.loads(out) if isinstance(out, str) else out
+    return data
+
+
+def _has_flow_add(o: Any) -> bool:
+    if isinstance(o, dict):
+        if "flow" in o and isinstance(o["flow"], dict) and o["flow"].get("op") == "add":
+            return True
+        return any(_has_flow_add(v) for v in o.values())
+    if isinstance(o, list):
+        return any(_has_flow_add(v) for v in o)
+    return False
+
+
+UCI_FIREWALL = "/etc/config/firewall"
+_UCI_OPTION = re.compile(r"""^\s*option\s+(flow_offloading(?:_hw)?)\s+['"]?(\w+)['"]?""")
+
+
+def uci_offloading(path: str) -> list[str]:
+    """The flow_offloading options switched on in an OpenWrt firewall config."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    on: list[str] = []
+    section = ""
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("config "):
+            section = stripped.split()[1].strip("'\"")
+            continue
+        m = _UCI_OPTION.match(line)
+        if m and section == "defaults" and m.group(2) in ("1", "on", "true", "yes", "enabled"):
+            on.append(m.group(1))
+    return on
+
+
+def offload_findings() -> list[Finding]:
+    """Flow offloading (fw4 `flow add @ft`, fw3 FLOWOFFLOAD) hides flows from mirrors."""
+    out: list[Finding] = []
+    uci = os.environ.get("MIRRORD_UCI_FIREWALL", UCI_FIREWALL)
+    options = uci_offloading(uci)
+    if options:
+        out.append(Finding(
+            "flow-offload", "warning",
+            f"flow offloading is enabled in {uci} ({', '.join(options)}): offloaded flows skip "
+            "prerouting and postrouting, so mirrors copy only their first packets",
+            "uci set firewall.@defaults[0].flow_offloading='0'; uci set "
+            "firewall.@defaults[0].flow_offloading_hw='0'; uci commit firewall; "
+            "/etc/init.d/firewall restart"))
+        return out
+    ruleset = _nft_ruleset()
+    if ruleset is not None:
+        for obj in ruleset.get("nftables", []):
+            rule = obj.get("rule")
+            if rule and _has_flow_add(rule.get("expr")):
+                where = f"table {rule['family']} {rule['table']} chain {rule['chain']}"
+                out.append(Finding(
+                    "flow-offload", "warning",
+                    f"flow offloading is active ({where}): offloaded flows skip prerouting and "
+                    "postrouting, so mirrors copy only their first packets",
+                    "OpenWrt: uci set firewall.@defaults[0].flow_offloading='0'; uci commit "
+                    "firewall; /etc/init.d/firewall restart"))
+                break
+    if shutil.which("iptables-save"):
+        p = subprocess.run(["iptables-save", "-t", "filter"], capture_output=True, text=True,
+                           timeout=10)
+        if "FLOWOFFLOAD" in p.stdout:
+            out.append(Finding(
+                "flow-offload", "warning",
+                "flow offloading is active (iptables FLOWOFFLOAD target): offloaded flows skip "
+                "the mangle hooks, so mirrors copy only their first packets",
+                "OpenWrt: set option flow_offloading '0' in /etc/config/firewall, then "
+                "/etc/init.d/firewall restart"))
+    return out
