@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, TextIO
 FIELDS = ("MIRROR", "ACTION")
 SYSLOG_IDENT = "mirrord"
 SYSLOG_SOCKET = "/dev/log"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 OPENWRT_RELEASE = "/etc/openwrt_release"
 
 log = logging.getLogger(__name__)
@@ -157,18 +158,24 @@ def _syslog_handler(address: str) -> logging.Handler:
 
 
 def setup_logging(verbosity: int, daemon: bool = True, *, env: Optional[Mapping[str, str]] = None,
-                  stream: Optional[TextIO] = None, syslog_socket: str = SYSLOG_SOCKET) -> str:
+                  stream: Optional[TextIO] = None, syslog_socket: str = SYSLOG_SOCKET,
+                  journal_socket: str = JOURNAL_SOCKET) -> str:
     """Send the root logger to the right place; returns the target chosen.
 
     Replaces handlers installed earlier (cli.py's basicConfig), so it can be
     called again once the daemon knows its verbosity.
     """
+    env = os.environ if env is None else env
     stream = sys.stderr if stream is None else stream
     target = choose_target(env, stream, syslog_socket)
     handler: Optional[logging.Handler] = None
     if target == "journal":
-        handler = _journal_handler()
-        if handler is None:
+        # Without journald's socket (a container without journald) every
+        # record would fail to send: then stderr, which is the journal itself
+        # when JOURNAL_STREAM matches.
+        if os.path.exists(journal_socket):
+            handler = _journal_handler()
+        if handler is None and _stderr_is_journal(env, stream):
             handler = logging.StreamHandler(stream)
             handler.setFormatter(PrefixFormatter("%(name)s: %(message)s"))
     elif target == "syslog":

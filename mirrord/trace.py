@@ -592,17 +592,12 @@ def _decode_scapy(network: bytes, transport: Optional[bytes]) -> Optional[Header
             return h
         proto = ip.proto
     elif version == 6 and len(network) >= 40:
-        whole = len(network) == 40 and network[6] in UPPER_LAYER
-        ip6 = IPv6(network + th if whole else network)
-        proto = ip6.nh if whole else _last_next_header(network)
-        h = Headers(6, ip6.src, ip6.dst, PROTOCOL_NAMES.get(proto, str(proto)),
-                    length=ip6.plen + 40, ttl=ip6.hlim)
-        if not whole and th:
-            # Extension headers in between: decode the transport copy alone.
-            whole = True
-            if proto == 58:
-                h.info = icmp6types.get(th[0], f"type {th[0]}").lower().replace(" ", "-")
-                return h
+        ip6 = IPv6(network[:40] + th if network[6] in UPPER_LAYER else network[:40])
+        proto = network[6]
+        h = Headers(6, ip6.src, ip6.dst, _v6_protocol(proto), length=ip6.plen + 40,
+                    ttl=ip6.hlim)
+        if proto not in UPPER_LAYER:
+            return h
     else:
         return _decode_plain(network, transport)
     if not th:
@@ -629,12 +624,15 @@ def _decode_scapy(network: bytes, transport: Optional[bytes]) -> Optional[Header
     return h
 
 
-def _last_next_header(network: bytes) -> int:
-    nh, off = network[6], 40
-    # Hop-by-hop, routing, destination options: walk as far as the copy goes.
-    while nh in (0, 43, 60) and off + 2 <= len(network):
-        nh, off = network[off], off + (network[off + 1] + 1) * 8
-    return nh
+# The kernel copies at most 40 bytes of network header, so behind an IPv6
+# extension header the transport protocol is out of sight.
+IPV6_EXTENSIONS = {0: "hop-by-hop", 43: "routing", 44: "fragment", 60: "dest-opts"}
+
+
+def _v6_protocol(nh: int) -> str:
+    if nh in IPV6_EXTENSIONS:
+        return f"{IPV6_EXTENSIONS[nh]}-ext"
+    return PROTOCOL_NAMES.get(nh, str(nh))
 
 
 def _decode_plain(network: bytes, transport: Optional[bytes]) -> Optional[Headers]:
@@ -647,10 +645,9 @@ def _decode_plain(network: bytes, transport: Optional[bytes]) -> Optional[Header
                     length=struct.unpack(">H", network[2:4])[0], ttl=network[8])
         proto = network[9]
     elif version == 6 and len(network) >= 40:
-        proto = _last_next_header(network)
+        proto = network[6]
         h = Headers(6, str(ipaddress.IPv6Address(network[8:24])),
-                    str(ipaddress.IPv6Address(network[24:40])),
-                    PROTOCOL_NAMES.get(proto, str(proto)),
+                    str(ipaddress.IPv6Address(network[24:40])), _v6_protocol(proto),
                     length=struct.unpack(">H", network[4:6])[0] + 40, ttl=network[7])
     else:
         return None

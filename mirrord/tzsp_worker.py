@@ -637,6 +637,16 @@ class TzspWorker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def state(self) -> str:
+        """"not started", "starting" (socket not open yet), "running" or "exited"."""
+        if self._proc is None:
+            return "not started"
+        if self._proc.poll() is not None:
+            return "exited"
+        if self._shared is None:
+            return "starting"
+        return "running" if self._shared.meta()[1] == STATE_RUNNING else "starting"
+
     def start(self) -> None:
         if self.running():
             return

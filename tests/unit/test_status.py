@@ -1,0 +1,132 @@
+"""Status rendering, health helpers and the control socket protocol."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirrord.control import ControlServer, request, try_request
+from mirrord.daemon import summarize
+from mirrord.health import _has_flow_add, uci_offloading
+from mirrord.status import format_prometheus, format_table, healthy
+
+STATUS: dict[str, Any] = {
+    "version": "0.1.0", "pid": 42, "backend": "nftables", "summary": "2 mirror(s)",
+    "reapplies": 3,
+    "mirrors": [
+        {"name": "lan", "state": "active", "reason": "", "transport": "clone",
+         "direction": "both", "packets": 30, "bytes": 3000,
+         "collector": {"name": "ids", "address": "192.0.2.50", "reach": "on-link dev br-lan"},
+         "directions": {"in": {"packets": 10, "bytes": 1000}, "out": {"packets": 20, "bytes": 2000}},
+         "tzsp": [], "rate": {"interval": 2.0, "pps": 5.0, "bps": 400.0}, "last_heal": None},
+        {"name": 'odd"name', "state": "waiting", "reason": "interface eth9 does not exist",
+         "transport": "tzsp", "direction": "in", "packets": 7, "bytes": 700,
+         "collector": {"name": "far", "address": "203.0.113.5", "reach": "routed via x"},
+         "directions": {},
+         "tzsp": [{"interface": "wan", "captured": 8, "sent": 7, "ring_drops": 1,
+                   "send_errors": 0, "truncated": 0}],
+         "rate": None, "last_heal": None},
+    ],
+    "findings": [{"code": "interface-absent", "severity": "warning", "what": "eth9 absent",
+                  "fix": "check it"}],
+}
+
+
+def test_prometheus_exposition() -> None:
+    text = format_prometheus(STATUS)
+    lines = text.splitlines()
+    assert "mirrord_up 1" in lines
+    assert 'mirrord_mirror_packets_total{mirror="lan",direction="in",transport="clone"} 10' in lines
+    assert 'mirrord_mirror_bytes_total{mirror="lan",direction="out",transport="clone"} 2000' in lines
+    # TZSP mirrors have one total; label values are escaped.
+    assert 'mirrord_mirror_packets_total{mirror="odd\\"name",direction="in",transport="tzsp"} 7' in lines
+    assert 'mirrord_mirror_state{mirror="odd\\"name",state="waiting"} 1' in lines
+    assert 'mirrord_tzsp_errors_total{mirror="odd\\"name",interface="wan",cause="ring_drops"} 1' in lines
+    assert "mirrord_reapplies_total 3" in lines
+    assert 'mirrord_findings{code="interface-absent"} 1' in lines
+    # Every sample's metric has exactly one HELP and one TYPE line before it.
+    for metric in {ln.split("{")[0].split(" ")[0] for ln in lines if not ln.startswith("#")}:
+        assert lines.count(f"# TYPE {metric} counter") + lines.count(f"# TYPE {metric} gauge") == 1
+    assert text.endswith("\n")
+
+
+def test_prometheus_when_the_daemon_is_down() -> None:
+    assert format_prometheus(None).splitlines()[-1] == "mirrord_up 0"
+
+
+def test_table_and_health() -> None:
+    text = format_table(STATUS)
+    assert "lan" in text and "active" in text and "interface eth9 does not exist" in text
+    assert "5.0 pkt/s over 2.0s" in text and "ring drops 1" in text
+    assert "WARNING: eth9 absent" in text and "fix: check it" in text
+    assert not healthy(STATUS)  # a mirror waits
+    ok = {**STATUS, "mirrors": [STATUS["mirrors"][0]]}
+    assert healthy(ok)  # a warning finding alone does not fail monitoring
+    bad = {**ok, "findings": [{"code": "x", "severity": "error", "what": "w", "fix": "f"}]}
+    assert not healthy(bad)
+
+
+def test_uci_flow_offloading(tmp_path: Path) -> None:
+    f = tmp_path / "firewall"
+    f.write_text("config defaults\n\toption syn_flood\t1\n\toption flow_offloading '1'\n"
+                 "\toption flow_offloading_hw \"1\"\n\nconfig zone\n\toption flow_offloading '1'\n")
+    assert uci_offloading(str(f)) == ["flow_offloading", "flow_offloading_hw"]
+    f.write_text("config defaults\n\toption flow_offloading '0'\n")
+    assert uci_offloading(str(f)) == []
+    assert uci_offloading(str(tmp_path / "missing")) == []
+
+
+def test_flow_add_statement_detection() -> None:
+    # The JSON nft prints for `meta l4proto { tcp, udp } flow add @ft` (fw4).
+    rule = [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                       "right": {"set": ["tcp", "udp"]}}},
+            {"flow": {"op": "add", "flowtable": "@ft"}}]
+    assert _has_flow_add(rule)
+    assert not _has_flow_add([{"counter": {"packets": 1, "bytes": 2}}, {"accept": None}])
+
+
+def test_summarize_folds_bursts() -> None:
+    assert summarize(["a"]) == "a"
+    assert summarize(["rule deleted: ip mirrord", "chain deleted: ip mirrord",
+                      "table deleted: ip mirrord", "chain deleted: ip mirrord"]) == (
+        "table deleted: ip mirrord, chain deleted: ip mirrord (+1 more)")
+
+
+def test_control_socket_roundtrip_and_mode(tmp_path: Path) -> None:
+    path = str(tmp_path / "ctl.sock")
+    server = ControlServer(path, lambda req: {"echo": req})
+    assert (Path(path).stat().st_mode & 0o777) == 0o600
+    def serve() -> None:
+        import select
+
+        select.select([server.sock], [], [], 5)  # one client, then done
+        server.serve_one()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        assert request(path, "status", x=1) == {"echo": {"cmd": "status", "x": 1}}
+    finally:
+        t.join(5)
+        server.close()
+    reply, err = try_request(path, "status")
+    assert reply is None and "no daemon socket" in err
+
+
+def test_second_server_on_a_live_socket_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "ctl.sock")
+    first = ControlServer(path, lambda req: {})
+    try:
+        with pytest.raises(RuntimeError, match="already serving"):
+            ControlServer(path, lambda req: {})
+    finally:
+        first.close()
+    # A stale socket file (its daemon died) is replaced.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    ControlServer(path, lambda req: {}).close()
