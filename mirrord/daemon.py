@@ -307,10 +307,12 @@ class Daemon:
         if backend is not None and rendered is not None and (force or changed_rules or drift):
             carry = self._carry(backend)
             if rendered.text or snapshot:
-                if backend is not self.backend and self.backend is not None:
-                    self.backend.flush()
                 backend.apply(rendered, carry)  # raises: nothing below runs
                 applied = True
+            if backend is not self.backend and self.backend is not None and self.applies:
+                # Only now that the new backend's rules are in: for a moment
+                # both copy (a duplicate), never neither (a gap).
+                self.backend.flush()
             self.applied_snapshot = backend.snapshot()
         # The kernel agreed (or nothing needed doing): commit.
         why = summarize(reasons)

@@ -127,6 +127,12 @@ def valid_ifname(name: str) -> Optional[str]:
     bad = [c for c in name if c in "/:'\"`\\" or c.isspace() or ord(c) < 32]
     if bad:
         return f"contains {bad[0]!r}, which Linux interface names cannot hold"
+    # Linux accepts these, but nft and iptables read them as wildcards,
+    # negation or comments: the rule would match something else.
+    odd = [c for c in name if c in "*+!#"]
+    if odd or name.startswith("-"):
+        return (f"contains {(odd or ['-'])[0]!r}, which nftables/iptables would read as an "
+                "operator or wildcard rather than a name")
     return None
 
 

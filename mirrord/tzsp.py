@@ -9,7 +9,7 @@ such as tzsp2pcap skip tags they do not know, so the only tag we add is 41
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import Optional, Union
 
 PORT = 37008
 VERSION = 1
@@ -61,7 +61,7 @@ def encode(frame: bytes, orig_len: Optional[int] = None) -> bytes:
     return HEADER + bytes(frame)
 
 
-def decode(datagram: bytes) -> tuple[int, bytes, Optional[int]]:
+def decode(datagram: Union[bytes, bytearray, memoryview]) -> tuple[int, bytes, Optional[int]]:
     """(encapsulation, frame, original length or None) of a TZSP datagram.
 
     Raises TzspError (a ValueError) for anything malformed and never any
