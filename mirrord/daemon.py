@@ -128,6 +128,7 @@ class Daemon:
         self.last_counts: Counts = {}
         self.tzsp_banked: dict[str, tuple[int, int]] = {}
         self.rate_sample: Optional[tuple[float, dict[str, tuple[int, int]]]] = None
+        self.last_summary = ""
         self.records: dict[str, MirrorRecord] = {}
         self.workers: dict[plan.TzspTap, Worker] = {}
         self.pending = Pending()
@@ -329,6 +330,11 @@ class Daemon:
             self.rendered = rendered
         self._note_changes(p, why, drift and applied and not force)
         self._sync_workers(p)
+        summary = self.summary()
+        if summary != self.last_summary:
+            if self.last_summary:
+                self.notifier.status(summary)
+            self.last_summary = summary
 
     def _carry(self, backend: Backend) -> Counts:
         """Counter totals to seed the new rules with: never let a total go down."""
