@@ -17,11 +17,15 @@ ntohl, so it is read big endian here too and prints as `nft monitor trace` does.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
+
+log = logging.getLogger(__name__)
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -31,6 +35,9 @@ NFNLGRP_NFTRACE = 9
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_TRACE = 17
 TRACE_MSG_TYPE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_TRACE
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_DELTABLE = 2
+NFTA_TABLE_NAME = 1
 
 NLMSG_NOOP = 1
 NLMSG_ERROR = 2
@@ -283,6 +290,26 @@ def parse_datagram(data: bytes) -> list[TraceEvent]:
     return [parse_trace(p) for t, p in iter_messages(data) if t == TRACE_MSG_TYPE]
 
 
+def parse_table_event(msg: int, payload: bytes) -> tuple[str, str, str]:
+    """("new" | "del", family, name) of an NFT_MSG_NEWTABLE/DELTABLE payload."""
+    if len(payload) < 4:
+        raise TraceParseError("message shorter than nfgenmsg")
+    name = ""
+    for atype, data in iter_attrs(payload, 4):
+        if atype == NFTA_TABLE_NAME:
+            name = _string(data)
+    op = "new" if msg == NFT_MSG_NEWTABLE else "del"
+    return op, FAMILIES.get(payload[0], str(payload[0])), name
+
+
+class Received(NamedTuple):
+    """An event and when it was read (each trace message is its own datagram)."""
+
+    mono: float
+    wall: float
+    event: TraceEvent
+
+
 class TraceSocket:
     """A netlink socket subscribed to NFNLGRP_NFTRACE in the current network namespace.
 
@@ -311,16 +338,19 @@ class TraceSocket:
             raise
         self.lost = 0
         self.ruleset_changed = False
+        # ("new" | "del", family, table name) in the order the kernel made them.
+        self.table_events: list[tuple[str, str, str]] = []
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self) -> list[TraceEvent]:
+    def read(self) -> list[Received]:
         """Drain what is queued now; counts kernel-side losses in `lost`."""
-        events: list[TraceEvent] = []
+        events: list[Received] = []
         while True:
             try:
                 data = self.sock.recv(1 << 16)
+                mono, wall = time.monotonic(), time.time()
             except BlockingIOError:
                 return events
             except OSError as e:
@@ -332,12 +362,19 @@ class TraceSocket:
             try:
                 for mtype, payload in iter_messages(data):
                     if mtype == TRACE_MSG_TYPE:
-                        events.append(parse_trace(payload))
+                        events.append(Received(mono, wall, parse_trace(payload)))
                     elif mtype >> 8 == NFNL_SUBSYS_NFTABLES:
                         self.ruleset_changed = True
+                        if mtype & 0xFF in (NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE):
+                            self.table_events.append(parse_table_event(mtype & 0xFF, payload))
             except Overrun:
                 self.lost += 1
                 self.ruleset_changed = True
+            except TraceParseError as e:
+                # A kernel newer than this parser may say more; losing one
+                # datagram beats stopping the trace.
+                self.lost += 1
+                log.warning("skipped a netlink message that does not parse: %s", e)
 
     def close(self) -> None:
         self.sock.close()

@@ -58,9 +58,13 @@ TRACE_FAMILY = "inet"
 TRACE_TABLE = "mirrord_trace"  # also mirrord.backends.nftables.TRACE_TABLE (flush removes it)
 MIRRORD_TABLE = "mirrord"
 PRIO_RAW = -300
-# (chain, hook): prerouting sees everything that arrives, output what the
-# router itself sends; together they are every packet's first hook.
-CHAINS = (("pre", "prerouting"), ("out", "output"))
+# (chain, hook, priority). Marking happens in prerouting (everything that
+# arrives) and output (what the router itself sends): every packet's first
+# hook. The empty `post` chain, after every NAT and mirror chain, marks
+# nothing; its policy event tells where a traced packet finally leaves, which
+# no other event may say when no other table has a postrouting chain.
+MARK_CHAINS = (("pre", "prerouting"), ("out", "output"))
+CHAINS = ((*MARK_CHAINS[0], PRIO_RAW), (*MARK_CHAINS[1], PRIO_RAW), ("post", "postrouting", 1000))
 COMMENT_RE = re.compile(r"^mirrord trace pid=(\d+) start=(\d+)$")
 
 # A packet crosses all its hooks within microseconds unless it is queued;
@@ -271,7 +275,7 @@ def trace_rules(sel: Selection) -> list[tuple[str, list[Expr]]]:
         family = _meta_match("nfproto", f"ipv{version}")
         for alt in match_exprs(fm):
             if not sel.crossings:
-                for chain, _hook in CHAINS:
+                for chain, _hook in MARK_CHAINS:
                     rules.append((chain, [family, *alt, NFTRACE_ON]))
                 continue
             for iface, direction in sel.crossings:
@@ -294,15 +298,64 @@ def trace_comment(pid: int, start: int) -> str:
     return f"mirrord trace pid={pid} start={start}"
 
 
-def create_commands(sel: Selection, comment: str) -> list[dict[str, Any]]:
+SshFlow = tuple[str, int, str, int]  # client address, client port, server address, server port
+
+
+def ssh_flow(environ: dict[str, str]) -> Optional[SshFlow]:
+    """The SSH connection this command runs in, from SSH_CONNECTION, if any."""
+    parts = environ.get("SSH_CONNECTION", "").split()
+    if len(parts) != 4:
+        return None
+    try:
+        client, server = ipaddress.ip_address(parts[0]), ipaddress.ip_address(parts[2])
+        cport, sport = int(parts[1]), int(parts[3])
+    except ValueError:
+        return None
+    if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped:
+        client = client.ipv4_mapped
+    if isinstance(server, ipaddress.IPv6Address) and server.ipv4_mapped:
+        server = server.ipv4_mapped
+    if client.version != server.version:
+        return None
+    return str(client), cport, str(server), sport
+
+
+def ssh_exclusions(flow: SshFlow) -> list[tuple[str, list[Expr]]]:
+    """Rules that keep the user's own SSH session out of the trace.
+
+    Tracing it would print a packet for every packet of the printing itself,
+    a loop that floods the terminal as soon as the match is broad.
+    """
+    client, cport, server, sport = flow
+    fam = "ip6" if ":" in client else "ip"
+
+    def one(saddr: str, sp: int, daddr: str, dp: int) -> list[Expr]:
+        def m(left: Expr, right: Any) -> Expr:
+            return {"match": {"op": "==", "left": left, "right": right}}
+
+        return [
+            m({"payload": {"protocol": fam, "field": "saddr"}}, saddr),
+            m({"payload": {"protocol": fam, "field": "daddr"}}, daddr),
+            m({"meta": {"key": "l4proto"}}, "tcp"),
+            m({"payload": {"protocol": "th", "field": "sport"}}, sp),
+            m({"payload": {"protocol": "th", "field": "dport"}}, dp),
+            {"return": None},
+        ]
+
+    return [("pre", one(client, cport, server, sport)), ("out", one(server, sport, client, cport))]
+
+
+def create_commands(sel: Selection, comment: str,
+                    ssh: Optional[SshFlow] = None) -> list[dict[str, Any]]:
     """One transaction creating the whole trace table; `create` fails if it exists."""
     t = {"family": TRACE_FAMILY, "table": TRACE_TABLE}
     cmds: list[dict[str, Any]] = [{"create": {"table": {"family": TRACE_FAMILY,
                                                         "name": TRACE_TABLE}}}]
-    for chain, hook in CHAINS:
+    for chain, hook, prio in CHAINS:
         cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
-                                       "prio": PRIO_RAW, "policy": "accept"}}})
-    for chain, exprs in trace_rules(sel):
+                                       "prio": prio, "policy": "accept"}}})
+    rules = (ssh_exclusions(ssh) if ssh else []) + trace_rules(sel)
+    for chain, exprs in rules:
         cmds.append({"add": {"rule": {**t, "chain": chain, "expr": exprs, "comment": comment}}})
     return cmds
 
@@ -372,6 +425,7 @@ class TraceTable:
     def __init__(self, nft: Nft) -> None:
         self.nft = nft
         self.created = False
+        self.seen_created = False  # our NEWTABLE came back on the event socket
 
     def clear_stale(self) -> None:
         objs = self.nft.list_json(TRACE_FAMILY, TRACE_TABLE)
@@ -386,12 +440,12 @@ class TraceTable:
         if rc != 0:
             raise TraceError(f"cannot remove the stale table {TRACE_FAMILY} {TRACE_TABLE}: "
                              f"{err.strip()}")
-        who = f" (left by pid {owner[0]})" if owner else ""
+        who = f" (pid {owner[0]}, no longer running)" if owner else ""
         log.warning("removed table %s %s left behind by an earlier trace%s",
                     TRACE_FAMILY, TRACE_TABLE, who)
 
-    def create(self, sel: Selection, comment: str) -> None:
-        cmds = create_commands(sel, comment)
+    def create(self, sel: Selection, comment: str, ssh: Optional[SshFlow] = None) -> None:
+        cmds = create_commands(sel, comment, ssh)
         rc, _, err = self.nft.json(cmds)
         if rc != 0:
             raise TraceError(f"nftables refused the trace table: {err.strip()}\n"
@@ -905,7 +959,8 @@ def step_text(s: Step, names: dict[int, str]) -> list[str]:
         elif info.text:
             line = f"{head}: {info.text} ({verdict_text(e)})"
         else:
-            line = f"{head} (rule not found; changed since) ({verdict_text(e)})"
+            # Replaced since, or a table nft cannot list by name.
+            line = f"{head} ({verdict_text(e)})"
         lines.append(line)
         if s.copy is not None:
             c = s.copy
@@ -1025,6 +1080,8 @@ def run(args: argparse.Namespace) -> int:
     except TraceError as e:
         print(f"mirrord trace: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if not sel.crossings and sel.match == Match() and args.count is None:
+        log.warning("tracing every packet the router sees; narrow the match or set --count")
     return trace(sel, count=args.count, timeout=args.timeout, as_json=args.json,
                  out=sys.stdout)
 
@@ -1044,9 +1101,13 @@ def trace(sel: Selection, count: Optional[int], timeout: Optional[float], as_jso
             sock = TraceSocket()
             table = TraceTable(nft)
             table.clear_stale()
-            table.create(sel, trace_comment(*own_identity()))
+            ssh = ssh_flow(dict(os.environ))
+            if ssh:
+                log.info("not tracing this SSH session (%s port %d)", ssh[0], ssh[1])
+            table.create(sel, trace_comment(*own_identity()), ssh)
         except PermissionError as e:
-            print(f"mirrord trace: not permitted ({e}); run as root", file=sys.stderr)
+            print(f"mirrord trace: needs root (CAP_NET_ADMIN) to mark packets and read trace "
+                  f"events ({e.strerror})", file=sys.stderr)
             return EXIT_ERROR
         except TraceError as e:
             print(f"mirrord trace: {e}", file=sys.stderr)
@@ -1078,19 +1139,25 @@ def trace(sel: Selection, count: Optional[int], timeout: Optional[float], as_jso
             if stop.rfd in ready:
                 stop.drain()
             if sock.fileno() in ready:
-                events = sock.read()
+                received = sock.read()
                 if sock.ruleset_changed:
                     sock.ruleset_changed = False
                     rules.invalidate()
-                now = time.monotonic()
-                wall = time.time()
-                for ev in events:
-                    tracker.add(ev, now, wall)
+                for r in received:
+                    tracker.add(r.event, r.mono, r.wall)
+                if _removed_by_others(sock, table):
+                    log.warning("table %s %s was removed by someone else (mirrord flush?); "
+                                "the trace cannot go on", TRACE_FAMILY, TRACE_TABLE)
+                    reason = "trace table removed"
+                    break
             seen = _emit(tracker.ready(time.monotonic()), seen, count, as_json, names, out)
             if count is not None and seen >= count:
                 reason = "count"
                 break
         if reason != "count":
+            # What the kernel sent before the stop still belongs to the trace.
+            for r in sock.read():
+                tracker.add(r.event, r.mono, r.wall)
             seen = _emit(tracker.ready(time.monotonic(), flush=True), seen, count, as_json,
                          names, out)
         if sock.lost:
@@ -1104,9 +1171,24 @@ def trace(sel: Selection, count: Optional[int], timeout: Optional[float], as_jso
         if sock is not None:
             sock.close()
         stop.restore()
-    if not ok:
+    if not ok or reason == "trace table removed":
         return EXIT_ERROR
     return EXIT_OK if count is None or seen >= count else EXIT_NOT_REACHED
+
+
+def _removed_by_others(sock: TraceSocket, table: TraceTable) -> bool:
+    """Whether our table was deleted after we created it (a stale one's deletion comes first)."""
+    removed = False
+    for op, family, name in sock.table_events:
+        if (family, name) == (TRACE_FAMILY, TRACE_TABLE):
+            if op == "new":
+                table.seen_created = True
+            elif table.seen_created:
+                removed = True
+    sock.table_events.clear()
+    if removed:
+        table.created = False
+    return removed
 
 
 def _emit(packets: list[Packet], seen: int, count: Optional[int], as_json: bool,

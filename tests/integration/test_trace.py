@@ -18,7 +18,16 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.lab import COLLECTOR, LAN_HOST, ROOT, WAN_HOST, WAN_HOST6, Lab, have_root_netns
+from tests.lab import (
+    COLLECTOR,
+    LAN_HOST,
+    ROOT,
+    RTR_LAN,
+    WAN_HOST,
+    WAN_HOST6,
+    Lab,
+    have_root_netns,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -79,8 +88,12 @@ def before(lab: Lab) -> Iterator[str]:
     assert ruleset(lab) == rules
 
 
-def start_trace(lab: Lab, *args: str, wait: bool = True) -> subprocess.Popen[str]:
+def start_trace(lab: Lab, *args: str, wait: bool = True,
+                ssh: str = "") -> subprocess.Popen[str]:
     env = dict(os.environ)
+    env.pop("SSH_CONNECTION", None)
+    if ssh:
+        env["SSH_CONNECTION"] = ssh
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = lab.rtr.popen(sys.executable, "-m", "mirrord", "trace", *args, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
@@ -166,7 +179,6 @@ def test_non_matching_traffic_shows_nothing(lab: Lab, before: str) -> None:
 def test_signal_ends_the_trace_and_removes_the_table(lab: Lab, before: str, sig: int) -> None:
     p = start_trace(lab, "--protocol", "icmp", "--timeout", "60", "--json")
     lab.ping(lab.lan, WAN_HOST, 2, interval=0.2)
-    time.sleep(0.5)  # past the hold time, so the packets are printed before the signal
     p.send_signal(sig)
     rc, out, err = finish(p, timeout=10)
     assert rc == 0, err
@@ -179,9 +191,9 @@ def test_killed_trace_is_cleaned_up_by_the_next(lab: Lab, before: str) -> None:
     p.kill()
     finish(p)
     assert has_table(lab, "inet", "mirrord_trace")
-    rc, out, err = finish(start_trace(lab, "--protocol", "icmp", "--timeout", "1", wait=False))
+    rc, _, err = finish(start_trace(lab, "--protocol", "icmp", "--timeout", "1", wait=False))
     assert rc == 0, err
-    assert f"left behind by an earlier trace (left by pid {p.pid})" in err
+    assert f"left behind by an earlier trace (pid {p.pid}, no longer running)" in err
 
 
 def test_second_trace_leaves_a_running_one_alone(lab: Lab, before: str) -> None:
@@ -212,3 +224,39 @@ def test_ipv6_out_direction(lab: Lab, before: str) -> None:
     assert pkt["headers"]["info"].startswith("echo-request")
     # The mirror copies IPv4 ICMP only.
     assert pkt["mirrored"] == []
+
+
+CONNECT = """
+import socket, sys
+for port in map(int, sys.argv[2:]):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("", port))
+    s.settimeout(2)
+    try:
+        s.connect((sys.argv[1], 22))
+    except OSError:
+        pass
+    s.close()
+"""
+
+
+def test_own_ssh_session_is_not_traced(lab: Lab, before: str) -> None:
+    # As if the user were logged in from the LAN host, source port 40000.
+    p = start_trace(lab, "--protocol", "tcp", "--count", "2", "--timeout", "20", "--json",
+                    ssh=f"{LAN_HOST} 40000 {RTR_LAN} 22")
+    # Nothing listens on port 22: each attempt is a SYN in and a RST out.
+    lab.lan.python(CONNECT, RTR_LAN, "40000", "40001")
+    rc, out, err = finish(p)
+    assert rc == 0, err
+    flows = [(x["headers"]["src"], x["headers"]["sport"], x["headers"]["dport"])
+             for x in packets(out)]
+    assert flows == [(LAN_HOST, 40001, 22), (RTR_LAN, 22, 40001)]
+
+
+def test_trace_stops_when_its_table_is_removed(lab: Lab, before: str) -> None:
+    p = start_trace(lab, "--protocol", "icmp", "--timeout", "60")
+    lab.rtr.run("nft", "delete", "table", "inet", "mirrord_trace")
+    rc, _, err = finish(p, timeout=10)
+    assert rc == 2
+    assert "was removed by someone else" in err

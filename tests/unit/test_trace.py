@@ -39,6 +39,8 @@ from mirrord.trace import (
     packet_json,
     packet_text,
     rules_from_text,
+    ssh_exclusions,
+    ssh_flow,
     stale_owner,
     trace_rules,
 )
@@ -173,6 +175,14 @@ def test_malformed_messages_are_refused() -> None:
         parse_trace(bad_len)
     with pytest.raises(TraceParseError):
         parse_trace(struct.pack("=BBH", 2, 0, 0) + nla(6, b"\0" * 4) + nla(4, b"\0\0"))
+
+
+def test_table_events() -> None:
+    name = nla(1, b"mirrord_trace\0")
+    assert nftrace.parse_table_event(0, struct.pack("=BBH", 1, 0, 0) + name) == (
+        "new", "inet", "mirrord_trace")
+    assert nftrace.parse_table_event(2, struct.pack("=BBH", 10, 0, 0) + nla(1, b"mirrord\0")) \
+        == ("del", "ip6", "mirrord")
 
 
 # -- rules as nft prints them ---------------------------------------------------------
@@ -503,9 +513,33 @@ def test_create_commands_is_one_exclusive_transaction() -> None:
     assert cmds[0] == {"create": {"table": {"family": "inet", "name": "mirrord_trace"}}}
     chains = [c["add"]["chain"] for c in cmds if "chain" in c.get("add", {})]
     assert [(c["name"], c["hook"], c["prio"]) for c in chains] == [
-        ("pre", "prerouting", -300), ("out", "output", -300)]
+        ("pre", "prerouting", -300), ("out", "output", -300), ("post", "postrouting", 1000)]
     rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
     assert rules and all(r["comment"] == "mirrord trace pid=1 start=2" for r in rules)
+    assert all(r["expr"][-1] == {"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}}
+               for r in rules)
+
+
+def test_own_ssh_session_is_left_out() -> None:
+    flow = ssh_flow({"SSH_CONNECTION": "::ffff:192.0.2.10 51234 192.0.2.1 22"})
+    assert flow == ("192.0.2.10", 51234, "192.0.2.1", 22)
+    assert ssh_flow({}) is None and ssh_flow({"SSH_CONNECTION": "a b c d"}) is None
+    cmds = create_commands(Selection(Match()), "c", flow)
+    rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+    # The exclusions come first in their chains, so the session never gets marked.
+    first_pre = next(r for r in rules if r["chain"] == "pre")
+    first_out = next(r for r in rules if r["chain"] == "out")
+    for rule, (saddr, sport, daddr, dport) in (
+        (first_pre, ("192.0.2.10", 51234, "192.0.2.1", 22)),
+        (first_out, ("192.0.2.1", 22, "192.0.2.10", 51234)),
+    ):
+        rights = [e["match"]["right"] for e in rule["expr"] if "match" in e]
+        assert rights == [saddr, daddr, "tcp", sport, dport]
+        assert rule["expr"][-1] == {"return": None}
+    v6 = ssh_flow({"SSH_CONNECTION": "2001:db8:1::10 5000 2001:db8:1::1 22"})
+    assert v6 is not None
+    (pre, _), _ = ssh_exclusions(v6)
+    assert pre == "pre"
 
 
 def test_stale_owner_detection() -> None:
