@@ -13,8 +13,9 @@ import socket
 from typing import Any, Callable, Optional
 
 DEFAULT_SOCKET = "/run/mirrord.sock"
-# systemd's unit gives the daemon a RuntimeDirectory; look there too.
-SOCKET_CANDIDATES = ("/run/mirrord/mirrord.sock", DEFAULT_SOCKET)
+# Where the packaged services put it: systemd's RuntimeDirectory, and
+# OpenWrt's init script (/var/run: some OpenWrt images have no /run).
+SOCKET_CANDIDATES = ("/run/mirrord/mirrord.sock", "/var/run/mirrord/mirrord.sock", DEFAULT_SOCKET)
 MAX_REQUEST = 4096
 
 

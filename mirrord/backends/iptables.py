@@ -2,7 +2,7 @@
 
 mirrord owns chains named MIRRORD_* in the mangle table, jumped to from the
 first position of PREROUTING and POSTROUTING. Everything is applied with one
-`iptables-restore --noflush` per address family: declaring a chain flushes
+`iptables-restore -w --noflush` per address family: declaring a chain flushes
 it, so the input is the complete desired state of mirrord's chains, and the
 table is committed at once (legacy: one table replace; nft: one transaction).
 
@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 from ..match import PROTOCOL_NAMES, FamilyMatch, PortRange
 from ..plan import CloneRule, Plan
-from .base import ApplyError, Backend, CounterKey, Counts, Rendered, comment, parse_comment
+from .base import ApplyError, Backend, Counts, Rendered, comment, parse_comment
 
 PRE, POST = "MIRRORD_PRE", "MIRRORD_POST"
 HOOKS = {"in": ("PREROUTING", PRE, "-i"), "out": ("POSTROUTING", POST, "-o")}
@@ -82,6 +82,8 @@ class IptablesBackend(Backend):
 
     def __init__(self) -> None:
         self._event_driven: Optional[bool] = None
+        # Final counts of rule generations that were replaced (see apply).
+        self.banked: Counts = {}
 
     # -- commands ----------------------------------------------------------
     def _bin(self, version: int, tool: str) -> str:
@@ -90,6 +92,11 @@ class IptablesBackend(Backend):
 
     def _run(self, argv: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+
+    def _restore(self, version: int, text: str) -> subprocess.CompletedProcess[str]:
+        # -w: take the xtables lock, so a firewall reload (fw3,
+        # netfilter-persistent) and we never interleave our commits.
+        return self._run([self._bin(version, "-restore"), "-w", "--noflush"], text)
 
     def versions_wanted(self, plan: Plan) -> set[int]:
         return {r.version for r in plan.clones}
@@ -106,9 +113,9 @@ class IptablesBackend(Backend):
         for tool in ("-restore", "-save"):
             if shutil.which(self._bin(4, tool)) is None:
                 return f"{self._bin(4, tool)} is not installed (install iptables)"
-        p = self._run([self._bin(4, "-save"), "-t", "mangle"])
+        p = self._run([self._bin(4, "-save")])
         if p.returncode != 0:
-            return f"cannot read the mangle table: {p.stderr.strip()}"
+            return f"cannot read the iptables tables: {p.stderr.strip()}"
         return self._probe_target()
 
     def _target_args(self, gateway: str, device: Optional[str]) -> list[str]:
@@ -121,8 +128,11 @@ class IptablesBackend(Backend):
         chain = "MIRRORD_PROBE"
         rule = " ".join(self._target_args("192.0.2.1", None))
         add = f"*mangle\n:{chain} - [0:0]\n-A {chain} {rule}\nCOMMIT\n"
-        p = self._run([self._bin(4, "-restore"), "--noflush"], add)
-        self._run([self._bin(4, "-restore"), "--noflush"], f"*mangle\n-F {chain}\n-X {chain}\nCOMMIT\n")
+        had_table = bool(self._save(4))
+        p = self._restore(4, add)
+        self._restore(4, f"*mangle\n-F {chain}\n-X {chain}\nCOMMIT\n")
+        if not had_table:
+            self._drop_empty_table(4)
         if p.returncode != 0:
             return self._missing_target(p.stderr.strip().splitlines()[0] if p.stderr else "")
         return None
@@ -134,18 +144,28 @@ class IptablesBackend(Backend):
     # -- rendering -------------------------------------------------------------
     def render(self, plan: Plan) -> Rendered:
         texts = self.render_restore(plan)
-        text = "".join(f"# {self._bin(v, '-restore')} --noflush\n{t}" for v, t in texts.items())
+        text = "".join(f"# {self._bin(v, '-restore')} -w --noflush\n{t}" for v, t in texts.items())
         keys = frozenset((r.mirror, r.direction) for r in plan.clones)
-        return Rendered(text=text, payload=texts, keys=keys)
+        payload = {v: ([r for r in plan.clones if r.version == v], plan.clone_egress)
+                   for v in texts}
+        return Rendered(text=text, payload=payload, keys=keys)
 
-    def render_restore(self, plan: Plan) -> dict[int, str]:
+    def render_restore(self, plan: Plan, generation: str = "A") -> dict[int, str]:
         out: dict[int, str] = {}
         for version in sorted(self.versions_wanted(plan)):
             rules = [r for r in plan.clones if r.version == version]
-            out[version] = self._render_family(rules, plan.clone_egress)
+            out[version] = self._render_family(rules, plan.clone_egress, generation)
         return out
 
-    def _render_family(self, rules: list[CloneRule], egress: frozenset[str]) -> str:
+    def _render_family(self, rules: list[CloneRule], egress: frozenset[str],
+                       generation: str = "A") -> str:
+        """The restore input for one family.
+
+        The per-collector chains carry a generation letter (A or B): a
+        replacement loads the other generation and repoints the top chains
+        in one commit, so the old chains stop counting at that instant and
+        their final counts can be banked before they are deleted.
+        """
         collectors = list(dict.fromkeys((str(r.gateway), r.device) for r in rules))
         lines = ["*mangle", f":{PRE} - [0:0]", f":{POST} - [0:0]"]
         body: list[str] = []
@@ -155,7 +175,7 @@ class IptablesBackend(Backend):
                         if r.direction == direction and (str(r.gateway), r.device) == (gw, dev)]
                 if not mine:
                     continue
-                chain = f"{top}_{i}"
+                chain = f"{top}_{generation}{i}"
                 lines.append(f":{chain} - [0:0]")
                 body.append(f"-A {top} -j {chain}")
                 body.append(f"-A {chain} -s {gw} -j RETURN")
@@ -185,60 +205,116 @@ class IptablesBackend(Backend):
 
     # -- the kernel --------------------------------------------------------------
     def _save(self, version: int, counters: bool = False) -> list[str]:
-        argv = [self._bin(version, "-save"), "-t", "mangle"]
+        """The mangle table's lines, or [] when there is no mangle table.
+
+        Never `-save -t mangle`: for iptables-legacy that makes the kernel
+        create the table, which then filters every packet and cannot be
+        removed again.
+        """
+        argv = [self._bin(version, "-save")]
         if counters:
-            argv.insert(1, "-c")
+            argv.append("-c")
         p = self._run(argv)
-        return p.stdout.splitlines() if p.returncode == 0 else []
+        if p.returncode != 0:
+            return []
+        out: list[str] = []
+        inside = False
+        for ln in p.stdout.splitlines():
+            if ln == "*mangle":
+                inside = True
+            elif inside and ln == "COMMIT":
+                break
+            if inside:
+                out.append(ln)
+        return out
 
     def _jumps_present(self, lines: list[str]) -> set[str]:
         return {c for c in (PRE, POST) for ln in lines if ln.endswith(f"-j {c}") and
                 re.match(r"^(\[\d+:\d+\] )?-A (PREROUTING|POSTROUTING) -j MIRRORD_", ln)}
 
     def apply(self, rendered: Rendered, carry: Counts) -> None:
-        texts: dict[int, str] = rendered.payload
+        wanted: dict[int, tuple[list[CloneRule], frozenset[str]]] = rendered.payload
+        retired: Counts = {}
+        had_rules = False
         for version in (4, 6):
             if shutil.which(self._bin(version, "-restore")) is None:
-                if version in texts:
+                if version in wanted:
                     raise ApplyError(f"{self._bin(version, '-restore')} is not installed")
                 continue
             current = self._save(version)
-            if version not in texts:
-                if any("MIRRORD_" in ln for ln in current):
+            ours = _our_chains(current)
+            had_rules = had_rules or bool(ours)
+            if version not in wanted:
+                if ours:
+                    _add(retired, self._chain_counts(version, set(ours)))
                     self._remove(version, current)
                 continue
-            text = _with_counters(texts[version], carry)
-            present = self._jumps_present(current)
-            extra = []
-            for _direction, (hook, top, _) in HOOKS.items():
-                if top not in present:
-                    extra.append(f"-I {hook} 1 -j {top}")
+            generation = "B" if any(c.startswith((f"{PRE}_A", f"{POST}_A")) for c in ours) else "A"
+            text = self._render_family(*wanted[version], generation)
+            missing = [f"-I {hook} 1 -j {top}" for hook, top, _ in HOOKS.values()
+                       if top not in self._jumps_present(current)]
             # --noflush keeps PREROUTING's other rules, so our jump is added
             # only when missing, in the same commit as the chains it targets.
-            text = text.replace("COMMIT\n", "".join(f"{e}\n" for e in extra) + "COMMIT\n")
-            stale = _stale_chains(current, text)
-            if stale:
-                drop = "".join(f"-F {c}\n" for c in stale) + "".join(f"-X {c}\n" for c in stale)
-                text = text.replace("COMMIT\n", drop + "COMMIT\n")
-            p = self._run([self._bin(version, "-restore"), "--noflush", "--counters"], text)
+            text = text.replace("COMMIT\n", "".join(f"{e}\n" for e in missing) + "COMMIT\n")
+            p = self._restore(version, text)
             if p.returncode != 0:
                 raise ApplyError(
                     f"{self._bin(version, '-restore')} refused the rules: {p.stderr.strip()}\n"
                     f"input:\n{text}"
                 )
+            declared = {ln[1:].split()[0] for ln in text.splitlines() if ln.startswith(":")}
+            old = [c for c in ours if c not in declared]
+            if old:
+                # Unreferenced since the commit above: their counts are final.
+                _add(retired, self._chain_counts(version, set(old)))
+                drop = [f"-F {c}" for c in old] + [f"-X {c}" for c in old]
+                self._restore(version, "*mangle\n" + "\n".join(drop) + "\nCOMMIT\n")
+        if had_rules:
+            _add(self.banked, retired)
+        else:
+            # Nothing of ours was there (first start, or a flush removed it):
+            # continue from the totals the daemon last saw.
+            self.banked = dict(carry)
+
+    def _chain_counts(self, version: int, chains: set[str]) -> Counts:
+        out: Counts = {}
+        for ln in self._save(version, counters=True):
+            m = _COUNTED_RULE.match(ln)
+            if m and m.group(3) in chains:
+                key = parse_comment(m.group(4) or m.group(5))
+                if key:
+                    _add(out, {key: (int(m.group(1)), int(m.group(2)))})
+        return out
 
     def _remove(self, version: int, current: list[str]) -> None:
         lines = ["*mangle"]
-        for _direction, (hook, top, _) in HOOKS.items():
+        for hook, top, _ in HOOKS.values():
             if top in self._jumps_present(current):
                 lines.append(f"-D {hook} -j {top}")
-        chains = [ln[1:].split()[0] for ln in current if ln.startswith(":MIRRORD_")]
+        chains = _our_chains(current)
         lines += [f"-F {c}" for c in chains] + [f"-X {c}" for c in chains]
         lines.append("COMMIT")
-        p = self._run([self._bin(version, "-restore"), "--noflush"], "\n".join(lines) + "\n")
+        p = self._restore(version, "\n".join(lines) + "\n")
         if p.returncode != 0:
             raise ApplyError(f"{self._bin(version, '-restore')} could not remove mirrord's chains: "
                              f"{p.stderr.strip()}")
+        self._drop_empty_table(version)
+
+    def _drop_empty_table(self, version: int) -> None:
+        """iptables-nft creates `table ip mangle` for our jumps; leave no empty one behind.
+
+        Only when nothing but empty built-in chains remains (no rule, no user
+        chain of anyone's). Legacy tables cannot be removed from userspace.
+        """
+        if not self.uses_nft or shutil.which("nft") is None:
+            return
+        lines = self._save(version)
+        if not lines or any(ln.startswith("-A ") for ln in lines):
+            return
+        builtin = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
+        chains = [ln[1:].split() for ln in lines if ln.startswith(":")]
+        if all(c[0] in builtin and c[1] == "ACCEPT" for c in chains):
+            self._run(["nft", "delete", "table", "ip" if version == 4 else "ip6", "mangle"])
 
     def snapshot(self) -> str:
         parts = []
@@ -251,18 +327,13 @@ class IptablesBackend(Backend):
         return "\n".join(parts)
 
     def counters(self) -> Counts:
-        out: Counts = {}
+        """Totals: the live rules' counts plus those of retired generations."""
+        out: Counts = dict(self.banked)
         for version in (4, 6):
             if shutil.which(self._bin(version, "-save")) is None:
                 continue
-            for ln in self._save(version, counters=True):
-                m = re.match(r'^\[(\d+):(\d+)\] -A MIRRORD_\S+ .*--comment (?:"([^"]+)"|(\S+))', ln)
-                if not m:
-                    continue
-                key = parse_comment(m.group(3) or m.group(4))
-                if key:
-                    p, b = out.get(key, (0, 0))
-                    out[key] = (p + int(m.group(1)), b + int(m.group(2)))
+            current = self._save(version)
+            _add(out, self._chain_counts(version, set(_our_chains(current))))
         return out
 
     def flush(self) -> None:
@@ -274,32 +345,18 @@ class IptablesBackend(Backend):
                 self._remove(version, current)
 
 
-def _stale_chains(current: list[str], text: str) -> list[str]:
-    """Our chains in the kernel that the new input no longer declares.
-
-    They are flushed, then deleted, in the same commit as the new rules.
-    """
-    declared = {ln[1:].split()[0] for ln in text.splitlines() if ln.startswith(":")}
-    have = [ln[1:].split()[0] for ln in current if ln.startswith(":MIRRORD_")]
-    return [c for c in have if c not in declared]
+_COUNTED_RULE = re.compile(
+    r'^\[(\d+):(\d+)\] -A (MIRRORD_\S+) .*--comment (?:"([^"]+)"|(\S+))')
 
 
-def _with_counters(text: str, carry: Counts) -> str:
-    """Seed the first rule of each mirror/direction with its carried totals."""
-    seen: set[CounterKey] = set()
-    out = []
-    for ln in text.splitlines():
-        m = re.search(r'--comment "([^"]+)"', ln)
-        key = parse_comment(m.group(1)) if m else None
-        if ln.startswith("-A "):
-            if key and key not in seen:
-                seen.add(key)
-                p, b = carry.get(key, (0, 0))
-                ln = f"[{p}:{b}] {ln}"
-            else:
-                ln = f"[0:0] {ln}"
-        out.append(ln)
-    return "\n".join(out) + "\n"
+def _our_chains(lines: list[str]) -> list[str]:
+    return [ln[1:].split()[0] for ln in lines if ln.startswith(":MIRRORD_")]
+
+
+def _add(total: Counts, more: Counts) -> None:
+    for key, (p, b) in more.items():
+        tp, tb = total.get(key, (0, 0))
+        total[key] = (tp + p, tb + b)
 
 
 class IptablesLegacyBackend(IptablesBackend):

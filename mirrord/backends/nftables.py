@@ -159,20 +159,55 @@ def _clone_rules(t: dict[str, str], chain: str, r: CloneRule) -> list[dict[str, 
     return out
 
 
-def batch(tables: dict[str, list[dict[str, Any]]], carry: Counts) -> list[dict[str, Any]]:
-    """One transaction: remove both tables if present, then create the wanted ones."""
+def batch(
+    tables: dict[str, list[dict[str, Any]]],
+    carry: Counts,
+    existing: Optional[dict[str, list[dict[str, Any]]]] = None,
+) -> list[dict[str, Any]]:
+    """One transaction from whatever the kernel holds to the wanted tables.
+
+    `existing` maps a family to the objects its mirrord table holds now
+    (absent: no such table). A table that stays is flushed and refilled, not
+    deleted: its named counters live on, so no copy counted between a read
+    and the commit is lost. A new table's counters start at `carry`.
+    """
+    if existing is None:
+        existing = {}
     cmds: list[dict[str, Any]] = []
     for fam in FAMILIES.values():
-        cmds.append({"add": {"table": {"family": fam, "name": TABLE}}})
-        cmds.append({"delete": {"table": {"family": fam, "name": TABLE}}})
-    for objs in tables.values():
-        for obj in objs:
-            if "counter" in obj:
-                key = _counter_key(obj["counter"]["name"])
-                packets, nbytes = carry.get(key, (0, 0)) if key else (0, 0)
-                obj = {"counter": {**obj["counter"], "packets": packets, "bytes": nbytes}}
-            cmds.append({"add": obj})
+        have = existing.get(fam)
+        want = tables.get(fam)
+        ref = {"family": fam, "name": TABLE}
+        if want is None:
+            # Both verbs: "delete" alone fails on a table that is not there.
+            cmds += [{"add": {"table": ref}}, {"delete": {"table": ref}}]
+            continue
+        if have is None:
+            cmds += [{"add": {"table": ref}}, {"delete": {"table": ref}}]
+            cmds += [{"add": _seeded(obj, carry)} for obj in want]
+            continue
+        cmds.append({"flush": {"table": ref}})
+        want_chains = {o["chain"]["name"] for o in want if "chain" in o}
+        want_counters = {o["counter"]["name"] for o in want if "counter" in o}
+        t = {"family": fam, "table": TABLE}
+        cmds += [{"delete": {"chain": {**t, "name": o["chain"]["name"]}}}
+                 for o in have if "chain" in o and o["chain"]["name"] not in want_chains]
+        cmds += [{"delete": {"counter": {**t, "name": o["counter"]["name"]}}}
+                 for o in have if "counter" in o and o["counter"]["name"] not in want_counters]
+        had_counters = {o["counter"]["name"] for o in have if "counter" in o}
+        for obj in want:
+            if "counter" in obj and obj["counter"]["name"] in had_counters:
+                continue  # kept, with its count
+            cmds.append({"add": _seeded(obj, carry)})
     return cmds
+
+
+def _seeded(obj: dict[str, Any], carry: Counts) -> dict[str, Any]:
+    if "counter" not in obj:
+        return obj
+    key = _counter_key(obj["counter"]["name"])
+    packets, nbytes = carry.get(key, (0, 0)) if key else (0, 0)
+    return {"counter": {**obj["counter"], "packets": packets, "bytes": nbytes}}
 
 
 def _counter_key(name: str) -> Optional[CounterKey]:
@@ -313,7 +348,12 @@ class NftablesBackend(Backend):
         return Rendered(text=to_text(tables), payload=tables, keys=keys)
 
     def apply(self, rendered: Rendered, carry: Counts) -> None:
-        cmds = batch(rendered.payload, carry)
+        existing = {}
+        for fam in FAMILIES.values():
+            objs = self._list(fam)
+            if objs:
+                existing[fam] = objs
+        cmds = batch(rendered.payload, carry, existing)
         rc, _, err = self._json(cmds)
         if rc != 0:
             raise ApplyError(
