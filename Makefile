@@ -55,6 +55,9 @@ install: install-python install-systemd install-config
 	@echo "installed; start with: systemctl enable --now mirrord"
 
 install-python:
+	@$(PYTHON) -c 'import setuptools, wheel, pip' 2>/dev/null || { echo >&2 \
+		"make install builds with $(PYTHON) -m pip: apt install python3-pip python3-setuptools python3-wheel"; \
+		exit 1; }
 	rm -rf "$(DESTDIR)$(LIBDIR)"
 	$(INSTALL) -d "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(BINDIR)"
 	# Built from a copy: an in-tree build leaves build/ and *.egg-info behind.
