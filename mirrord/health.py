@@ -72,9 +72,9 @@ def plan_findings(p: Plan, backend_error: str) -> list[Finding]:
 
 def _nft_ruleset() -> Optional[dict[str, Any]]:
     try:
-        import nftables
+        from .libnft import open_nftables
 
-        nft = nftables.Nftables()
+        nft = open_nftables()
         nft.set_json_output(True)
         rc, out, _ = nft.cmd("list ruleset")
     except (ImportError, OSError):

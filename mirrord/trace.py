@@ -370,15 +370,13 @@ class Nft:
     """libnftables, one context (one netlink socket) for the whole run."""
 
     def __init__(self) -> None:
+        from .libnft import open_nftables
+
         try:
-            import nftables
-        except ImportError as e:
-            raise TraceError(f"the libnftables Python bindings are not importable ({e}); "
-                             "install python3-nftables or pip-nftables") from e
-        try:
-            self.nft = nftables.Nftables()
-        except OSError as e:
-            raise TraceError(f"libnftables cannot be loaded: {e}") from e
+            self.nft = open_nftables()
+        except (ImportError, OSError) as e:
+            raise TraceError(f"libnftables cannot be loaded ({e}); install python3-nftables, "
+                             "pip-nftables, or the nftables-json package (OpenWrt)") from e
 
     def json(self, cmds: list[dict[str, Any]]) -> tuple[int, Any, str]:
         self.nft.set_json_output(True)

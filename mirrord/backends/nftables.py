@@ -304,9 +304,9 @@ class NftablesBackend(Backend):
 
     def _lib(self) -> Any:
         if self._nft is None:
-            import nftables
+            from ..libnft import open_nftables
 
-            nft = nftables.Nftables()
+            nft = open_nftables()
             nft.set_json_output(True)
             nft.set_handle_output(False)
             self._nft = nft
