@@ -324,14 +324,15 @@ def compile_filter(
             a.jump(JEQ, tpid, tagged, None)
         a.op(LDX | W | IMM, ETH_HLEN)
         a.ja(dispatch)
+        # The (inner) ethertype follows each 4-byte tag; L3 follows it.
         a.place(tagged)
-        a.op(LD | H | ABS, ETH_HLEN + 2)
+        a.op(LD | H | ABS, 12 + VLAN_HLEN)
         for tpid in VLAN_TPIDS:
             a.jump(JEQ, tpid, double, None)
         a.op(LDX | W | IMM, ETH_HLEN + VLAN_HLEN)
         a.ja(dispatch)
         a.place(double)
-        a.op(LD | H | ABS, ETH_HLEN + 2 * VLAN_HLEN + 2)
+        a.op(LD | H | ABS, 12 + 2 * VLAN_HLEN)
         a.op(LDX | W | IMM, ETH_HLEN + 2 * VLAN_HLEN)
     elif link == "raw":
         a.op(LD | W | ABS, _anc(SKF_AD_PROTOCOL))

@@ -17,6 +17,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 from collections.abc import Sequence
 from typing import Callable, Optional
@@ -53,6 +54,8 @@ RAW_HATYPES = frozenset({0xFFFE, 512, 519, 768, 769, 776, 778, 823})
 # struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1:
 # block_status @8, num_pkts @12, offset_to_first_pkt @16, blk_len @20.
 BLOCK_STATUS_OFF = 8
+# The byte of the (native-endian) u32 block_status that holds TP_STATUS_USER.
+BLOCK_STATUS_BYTE = BLOCK_STATUS_OFF + (3 if sys.byteorder == "big" else 0)
 BLOCK_HDR = struct.Struct("=II")  # num_pkts, offset_to_first_pkt at offset 12
 # struct tpacket3_hdr: next_offset, sec, nsec, snaplen, len, status, mac, net,
 # rxhash, vlan_tci, vlan_tpid ...
@@ -183,8 +186,7 @@ class RxRing:
 
     def ready(self, block: int) -> bool:
         assert self.map is not None
-        off = block * self.block_size + BLOCK_STATUS_OFF
-        return bool(self.map[off] & TP_STATUS_USER)
+        return bool(self.map[block * self.block_size + BLOCK_STATUS_BYTE] & TP_STATUS_USER)
 
     def block_offset(self, block: int) -> int:
         return block * self.block_size
@@ -249,6 +251,7 @@ IOV_PAIR = struct.Struct("PNPN")  # two struct iovec, native layout
 IOV_PAIR_SIZE = IOV_PAIR.size
 SCRATCH_SLOT = 32  # TZSP header with tag 41 (9) + MACs and VLAN tag (16) or Ethernet (14)
 UIO_MAXIOV = 1024
+SO_SNDBUFFORCE = 32
 # Errors that say "the collector cannot be reached right now": counted, not fatal.
 SEND_ERRORS = frozenset({
     errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN,
@@ -273,7 +276,13 @@ class UdpBatchSender:
         self.capacity = capacity
         self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            # A send buffer that holds a whole batch, so sendmmsg does not
+            # sleep (with the ring filling) while the device drains; FORCE
+            # goes past net.core.wmem_max, which needs CAP_NET_ADMIN.
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             if source:
                 self.sock.bind((source, 0))
         except BaseException:

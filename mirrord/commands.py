@@ -91,7 +91,7 @@ def run_render(args: argparse.Namespace) -> int:
         name = chosen.name if chosen else "nftables"
     backend = backends.create(name)
     topo = offline_topology(s) if args.offline else topology.read(plan.collector_keys(s))
-    p = plan.build(s, topo, backend.name)
+    p = plan.build(s, topo, backend.name, versions=backend.versions)
     for mp in p.mirrors:
         if not any(r.mirror == mp.mirror.name for r in p.clones):
             what = "TZSP capture, no kernel rule" if mp.transport == "tzsp" else "no rule"

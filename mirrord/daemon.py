@@ -297,7 +297,8 @@ class Daemon:
         backend, backend_error = (self.backend, self.backend_error)
         if new_spec is not None:
             backend, backend_error = self._choose_backend(new_spec)
-        p = plan.build(s, topo, backend.name if backend else None, backend_error)
+        p = plan.build(s, topo, backend.name if backend else None, backend_error,
+                       backend.versions if backend else frozenset({4, 6}))
         rendered = backend.render(p) if backend is not None else None
         snapshot = backend.snapshot() if backend is not None else ""
         changed_rules = rendered is not None and (

@@ -83,8 +83,13 @@ def collector_keys(spec: Spec) -> list[tuple[Address, Optional[str]]]:
 
 
 def build(
-    spec: Spec, topo: Topology, backend: Optional[str], backend_error: Optional[str] = None
+    spec: Spec,
+    topo: Topology,
+    backend: Optional[str],
+    backend_error: Optional[str] = None,
+    versions: frozenset[int] = frozenset({4, 6}),
 ) -> Plan:
+    """`versions`: the IP versions the backend can clone (route-tee: IPv4 only)."""
     mirrors: list[MirrorPlan] = []
     clones: list[CloneRule] = []
     taps: list[TzspTap] = []
@@ -92,7 +97,8 @@ def build(
     for mirror in spec.mirrors:
         collector = spec.collector_of(mirror)
         reach = topo.reach.get((collector.address, collector.interface))
-        mp, rules, tz = _plan_mirror(mirror, collector, reach, topo, backend, backend_error)
+        mp, rules, tz = _plan_mirror(mirror, collector, reach, topo, backend, backend_error,
+                                     versions)
         mirrors.append(mp)
         clones.extend(rules)
         taps.extend(tz)
@@ -132,6 +138,7 @@ def _plan_mirror(
     topo: Topology,
     backend: Optional[str],
     backend_error: Optional[str],
+    versions: frozenset[int],
 ) -> tuple[MirrorPlan, list[CloneRule], list[TzspTap]]:
     taps = _interface_taps(mirror, topo)
 
@@ -172,6 +179,13 @@ def _plan_mirror(
         )
     if backend is None:
         return result("clone", "error", backend_error or "no usable firewall backend"), [], []
+    if collector.address.version not in versions:
+        return (
+            result("clone", "error", f"backend {backend} cannot clone IPv{collector.address.version} "
+                   "(use backend nftables or iptables, or transport tzsp)"),
+            [],
+            [],
+        )
     rules = [
         CloneRule(mirror.name, way, mirror.interfaces, fm, collector.address, collector.interface)
         for way in mirror.directions

@@ -106,13 +106,19 @@ def parse(text: str, path: str = "<spec>") -> Spec:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise SpecError([f"{where}: YAML syntax: {e.problem}"]) from e
+        context = ""
+        if e.context and e.context_mark is not None:
+            # The mark of the problem is where parsing gave up (often the end
+            # of the file); the context says where the unclosed thing began.
+            cm = e.context_mark
+            context = f" ({e.context} at line {cm.line + 1}, column {cm.column + 1})"
+        raise SpecError([f"{where}: YAML syntax: {e.problem}{context}"]) from e
     except yaml.YAMLError as e:
         raise SpecError([f"{path}: YAML: {e}"]) from e
     v = _Validator(path)
     spec = v.spec(root)
     if v.problems or spec is None:
-        raise SpecError(v.problems)
+        raise SpecError(v.sorted_problems())
     return spec
 
 
@@ -143,14 +149,25 @@ class _Validator:
     def __init__(self, path: str) -> None:
         self.path = path
         self.problems: list[str] = []
+        self.positions: list[tuple[int, int]] = []
+        # Collectors that were defined but are invalid: a mirror naming one
+        # must not also be told it is "not defined".
+        self.invalid_collectors: set[str] = set()
 
     # -- reporting ---------------------------------------------------------
     def err(self, node: Optional[_Node], message: str) -> None:
         if node is None:
+            self.positions.append((0, 0))
             self.problems.append(f"{self.path}: {message}")
             return
         m = node.start_mark
+        self.positions.append((m.line + 1, m.column + 1))
         self.problems.append(f"{self.path}:{m.line + 1}:{m.column + 1}: {message}")
+
+    def sorted_problems(self) -> list[str]:
+        """In file order, as an editor walks them; found order breaks ties."""
+        order = sorted(range(len(self.problems)), key=lambda i: (self.positions[i], i))
+        return [self.problems[i] for i in order]
 
     # -- node helpers ------------------------------------------------------
     def mapping(
@@ -266,6 +283,8 @@ class _Validator:
             c = self.collector(name, val)
             if c is not None:
                 out[name] = c
+            else:
+                self.invalid_collectors.add(name)
         return out
 
     def collector(self, name: str, node: _Node) -> Optional[Collector]:
@@ -355,9 +374,12 @@ class _Validator:
         what = f"mirror '{name}'" if name else "mirror"
         ifnode = m["interfaces"][1] if "interfaces" in m else None
         interfaces: list[str] = []
-        if isinstance(ifnode, yaml.SequenceNode) and not ifnode.value:
+        if (isinstance(ifnode, yaml.SequenceNode) and not ifnode.value) or (
+            isinstance(ifnode, yaml.ScalarNode) and self.scalar(ifnode) is None
+        ):
             self.err(ifnode, f"{what}: interfaces must name at least one interface")
             ok = False
+            ifnode = None
         for n in self.items(ifnode) if ifnode is not None else []:
             i = self.ifname(n, f"{what}: interface")
             if i is None:
@@ -373,7 +395,9 @@ class _Validator:
             ok = ok and bool(direction)
         cname = self.string(m["collector"][1], f"{what}: collector") if "collector" in m else None
         collector = collectors.get(cname) if cname else None
-        if cname is not None and collector is None:
+        if cname is not None and collector is None and cname in self.invalid_collectors:
+            ok = False  # its own errors were reported where it is defined
+        elif cname is not None and collector is None:
             known = list(collectors)
             near = difflib.get_close_matches(cname, known, n=1, cutoff=0.6)
             hint = f"; did you mean '{near[0]}'?" if near else (
@@ -507,7 +531,11 @@ class _Validator:
             self.err(node, f"{what} must name at least one port")
             return None
         for n in items:
-            value = self.scalar(n)
+            # The raw text, not YAML's reading of it: YAML 1.1 reads an
+            # unquoted 20:21 (iptables' range syntax) as the base-60 number 1221.
+            value = n.value if isinstance(n, yaml.ScalarNode) and n.style is None else self.scalar(n)
+            if isinstance(value, str) and value.strip().isdigit():
+                value = int(value)
             r: Optional[PortRange] = None
             if isinstance(value, int) and not isinstance(value, bool):
                 r = PortRange(value, value)
@@ -542,11 +570,11 @@ class _Validator:
             try:
                 out.append(ipaddress.ip_network(raw.strip(), strict=True))
             except ValueError as e:
-                hint = ""
                 if "has host bits set" in str(e):
                     net = ipaddress.ip_network(raw.strip(), strict=False)
-                    hint = f"; did you mean {net}?"
-                self.err(n, f"{what}: '{raw}' is not an address or prefix{hint}")
+                    self.err(n, f"{what}: '{raw}' has host bits set; did you mean {net}?")
+                else:
+                    self.err(n, f"{what}: '{raw}' is not an address or prefix")
                 ok = False
         return tuple(out) if ok else None
 

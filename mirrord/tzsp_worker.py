@@ -43,7 +43,7 @@ from . import tzsp
 from .bpf import compile_filter
 from .capture import (
     BLOCK_HDR,
-    BLOCK_STATUS_OFF,
+    BLOCK_STATUS_BYTE,
     IOV_PAIR,
     IOV_PAIR_SIZE,
     PACKET_OUTGOING,
@@ -253,6 +253,8 @@ class Forwarder:
         self.sent += sent
         self.send_errors += errors
         self.bytes += nbytes if sent == n else self.sender.datagram_bytes(sent)
+        # Under sustained load pump() does not return: publish from here too.
+        self.publish()
 
     def pump(self) -> int:
         """Forward every frame of every ready block; returns the frames handled."""
@@ -274,10 +276,11 @@ class Forwarder:
         while not stop.set:
             b = ring.cursor
             boff = b * bs
-            if not m[boff + BLOCK_STATUS_OFF] & TP_STATUS_USER:
+            if not m[boff + BLOCK_STATUS_BYTE] & TP_STATUS_USER:
                 break
             num, off = BLOCK_HDR.unpack_from(m, boff + 12)
             off += boff
+            self.captured += num
             for _ in range(num):
                 nxt, snap, plen, status, mac, _net, tci, tpid = unpack(m, off)
                 if status & TP_STATUS_VLAN_VALID or snap != plen:
@@ -305,7 +308,6 @@ class Forwarder:
         self._flush(slot, nbytes)
         for h in held:
             ring.release(h)
-        self.captured += handled
         return handled
 
     def _special(self, slot: int, off: int, mac: int, snap: int, plen: int, status: int,
@@ -347,10 +349,11 @@ class Forwarder:
         while not self.stop.set:
             b = ring.cursor
             boff = b * bs
-            if not m[boff + BLOCK_STATUS_OFF] & TP_STATUS_USER:
+            if not m[boff + BLOCK_STATUS_BYTE] & TP_STATUS_USER:
                 break
             num, off = BLOCK_HDR.unpack_from(m, boff + 12)
             off += boff
+            self.captured += num
             for _ in range(num):
                 nxt, snap, plen, _status, mac, net, _tci, _tpid = PKT_HDR.unpack_from(m, off)
                 (proto,) = SLL_PROTOCOL.unpack_from(m, off + SLL_OFF + 2)
@@ -394,7 +397,6 @@ class Forwarder:
         self._flush(slot, nbytes)
         for h in held:
             ring.release(h)
-        self.captured += handled
         return handled
 
 
@@ -630,9 +632,8 @@ class TzspWorker:
 
     @property
     def sentinel(self) -> int:
-        if self._sentinel is None:
-            raise RuntimeError("worker not started")
-        return self._sentinel
+        """The pipe end to watch; -1 once stop() released it (or before start())."""
+        return self._sentinel if self._sentinel is not None else -1
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -689,26 +690,42 @@ class TzspWorker:
             self._sentinel = None
 
     def stop(self, timeout: float = 3.0) -> None:
+        """SIGTERM, wait, SIGKILL; idempotent. Unregister `sentinel` first: it is
+        closed here (the counters stay readable)."""
         p = self._proc
-        if p is None or p.poll() is not None:
-            return
-        self._stopped = True
-        try:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("%s: TZSP worker pid %d ignored SIGTERM; killing it", self.job.mirror,
-                        p.pid)
-            p.kill()
-            p.wait()
-        except ProcessLookupError:
-            pass
+        if p is not None and p.poll() is None:
+            self._stopped = True
+            try:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s: TZSP worker pid %d ignored SIGTERM; killing it",
+                            self.job.mirror, p.pid)
+                p.kill()
+                p.wait()
+            except ProcessLookupError:
+                pass
+        if p is not None:
+            self.poll()  # keep the reason: it is read from the sentinel's side
+        if self._sentinel is not None:
+            os.close(self._sentinel)
+            self._sentinel = None
 
     def poll(self) -> Optional[str]:
         p = self._proc
         if p is None:
             return "not started"
         rc = p.poll()
+        if rc is None and self._sentinel is not None:
+            # EOF on the sentinel comes as the worker closes its files, a moment
+            # before it can be reaped: once it is readable, the exit is certain.
+            probe = select.poll()
+            probe.register(self._sentinel, select.POLLIN)
+            if probe.poll(0):
+                try:
+                    rc = p.wait(5)
+                except subprocess.TimeoutExpired:
+                    rc = None
         if rc is None:
             return None
         if self._reason is None:

@@ -93,10 +93,13 @@ class IptablesBackend(Backend):
     def _run(self, argv: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
 
-    def _restore(self, version: int, text: str) -> subprocess.CompletedProcess[str]:
+    def _restore_argv(self, version: int) -> list[str]:
         # -w: take the xtables lock, so a firewall reload (fw3,
         # netfilter-persistent) and we never interleave our commits.
-        return self._run([self._bin(version, "-restore"), "-w", "--noflush"], text)
+        return [self._bin(version, "-restore"), "-w", "--noflush"]
+
+    def _restore(self, version: int, text: str) -> subprocess.CompletedProcess[str]:
+        return self._run(self._restore_argv(version), text)
 
     def versions_wanted(self, plan: Plan) -> set[int]:
         return {r.version for r in plan.clones}
@@ -144,7 +147,12 @@ class IptablesBackend(Backend):
     # -- rendering -------------------------------------------------------------
     def render(self, plan: Plan) -> Rendered:
         texts = self.render_restore(plan)
-        text = "".join(f"# {self._bin(v, '-restore')} -w --noflush\n{t}" for v, t in texts.items())
+        # As applied on a router where mirrord's jumps are not there yet
+        # (apply() adds each jump only when it is missing).
+        jumps = "".join(f"-I {hook} 1 -j {top}\n" for hook, top, _ in HOOKS.values())
+        restore = " ".join(self._restore_argv(4)[1:])
+        text = "".join(f"# {self._bin(v, '-restore')} {restore}\n" +
+                       t.replace("COMMIT\n", jumps + "COMMIT\n") for v, t in texts.items())
         keys = frozenset((r.mirror, r.direction) for r in plan.clones)
         payload = {v: ([r for r in plan.clones if r.version == v], plan.clone_egress)
                    for v in texts}
@@ -388,6 +396,11 @@ class RouteTeeBackend(IptablesBackend):
     def _missing_target(self, err: str) -> str:
         return (f"this kernel has no ROUTE target ({err}); ROUTE --tee exists only on old "
                 "patch-o-matic kernels (DD-WRT): use backend iptables (TEE) or nftables")
+
+    def _restore_argv(self, version: int) -> list[str]:
+        # The iptables of the old images that have ROUTE predates
+        # `iptables-restore -w` (1.6.2).
+        return [self._bin(version, "-restore"), "--noflush"]
 
 
 def backend_event_driven(b: Backend) -> bool:

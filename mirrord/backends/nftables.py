@@ -187,7 +187,14 @@ def batch(
             cmds += [{"add": _seeded(obj, carry)} for obj in want]
             continue
         cmds.append({"flush": {"table": ref}})
-        want_chains = {o["chain"]["name"] for o in want if "chain" in o}
+        # A base chain whose hook or priority changed (an upgrade) cannot be
+        # re-added over the old one: the kernel refuses the whole batch.
+        hooks = ("type", "hook", "prio", "policy")
+        old_def = {o["chain"]["name"]: tuple(o["chain"].get(k) for k in hooks)
+                   for o in have if "chain" in o}
+        want_chains = {o["chain"]["name"] for o in want if "chain" in o
+                       if old_def.get(o["chain"]["name"], ()) in
+                       ((), tuple(o["chain"].get(k) for k in hooks))}
         want_counters = {o["counter"]["name"] for o in want if "counter" in o}
         t = {"family": fam, "table": TABLE}
         cmds += [{"delete": {"chain": {**t, "name": o["chain"]["name"]}}}
