@@ -82,6 +82,9 @@ class TzspJob:
     port: int
     snaplen: int
     source: Optional[Address] = None
+    # Capture ring size; 0 = the default (8 MiB). Bigger rides out longer
+    # stalls (a busy CPU, bursts of large frames) at the cost of memory.
+    ring_bytes: int = 0
 
     def to_json(self) -> str:
         return json.dumps({
@@ -89,6 +92,7 @@ class TzspJob:
             "directions": list(self.directions), "match": match_to_dict(self.match),
             "collector": str(self.collector), "port": self.port, "snaplen": self.snaplen,
             "source": str(self.source) if self.source is not None else None,
+            "ring_bytes": self.ring_bytes,
         }, sort_keys=True)
 
     @classmethod
@@ -101,6 +105,7 @@ class TzspJob:
             collector=ipaddress.ip_address(d["collector"]), port=int(d["port"]),
             snaplen=int(d["snaplen"]),
             source=ipaddress.ip_address(source) if source else None,
+            ring_bytes=int(d.get("ring_bytes") or 0),
         )
 
 
@@ -442,8 +447,8 @@ def run_job(job: TzspJob, shared: Optional[SharedCounters], wakeup_fd: int, stop
                               snaplen=job.snaplen)
 
     kw: dict[str, Any] = {}
-    if ring_bytes:
-        kw["ring_bytes"] = ring_bytes
+    if ring_bytes or job.ring_bytes:
+        kw["ring_bytes"] = ring_bytes or job.ring_bytes
     try:
         ring = RxRing(job.ifindex, program, ignore_outgoing=directions == ("in",), **kw)
     except CaptureError as e:

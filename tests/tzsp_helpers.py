@@ -117,25 +117,24 @@ def in_netns(ns: str, *args: str, input: Optional[str] = None, timeout: float = 
     return p.stdout
 
 
-def bpf_probe(ns: str, spec: dict[str, Any]) -> dict[str, list[int]]:
+def bpf_probe(ns: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run `bpf-probe` in `ns`; see `_bpf_probe`."""
-    out: dict[str, list[int]] = json.loads(in_netns(ns, "bpf-probe", input=json.dumps(spec)))
+    out: dict[str, Any] = json.loads(in_netns(ns, "bpf-probe", input=json.dumps(spec)))
     return out
 
 
-def _drain(sock: socket.socket, seen: list[int], deadline: float) -> None:
+def _drain(socks: dict[socket.socket, list[tuple[int, int]]], quiet: float) -> None:
+    """Read every socket until none has had anything for `quiet` seconds."""
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        r, _, _ = select.select([sock], [], [], left)
+        r, _, _ = select.select(list(socks), [], [], quiet)
         if not r:
             return
-        data = sock.recv(65535)
-        seen.extend(markers_in(data))
+        for sock in r:
+            data = sock.recv(65535)
+            socks[sock].extend((m, len(data)) for m in markers_in(data))
 
 
-def _bpf_probe(spec: dict[str, Any]) -> dict[str, list[int]]:
+def _bpf_probe(spec: dict[str, Any]) -> dict[str, Any]:
     """Frames "in" are sent from the peer (they arrive on `dev`), frames "out"
     are sent on `dev` itself (outgoing there). `dev` t0 means a tun device:
     "in" frames are written to its fd, "out" frames sent through it."""
@@ -179,12 +178,14 @@ def _bpf_probe(spec: dict[str, Any]) -> dict[str, list[int]]:
             in_sock.send(bytes.fromhex(hexframe))
         for hexframe in spec.get("out", ()):
             out_sock.send(bytes.fromhex(hexframe))
-    seen_control: list[int] = []
-    seen_filtered: list[int] = []
-    deadline = time.monotonic() + 0.5
-    _drain(control, seen_control, deadline)
-    _drain(filtered, seen_filtered, deadline)
-    return {"control": sorted(seen_control), "filtered": sorted(seen_filtered)}
+    seen_control: list[tuple[int, int]] = []
+    seen_filtered: list[tuple[int, int]] = []
+    _drain({control: seen_control, filtered: seen_filtered}, 0.3)
+    # markers each socket saw, and the captured length of each filtered one
+    return {"control": sorted(m for m, _ in seen_control),
+            "filtered": sorted(m for m, _ in seen_filtered),
+            "lengths": {str(m): n for m, n in seen_filtered},
+            "program_len": len(program)}
 
 
 # -- running a worker through the daemon's handle ---------------------------------
@@ -226,46 +227,147 @@ class WorkerRun:
     """A TZSP worker running (through TzspWorker) inside a namespace."""
 
     def __init__(self, ns: str, job_json: str, timeout: float = 120) -> None:
+        import tempfile
+
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.errfile = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the run
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.tzsp_helpers", "run-worker",
              job_json, str(timeout)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+            stdout=subprocess.PIPE, stderr=self.errfile, text=True, env=env, cwd=str(ROOT))
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("ready"):
-            self.proc.kill()
-            _, err = self.proc.communicate()
-            raise RuntimeError(f"worker did not start: {line!r}\n{err}")
+            self.kill()
+            raise RuntimeError(f"worker did not start: {line!r}\n{self._stderr()}")
         self.pid = int(line.split()[1])
         self.result: Optional[dict[str, Any]] = None
         self.stderr = ""
 
-    def stop(self, timeout: float = 20) -> dict[str, Any]:
-        if self.result is None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            out, self.stderr = self.proc.communicate(timeout=timeout)
-            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-            if not lines:
-                raise RuntimeError(f"worker runner printed no result:\n{out}\n{self.stderr}")
-            self.result = json.loads(lines[-1])
-        return self.result
+    def _stderr(self) -> str:
+        self.errfile.seek(0)
+        return self.errfile.read().decode(errors="replace")
 
-    def wait_exit(self, timeout: float = 20) -> dict[str, Any]:
-        """Wait for the worker to exit by itself (the runner then reports)."""
-        out, self.stderr = self.proc.communicate(timeout=timeout)
+    def _collect(self, timeout: float) -> dict[str, Any]:
+        # Read through the same buffered stream readline() used: it may
+        # already hold the result line.
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        out = ""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise TimeoutError(f"worker runner did not finish:\n{out}\n{self._stderr()}")
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            out += line
+        self.proc.wait(max(0.1, deadline - time.monotonic()))
+        self.stderr = self._stderr()
         lines = [ln for ln in out.splitlines() if ln.startswith("{")]
         if not lines:
             raise RuntimeError(f"worker runner printed no result:\n{out}\n{self.stderr}")
         self.result = json.loads(lines[-1])
         return self.result
 
+    def stop(self, timeout: float = 20) -> dict[str, Any]:
+        if self.result is None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            self._collect(timeout)
+        assert self.result is not None
+        return self.result
+
+    def wait_exit(self, timeout: float = 20) -> dict[str, Any]:
+        """Wait for the worker to exit by itself (the runner then reports)."""
+        if self.result is None:
+            self._collect(timeout)
+        assert self.result is not None
+        return self.result
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.communicate()
+        self.proc.wait()
+
+
+class Background:
+    """A process in a namespace that says on stderr when it is ready."""
+
+    def __init__(self, ns: str, argv: list[str], ready: str, timeout: float = 15) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
+        assert self.proc.stderr is not None
+        self.early = b""
+        deadline = time.monotonic() + timeout
+        os.set_blocking(self.proc.stderr.fileno(), False)
+        while ready.encode() not in self.early:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError(f"{argv[:3]} not ready: {self.early.decode(errors='replace')}")
+            select.select([self.proc.stderr], [], [], 0.1)
+            chunk = self.proc.stderr.read()
+            if chunk:
+                self.early += chunk
+        os.set_blocking(self.proc.stderr.fileno(), True)
+        self.stdout = b""
+        self.stderr = ""
+
+    def wait(self, timeout: float = 30) -> int:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.stdout = out
+        self.stderr = (self.early + err).decode(errors="replace")
+        return self.proc.returncode
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+def tcpdump(ns: str, iface: str, path: str, bpf: str = "") -> Background:
+    argv = ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-s", "0", "-w", path]
+    return Background(ns, argv + ([bpf] if bpf else []), "listening on")
+
+
+def receiver(ns: str, *args: str) -> Background:
+    """`mirrord receive ARGS` (through the real CLI), once it is listening."""
+    return Background(ns, [sys.executable, "-m", "mirrord", "receive", "-v", *args],
+                      "receiving TZSP")
+
+
+def _send_frames(iface: str, frames: list[str]) -> None:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    s.bind((iface, 0))
+    for f in frames:
+        s.send(bytes.fromhex(f))
+
+
+def _send_udp(addr: str, port: int, datagrams: list[str]) -> None:
+    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+    for d in datagrams:
+        s.sendto(bytes.fromhex(d), (addr, port))
+        time.sleep(0.01)
+
+
+def _tun_write(name: str, packets: list[str]) -> None:
+    import fcntl
+
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", name.encode(), 0x0001 | 0x1000))
+    for p in packets:
+        os.write(fd, bytes.fromhex(p))
+        time.sleep(0.01)
+    os.close(fd)
 
 
 def main(argv: list[str]) -> int:
@@ -275,6 +377,15 @@ def main(argv: list[str]) -> int:
         return 0
     if cmd == "run-worker":
         return _run_worker(argv[1], float(argv[2]) if len(argv) > 2 else 120.0)
+    if cmd == "send-frames":
+        _send_frames(argv[1], argv[2:])
+        return 0
+    if cmd == "send-udp":
+        _send_udp(argv[1], int(argv[2]), argv[3:])
+        return 0
+    if cmd == "tun-write":
+        _tun_write(argv[1], argv[2:])
+        return 0
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -1,0 +1,499 @@
+"""The TZSP path against the real kernel, with the collector behind a second router.
+
+The worker runs through `TzspWorker` (the daemon's handle) inside the router
+namespace; what reaches the collector is checked byte for byte against what
+tcpdump saw on the mirrored interface, and counted in the collector's kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import ipaddress
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from mirrord import tzsp
+from mirrord.match import Match, PortRange
+from mirrord.tzsp_worker import TzspJob
+from tests.lab import LAN_HOST, ROOT, RTR_LAN, WAN_HOST, Lab, have_root_netns
+from tests.tzsp_helpers import (
+    WorkerRun,
+    in_netns,
+    read_pcap,
+    receiver,
+    tcpdump,
+    udp_payloads,
+)
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(have_root_netns() is not None, reason=str(have_root_netns())),
+]
+
+ICMP = Match(protocols=(1,))
+
+
+def remove_files(lab: Lab) -> None:
+    for path in glob.glob(f"/tmp/{lab.tag}-*"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab(offlink=True, ipv6=False) as lab:
+        try:
+            yield lab
+        finally:
+            remove_files(lab)
+
+
+def ifindex(ns: Any, name: str) -> int:
+    return int(ns.sh(f"cat /sys/class/net/{name}/ifindex"))
+
+
+def mac(ns: Any, name: str) -> str:
+    return ns.sh(f"cat /sys/class/net/{name}/address").strip()
+
+
+def make_job(lab: Lab, iface: str, directions: tuple[str, ...], match: Match = ICMP,
+             port: int = tzsp.PORT, snaplen: int = 65535, collector: str = "") -> TzspJob:
+    return TzspJob(mirror=f"t-{iface}-{port}", interface=iface, ifindex=ifindex(lab.rtr, iface),
+                   directions=directions, match=match,
+                   collector=ipaddress.ip_address(collector or lab.collector), port=port,
+                   snaplen=snaplen)
+
+
+def helper(ns: Any, *args: str) -> None:
+    in_netns(ns.name, *args)
+
+
+def tmp(lab: Lab, name: str) -> str:
+    return f"/tmp/{lab.tag}-{name}"
+
+
+def tshark_fields(path: str, display: str, *fields: str) -> list[list[str]]:
+    p = subprocess.run(["tshark", "-r", path, "-n", "-Y", display, "-T", "fields",
+                        *(a for f in fields for a in ("-e", f))],
+                       capture_output=True, text=True, timeout=60, check=True)
+    return [line.split("\t") for line in p.stdout.splitlines()]
+
+
+def test_inner_frames_byte_identical_and_tshark_decodes(lab: Lab) -> None:
+    n = 20
+    lan_pcap, col_pcap = tmp(lab, "lan.pcap"), tmp(lab, "col.pcap")
+    dump_lan = tcpdump(lab.rtr.name, "br-lan", lan_pcap, "icmp")
+    dump_col = tcpdump(lab.col.name, "eth0", col_pcap, f"udp port {tzsp.PORT}")
+    # A listener, so the collector answers no datagram with "port unreachable".
+    rx = receiver(lab.col.name, "--write", tmp(lab, "rx-lan.pcap"), "--count", str(2 * n),
+                  "--timeout", "30")
+    worker = WorkerRun(lab.rtr.name, make_job(lab, "br-lan", ("in", "out")).to_json())
+    try:
+        lab.ping(lab.lan, WAN_HOST, n)
+        assert rx.wait(30) == 0
+    finally:
+        rx.kill()
+        result = worker.stop()
+        dump_lan.stop()
+        dump_col.stop()
+    _, seen = read_pcap(lan_pcap)
+    on_lan = [f for f, _ in seen]
+    datagrams = udp_payloads(read_pcap(col_pcap)[1], tzsp.PORT)
+    decoded = [tzsp.decode(d) for d in datagrams]
+    assert {e for e, _, _ in decoded} == {tzsp.ENCAP_ETHERNET}
+    assert all(d.startswith(tzsp.HEADER) for d in datagrams)
+    inner = [f for _, f, _ in decoded]
+    assert len(on_lan) == 2 * n
+    assert Counter(inner) == Counter(on_lan)
+    assert Counter(f for f, _ in read_pcap(tmp(lab, "rx-lan.pcap"))[1]) == Counter(on_lan)
+    assert (result["captured"], result["sent"], result["send_errors"], result["ring_drops"]) == (
+        2 * n, 2 * n, 0, 0)
+    assert result["reason"] == "stopped" and result["exited_by_itself"] is None
+
+    # tshark, an independent dissector, sees TZSP v1 "received" Ethernet with the LAN MACs.
+    rows = tshark_fields(col_pcap, "tzsp && icmp", "tzsp.version", "tzsp.type", "tzsp.encap",
+                         "eth.src", "icmp.type")
+    assert len(rows) == 2 * n
+    lan_mac, br_mac = mac(lab.lan, "eth0"), mac(lab.rtr, "br-lan")
+    for version, kind, encap, srcs, icmp_type in rows:
+        assert (version, kind, encap) == ("1", "0", "1")
+        inner_src = srcs.split(",")[-1]
+        assert inner_src == (lan_mac if icmp_type == "8" else br_mac)
+
+
+def test_exactly_once_per_direction(lab: Lab) -> None:
+    n = 25
+    ports = {"in": 37011, "out": 37012, "both": 37013}
+    counters = {}
+    for name, port in ports.items():
+        # Inner ICMP type: UDP header 8 + TZSP 5 + Ethernet 14 + IPv4 20 = byte 47 of L4.
+        counters[f"{name}_req"] = f"udp dport {port} @th,376,8 8"
+        counters[f"{name}_rep"] = f"udp dport {port} @th,376,8 0"
+    lab.col.run("nft", "delete", "table", "netdev", "lab", check=False)
+    lab.count_at_collector(counters)
+    runs = [WorkerRun(lab.rtr.name, make_job(
+        lab, "br-lan", ("in", "out") if d == "both" else (d,), port=p).to_json())
+        for d, p in ports.items()]
+    try:
+        lab.ping(lab.lan, WAN_HOST, n)
+        time.sleep(0.5)
+    finally:
+        results = [r.stop() for r in runs]
+    got = lab.collector_counts()
+    assert got == {"in_req": n, "in_rep": 0, "out_req": 0, "out_rep": n,
+                   "both_req": n, "both_rep": n}
+    assert [r["sent"] for r in results] == [n, n, 2 * n]
+
+
+def test_vlan_tags_reinserted_and_kept(lab: Lab) -> None:
+    from scapy.all import IP, UDP, Dot1Q, Ether, Raw, raw
+
+    br_mac, lan_mac = mac(lab.rtr, "br-lan"), mac(lab.lan, "eth0")
+    # Arrives tagged on br-lan: the kernel strips the tag into metadata.
+    incoming = raw(Ether(src=lan_mac, dst=br_mac) / Dot1Q(vlan=42, prio=5) /
+                   IP(src=LAN_HOST, dst=WAN_HOST) / UDP(sport=40000, dport=5555) /
+                   Raw(b"tagged-in" * 5))
+    # Sent raw on br-lan: the tag stays in the frame.
+    outgoing = raw(Ether(src=br_mac, dst=lan_mac) / Dot1Q(vlan=7, prio=1) /
+                   IP(src=WAN_HOST, dst=LAN_HOST) / UDP(sport=5555, dport=40000) /
+                   Raw(b"tagged-out" * 5))
+    match = Match(protocols=(17,), ports=(PortRange(5555, 5555),))
+    out = tmp(lab, "vlan.pcap")
+    rx = receiver(lab.col.name, "--listen", "0.0.0.0:37014", "--write", out, "--count", "2",
+                  "--timeout", "20")
+    worker = WorkerRun(lab.rtr.name, make_job(lab, "br-lan", ("in", "out"), match,
+                                              port=37014).to_json())
+    try:
+        helper(lab.lan, "send-frames", "eth0", incoming.hex())
+        helper(lab.rtr, "send-frames", "br-lan", outgoing.hex())
+        assert rx.wait(30) == 0, rx.stderr
+    finally:
+        rx.kill()
+        result = worker.stop()
+    frames = [f for f, _ in read_pcap(out)[1]]
+    assert sorted(frames) == sorted([incoming, outgoing])
+    assert result["sent"] == 2
+    # tshark reads the tags where they belong.
+    rows = tshark_fields(out, "vlan", "vlan.id", "vlan.priority")
+    assert sorted(rows) == [["42", "5"], ["7", "1"]]
+
+
+def test_jumbo_frame_whole_and_snaplen_cut(lab: Lab) -> None:
+    for ns, dev in ((lab.lan, "eth0"), (lab.rtr, "lan0"), (lab.rtr, "br-lan"),
+                    (lab.rtr, "wan"), (lab.wan, "eth0")):
+        ns.run("ip", "link", "set", dev, "mtu", "9000")
+    n = 3
+    lan_pcap = tmp(lab, "jumbo-lan.pcap")
+    whole, cut = tmp(lab, "jumbo-whole.pcap"), tmp(lab, "jumbo-cut.pcap")
+    dump = tcpdump(lab.rtr.name, "br-lan", lan_pcap, "icmp")
+    rx_whole = receiver(lab.col.name, "--listen", "0.0.0.0:37015", "--write", whole,
+                        "--count", str(2 * n), "--timeout", "20")
+    rx_cut = receiver(lab.col.name, "--listen", "0.0.0.0:37016", "--write", cut,
+                      "--count", str(2 * n), "--timeout", "20")
+    w_whole = WorkerRun(lab.rtr.name, make_job(lab, "br-lan", ("in", "out"), port=37015).to_json())
+    w_cut = WorkerRun(lab.rtr.name, make_job(lab, "br-lan", ("in", "out"), port=37016,
+                                             snaplen=1000).to_json())
+    try:
+        lab.lan.run("ping", "-q", "-c", str(n), "-i", "0.05", "-s", "8972", "-M", "do", "-W", "2",
+                    WAN_HOST)
+        assert rx_whole.wait(30) == 0 and rx_cut.wait(30) == 0
+    finally:
+        r_whole, r_cut = w_whole.stop(), w_cut.stop()
+        rx_whole.kill()
+        rx_cut.kill()
+        dump.stop()
+    on_lan = [f for f, _ in read_pcap(lan_pcap)[1]]
+    assert len(on_lan) == 2 * n and {len(f) for f in on_lan} == {9014}
+    got_whole = read_pcap(whole)[1]
+    assert Counter(f for f, _ in got_whole) == Counter(on_lan)
+    got_cut = read_pcap(cut)[1]
+    assert Counter(f for f, _ in got_cut) == Counter(f[:1000] for f in on_lan)
+    assert {orig for _, orig in got_cut} == {9014}
+    assert (r_whole["truncated"], r_cut["truncated"]) == (0, 2 * n)
+    # tshark reads tag 41 on the wire form too.
+    assert "1000" in subprocess.run(["tshark", "-r", cut, "-T", "fields", "-e", "frame.cap_len"],
+                                    capture_output=True, text=True, check=True).stdout
+
+
+def test_receiver_counts_malformed_and_writes_pcap(lab: Lab) -> None:
+    from scapy.all import IP, UDP, Ether, raw
+
+    frame = raw(Ether(src="02:00:00:00:00:aa", dst="02:00:00:00:00:bb") /
+                IP(src=LAN_HOST, dst=WAN_HOST) / UDP(dport=9) / b"payload")
+    out = tmp(lab, "rx.pcap")
+    rx = receiver(lab.col.name, "--listen", "0.0.0.0:37017", "--write", out, "--count", "2",
+                  "--timeout", "20")
+    try:
+        helper(lab.rtr, "send-udp", lab.collector, "37017", b"not tzsp at all".hex(),
+               "0100", "01000001", tzsp.encode(frame).hex(), "0100000129", "02000001",
+               tzsp.encode(frame[:20], len(frame)).hex())
+        assert rx.wait(30) == 0
+    finally:
+        rx.kill()
+    assert "received 7, written 2, malformed 5" in rx.stderr
+    p = subprocess.run(["tshark", "-r", out, "-T", "fields", "-e", "frame.len", "-e",
+                        "frame.cap_len", "-e", "ip.dst"], capture_output=True, text=True,
+                       check=True)
+    assert p.stdout.split("\n")[:2] == [f"{len(frame)}\t{len(frame)}\t{WAN_HOST}",
+                                        f"{len(frame)}\t20\t"]
+
+
+def test_receiver_streams_to_tcpdump_and_feeds_a_tap(lab: Lab) -> None:
+    from scapy.all import IP, UDP, Ether, raw
+
+    frames = [raw(Ether(src="02:00:00:00:00:aa", dst="02:00:00:00:00:bb") /
+                  IP(src=LAN_HOST, dst=WAN_HOST) / UDP(sport=1000 + i, dport=9) / b"stream")
+              for i in range(3)]
+    script = (f"{sys.executable} -m mirrord receive --listen 0.0.0.0:37018 --stdout --count 3 "
+              "--timeout 20 | tcpdump -n -r - 2>/dev/null")
+    stream = lab.col.popen("sh", "-c", script, stdout=subprocess.PIPE, text=True,
+                           cwd=str(ROOT))
+    tap_pcap = tmp(lab, "tap.pcap")
+    tap_rx = receiver(lab.col.name, "--listen", "0.0.0.0:37019", "--tap", "tzsp0", "--count", "3",
+                      "--timeout", "20")
+    dump = tcpdump(lab.col.name, "tzsp0", tap_pcap)
+    try:
+        time.sleep(0.5)  # the stream's receiver binds without telling us
+        helper(lab.rtr, "send-udp", lab.collector, "37018", *(tzsp.encode(f).hex() for f in frames))
+        helper(lab.rtr, "send-udp", lab.collector, "37019", *(tzsp.encode(f).hex() for f in frames))
+        out, _ = stream.communicate(timeout=30)
+        assert tap_rx.wait(30) == 0
+        time.sleep(0.2)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+        tap_rx.kill()
+        dump.stop()
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and all(f"{LAN_HOST}.100" in ln for ln in lines), out
+    assert [f for f, _ in read_pcap(tap_pcap)[1]] == frames
+
+
+def test_collector_unreachable_counts_errors_and_keeps_going(lab: Lab) -> None:
+    port = 37020
+    route = "203.0.113.128/25 via 203.0.113.2"
+    lab.rtr.sh(f"ip route del {route}")
+    try:
+        worker = WorkerRun(lab.rtr.name, make_job(lab, "br-lan", ("in",), port=port).to_json())
+        try:
+            lab.ping(lab.lan, WAN_HOST, 5)          # no route at all: ENETUNREACH
+        finally:
+            lab.rtr.sh(f"ip route add {route}")
+        rx = receiver(lab.col.name, "--listen", f"0.0.0.0:{port}", "--write",
+                      tmp(lab, "unreach.pcap"), "--timeout", "20", "--count", "5")
+        time.sleep(1.2)                              # the worker retries connect once a second
+        lab.ping(lab.lan, WAN_HOST, 5)               # delivered
+        assert rx.wait(30) == 0, rx.stderr
+        assert "written 5" in rx.stderr
+        lab.ping(lab.lan, WAN_HOST, 10, interval=0.05)  # nobody listens: ICMP port unreachable
+        time.sleep(0.3)
+    finally:
+        result = worker.stop()
+    assert result["exited_by_itself"] is None, result
+    assert result["captured"] == 20
+    assert result["send_errors"] >= 5 + 1
+    assert result["sent"] >= 15
+
+
+def test_loop_free_when_mirroring_the_collector_path(lab: Lab) -> None:
+    """The copies leave through the mirrored interface itself; none is copied again."""
+    port = 37021
+    lab.col.run("nft", "delete", "table", "netdev", "lab", check=False)
+    lab.count_at_collector({"tzsp": f"udp dport {port}"})
+    worker = WorkerRun(lab.rtr.name, make_job(lab, "col", ("in", "out"), Match(),
+                                              port=port).to_json())
+    try:
+        lab.ping(lab.rtr, "203.0.113.2", 10)
+        time.sleep(0.5)
+        first = lab.collector_counts()["tzsp"]
+        time.sleep(1.0)
+        second = lab.collector_counts()["tzsp"]
+    finally:
+        result = worker.stop()
+    # 10 requests out + 10 replies in, plus possibly an ARP exchange; never a feedback loop.
+    assert 20 <= first <= 24 and second == first
+    assert result["sent"] == first
+
+
+def test_interface_down_gone_and_recreated(lab: Lab) -> None:
+    rtr = lab.rtr
+    rtr.sh("ip link add tzd0 type veth peer name tzd1; ip link set tzd0 up; ip link set tzd1 up")
+    try:
+        job = make_job(lab, "tzd0", ("in", "out"), Match())
+        run = WorkerRun(rtr.name, job.to_json())
+        rtr.sh("ip link set tzd0 down")
+        assert run.wait_exit()["exited_by_itself"] == "interface tzd0 went down (ENETDOWN)"
+        # Started while down: says so at once.
+        run = WorkerRun(rtr.name, job.to_json())
+        assert run.wait_exit()["exited_by_itself"] == "interface tzd0 is down (ENETDOWN)"
+        rtr.sh("ip link set tzd0 up")
+        run = WorkerRun(rtr.name, job.to_json())
+        rtr.sh("ip link del tzd0")
+        assert run.wait_exit()["exited_by_itself"] == "interface tzd0 went away (ENXIO)"
+        # Re-created under the same name: the old ifindex is stale.
+        rtr.sh("ip link add tzd0 type veth peer name tzd1; ip link set tzd0 up")
+        run = WorkerRun(rtr.name, job.to_json())
+        reason = run.wait_exit()["exited_by_itself"]
+        assert reason == "interface tzd0 went away (ENXIO)", reason
+    finally:
+        rtr.run("ip", "link", "del", "tzd0", check=False)
+
+
+def test_raw_ip_device_gets_an_ethernet_header(lab: Lab) -> None:
+    from scapy.all import IP, UDP, raw
+
+    lab.rtr.sh("ip tuntap add mode tun name tzt0; ip link set tzt0 up")
+    packets = [raw(IP(src="192.0.2.77", dst=RTR_LAN) / UDP(sport=7, dport=7) / (bytes([i]) * 30))
+               for i in range(3)]
+    out = tmp(lab, "tun.pcap")
+    rx = receiver(lab.col.name, "--listen", "0.0.0.0:37022", "--write", out, "--count", "3",
+                  "--timeout", "20")
+    worker = WorkerRun(lab.rtr.name, make_job(lab, "tzt0", ("in",), Match(protocols=(17,)),
+                                              port=37022).to_json())
+    try:
+        helper(lab.rtr, "tun-write", "tzt0", *(p.hex() for p in packets))
+        assert rx.wait(30) == 0
+    finally:
+        rx.kill()
+        worker.stop()
+        lab.rtr.run("ip", "link", "del", "tzt0", check=False)
+    frames = [f for f, _ in read_pcap(out)[1]]
+    assert [f[14:] for f in frames] == packets
+    # Incoming: to the router (...:01) from the far end (...:02), IPv4.
+    assert {f[:14].hex() for f in frames} == {"020000000001" "020000000002" "0800"}
+
+
+def test_daemon_end_to_end_with_a_routed_collector(lab: Lab) -> None:
+    """`mirrord run` with a TZSP collector: copies arrive, status counts them, and
+    the worker comes back after the interface goes down and up."""
+    n = 15
+    port = 37023
+    spec = lab.write_spec(f"""\
+backend: nftables
+collectors:
+  far:
+    address: "{lab.collector}"
+    transport: tzsp
+    port: {port}
+mirrors:
+  - name: lan
+    interfaces: [br-lan]
+    direction: both
+    collector: far
+    match:
+      protocol: icmp
+""")
+    lab.col.run("nft", "delete", "table", "netdev", "lab", check=False)
+    lab.count_at_collector({"req": f"udp dport {port} @th,376,8 8",
+                            "rep": f"udp dport {port} @th,376,8 0"})
+
+    def worker_of(st: Any) -> Any:
+        if not st:
+            return None
+        m = next(m for m in st["mirrors"] if m["name"] == "lan")
+        return m["tzsp"][0] if m["tzsp"] else None
+
+    daemon = lab.start_daemon(spec)
+    try:
+        st = lab.wait_for_status(lambda s: bool(worker_of(s)) and worker_of(s)["running"])
+        assert next(m for m in st["mirrors"] if m["name"] == "lan")["transport"] == "tzsp"
+        time.sleep(0.3)  # the worker opens its socket after it was spawned
+        lab.ping(lab.lan, WAN_HOST, n)
+        st = lab.wait_for_status(lambda s: bool(worker_of(s)) and worker_of(s)["sent"] >= 2 * n)
+        assert worker_of(st)["sent"] == 2 * n
+        assert lab.collector_counts() == {"req": n, "rep": n}
+
+        pid = worker_of(st)["pid"]
+        lab.rtr.sh("ip link set br-lan down; sleep 0.2; ip link set br-lan up")
+        lab.wait_for_status(lambda s: bool(worker_of(s)) and worker_of(s)["running"]
+                            and worker_of(s)["pid"] != pid, timeout=20)
+        time.sleep(0.5)
+        lab.reset_collector_counts()
+        lab.ping(lab.lan, WAN_HOST, n)
+        deadline = time.monotonic() + 5
+        while lab.collector_counts() != {"req": n, "rep": n} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert lab.collector_counts() == {"req": n, "rep": n}
+    finally:
+        lab.stop_daemon(daemon)
+
+
+def test_ipv6_collector() -> None:
+    """Copies over IPv6; a second worker on the interface the copies leave
+    through does not copy them again (the exclusion holds for IPv6 too)."""
+    from tests.lab import COLLECTOR6, WAN_HOST6
+
+    n = 10
+    with Lab(offlink=False, ipv6=True) as lab6:
+        lan_pcap, out = tmp(lab6, "v6-lan.pcap"), tmp(lab6, "v6-rx.pcap")
+        dump = tcpdump(lab6.rtr.name, "br-lan", lan_pcap, "icmp6")
+        rx = receiver(lab6.col.name, "--listen", "[::]:37024", "--write", out, "--timeout", "30")
+        lab6.count_at_collector({"v6tzsp": "udp dport 37025"})
+        lan = WorkerRun(lab6.rtr.name, make_job(lab6, "br-lan", ("in", "out"),
+                                                Match(family="ipv6", protocols=(58,)), port=37024,
+                                                collector=COLLECTOR6).to_json())
+        path = WorkerRun(lab6.rtr.name, make_job(lab6, "col", ("in", "out"), Match(),
+                                                 port=37025, collector=COLLECTOR6).to_json())
+        try:
+            lab6.ping(lab6.lan, WAN_HOST6, n)
+            time.sleep(0.5)
+            first = lab6.collector_counts()["v6tzsp"]
+            time.sleep(0.5)
+            second = lab6.collector_counts()["v6tzsp"]
+        finally:
+            r_lan, r_path = lan.stop(), path.stop()
+            rx.stop()
+            dump.stop()
+        on_lan = [f for f, _ in read_pcap(lan_pcap)[1]]
+        got = [f for f, _ in read_pcap(out)[1]]
+        assert Counter(got) == Counter(on_lan)
+        # Echo request / reply (ICMPv6 type right after the 40-byte header).
+        types = Counter(f[54] for f in got if f[12:14] == b"\x86\xdd" and f[20] == 58)
+        assert (types[128], types[129]) == (n, n)
+        assert r_lan["sent"] == len(on_lan) and r_lan["send_errors"] == 0
+        # The col link carries the copies (hundreds of bytes each, 2n+ of them);
+        # the path worker only ever sees neighbour discovery there, never them.
+        assert first == second == r_path["sent"] and r_path["sent"] < n
+    remove_files(lab6)
+
+
+@pytest.mark.skipif(shutil.which("trafgen") is None, reason="needs trafgen (netsniff-ng)")
+def test_ring_drops_are_counted(lab: Lab) -> None:
+    """A stalled worker: the kernel drops what its ring cannot hold, and every
+    offered frame is either forwarded or counted as a ring drop."""
+    import dataclasses
+    import signal
+
+    n = 20000
+    cfg = tmp(lab, "burst.cfg")
+    frame = bytes.fromhex("020000000099" + mac(lab.lan, "eth0").replace(":", "") + "0800"
+                          "45000032000000004011f0b5c000020ac6336463" "0fa00009001e0000") + b"A" * 22
+    with open(cfg, "w") as f:
+        f.write("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n")
+    job = dataclasses.replace(make_job(lab, "lan0", ("in",), Match(protocols=(17,)), port=37026),
+                              ring_bytes=1 << 20)
+    before = int(lab.rtr.sh("cat /sys/class/net/lan0/statistics/rx_packets"))
+    worker = WorkerRun(lab.rtr.name, job.to_json())
+    try:
+        os.kill(worker.pid, signal.SIGSTOP)
+        lab.lan.run("trafgen", "-o", "eth0", "-i", cfg, "-n", str(n), "-P", "1",
+                    "--no-sock-mem", "-Q", "-C", timeout=30)
+        os.kill(worker.pid, signal.SIGCONT)
+        time.sleep(1.0)
+        offered = int(lab.rtr.sh("cat /sys/class/net/lan0/statistics/rx_packets")) - before
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+        stats = worker.stop()
+    assert offered >= n  # plus the odd ARP or router solicitation, which the match excludes
+    assert stats["ring_drops"] > 0 and stats["captured"] > 0
+    assert stats["captured"] + stats["ring_drops"] == n
+    assert stats["sent"] == stats["captured"]
