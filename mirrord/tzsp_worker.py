@@ -63,7 +63,8 @@ from .capture import (
 )
 from .match import Address, Match, PortRange
 
-log = logging.getLogger(__name__)
+# Not __name__: run with -m, that is "__main__", which says nothing in a log.
+log = logging.getLogger("mirrord.tzsp_worker")
 
 EXIT_STOPPED = 0
 EXIT_ERROR = 1
@@ -550,9 +551,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--stats", action="store_true", help="print the final counters as JSON")
     args = p.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(levelname)s %(name)s[%(process)d]: %(message)s",
-                        stream=sys.stderr)
+    from .logsetup import setup_logging
+
+    # The daemon's own target (journal, syslog or stderr) and format, so the
+    # worker's lines reach the same place with the same priorities.
+    debug = getattr(logging, str(args.log_level).upper(), logging.INFO) <= logging.DEBUG
+    setup_logging(2 if debug else 1)
     if args.parent:
         _die_with_parent(args.parent)
 
