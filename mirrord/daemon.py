@@ -13,6 +13,8 @@ refused or invalid one leaves the running rules and spec untouched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import logging
 import os
 import selectors
@@ -26,6 +28,7 @@ from .backends.base import Backend, Counts, Rendered
 from .backends.iptables import backend_event_driven
 from .cli import add_config_argument
 from .control import DEFAULT_SOCKET, ControlServer
+from .match import Address
 from .notify import Notifier
 from .watch import Change, NftEvents, RouteEvents
 
@@ -35,13 +38,19 @@ log = logging.getLogger("mirrord")
 # single reconcile, short enough that healing stays in the tens of ms.
 DEBOUNCE = 0.01
 WORKER_RESTART_DELAY = 1.0
+# Neighbour states that mean the collector answered (or needs no answer).
+GOOD_NEIGHBOUR = frozenset({"REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"})
 
 
 def summarize(reasons: list[str], keep: int = 2) -> str:
     """One log-friendly line: a flush of a table is five events, not five lines."""
     unique = list(dict.fromkeys(reasons))
-    # The most telling events of a burst come last (the table went, then ...).
-    shown = list(reversed(unique))[:keep]
+    # What tells most comes first: a link or a table coming or going; then
+    # the rest, latest first (the table went, after its chains and rules).
+    def rank(r: str) -> int:
+        return 0 if r.startswith(("link", "table", "worker")) else 1
+
+    shown = sorted(reversed(unique), key=rank)[:keep]
     more = len(unique) - len(shown)
     return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")
 
@@ -129,6 +138,7 @@ class Daemon:
         self.tzsp_banked: dict[str, tuple[int, int]] = {}
         self.rate_sample: Optional[tuple[float, dict[str, tuple[int, int]]]] = None
         self.last_summary = ""
+        self.failed_neighbours: set[Address] = set()
         self.records: dict[str, MirrorRecord] = {}
         self.workers: dict[plan.TzspTap, Worker] = {}
         self.pending = Pending()
@@ -259,6 +269,8 @@ class Daemon:
                 pass
         elif what == "route" and self.route_events is not None:
             for change in self.route_events.read():
+                if change.neighbour_failed and change.neighbour_failed != "?":
+                    self.failed_neighbours.add(ipaddress.ip_address(change.neighbour_failed))
                 self.pending.add(change, topology_changed=True)
         elif what == "nft" and self.nft_events is not None:
             for change in self.nft_events.read():
@@ -286,7 +298,26 @@ class Daemon:
                       summarize(reasons), e, extra={"ACTION": "apply-failed"})
 
     def _read_topology(self, s: spec.Spec) -> topology.Topology:
-        return topology.read(plan.collector_keys(s))
+        return self._remember_failures(topology.read(plan.collector_keys(s)))
+
+    def _remember_failures(self, topo: topology.Topology) -> topology.Topology:
+        """A collector seen FAILED stays failed until the kernel sees it answer.
+
+        Under traffic the kernel re-probes a FAILED entry on the next clone,
+        so a moment later it reads INCOMPLETE: that is the same dead host,
+        not a recovery.
+        """
+        reach = dict(topo.reach)
+        for key, r in topo.reach.items():
+            if r.neighbour == "FAILED":
+                self.failed_neighbours.add(r.address)
+            elif r.neighbour in GOOD_NEIGHBOUR:
+                self.failed_neighbours.discard(r.address)
+            elif r.address in self.failed_neighbours and r.onlink:
+                reach[key] = dataclasses.replace(r, neighbour="FAILED")
+        if self.route_events is not None:
+            self.route_events.failed_neighbours = {a.packed for a in self.failed_neighbours}
+        return dataclasses.replace(topo, reach=reach)
 
     def reconcile(self, reasons: list[str], refresh_topology: bool, force: bool = False,
                   new_spec: Optional[spec.Spec] = None) -> None:

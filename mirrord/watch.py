@@ -14,6 +14,7 @@ events were lost, which is reported as a change too: a full resync covers it.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -37,7 +38,10 @@ RTM_NAMES = {
     28: "neighbour changed", 29: "neighbour deleted",
 }
 IFLA_IFNAME = 3
+NDA_DST = 1
 NUD_FAILED = 0x20
+NUD_NAMES = {0x01: "INCOMPLETE", 0x02: "REACHABLE", 0x04: "STALE", 0x08: "DELAY",
+             0x10: "PROBE", 0x20: "FAILED", 0x40: "NOARP", 0x80: "PERMANENT"}
 
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NAMES = {
@@ -55,6 +59,10 @@ NLA_HDR = struct.Struct("=HH")
 class Change:
     what: str  # for the log: "link deleted: wan", "table deleted: ip mirrord"
     resync: bool = False  # events were lost: assume everything changed
+    # An address whose neighbour entry just FAILED. The kernel re-probes it
+    # on the next packet (INCOMPLETE, without an event), so a later read
+    # would not show the failure: the event is the evidence.
+    neighbour_failed: Optional[str] = None
 
 
 def _attrs(buf: bytes, offset: int, end: int) -> dict[int, bytes]:
@@ -66,6 +74,12 @@ def _attrs(buf: bytes, offset: int, end: int) -> dict[int, bytes]:
         out[kind & 0x3FFF] = buf[offset + 4 : offset + length]
         offset += (length + 3) & ~3
     return out
+
+
+def _address(b: Optional[bytes]) -> str:
+    if b is None or len(b) not in (4, 16):
+        return "?"
+    return str(ipaddress.ip_address(b))
 
 
 def _cstr(b: Optional[bytes]) -> str:
@@ -125,6 +139,9 @@ class RouteEvents(_Source):
             RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
             | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE,
         )
+        # Collector addresses (packed) the daemon considers FAILED: any news
+        # of them matters, since it may be their recovery.
+        self.failed_neighbours: set[bytes] = set()
 
     def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
         name = RTM_NAMES.get(kind)
@@ -134,12 +151,20 @@ class RouteEvents(_Source):
         if kind in (16, 17):  # ifinfomsg: 16 bytes, then attributes
             detail = _cstr(_attrs(buf, start + 16, end).get(IFLA_IFNAME))
         elif kind in (28, 29):  # ndmsg: family, pad, pad, ifindex, state u16, flags, type
-            state = struct.unpack_from("=H", buf, start + 8)[0] if end - start >= 12 else 0
-            # Neighbour churn (REACHABLE <-> STALE) is constant on a busy
-            # router; only the transition to FAILED changes a plan.
-            if kind == 28 and not state & NUD_FAILED:
+            if end - start < 12:
                 return None
-            detail = "FAILED" if kind == 28 else ""
+            state = struct.unpack_from("=H", buf, start + 8)[0]
+            dst = _attrs(buf, start + 12, end).get(NDA_DST)
+            where = _address(dst)
+            # Neighbour churn (REACHABLE <-> STALE) is constant on a busy
+            # router: only a FAILED, or news of a collector that failed, can
+            # change a plan.
+            if kind == 28 and state & NUD_FAILED:
+                return Change(f"{name}: {where} FAILED", neighbour_failed=where)
+            elif dst is not None and dst in self.failed_neighbours:
+                detail = f"{where} {NUD_NAMES.get(state, hex(state)) if kind == 28 else 'gone'}"
+            else:
+                return None
         return Change(f"{name}: {detail}" if detail else name)
 
 

@@ -1,0 +1,321 @@
+"""What do mirrord's rules cost the router's forwarding? Prints figures; not a test.
+
+In a namespace lab (tests/lab.py) trafgen (one CPU) floods UDP from the LAN
+host through the router to the WAN host, which drops it at ingress after its
+veth counted it; the collector does the same with the copies. On veth the
+whole forwarding path runs in the sender's context, so the packets per second
+reaching the WAN host measure what each packet costs the router.
+
+Cases:
+  none       no mirror
+  hand       one hand-written rule: prerouting `iifname "br-lan" dup to COLLECTOR`
+  mirrord1   mirrord's rules for 1 mirror (br-lan, in, no match)
+  mirrord50  mirrord's rules for 50 mirrors on 50 interfaces, each with its own
+             filter (udp dport); the traffic crosses one of them (br-lan)
+  shared50   (extra) 50 mirrors all on br-lan with 50 different filters, the
+             traffic matching the last: the cost of rules that grow per interface
+
+One flood runs for the whole measurement while the router's ruleset is
+switched under it: each cycle measures every case between two `hand` slots
+(hand, A, hand, B, ..., hand; order rotated each cycle); each slot waits
+`--settle` s, then counts for `--slot` s. The machine may be shared with other
+work, so a case's ratio is taken to the mean of its two neighbouring `hand`
+slots (under a second away), which cancels load that changes over seconds; the
+medians of those ratios and their interquartile range are printed.
+
+mirrord's rules are produced by mirrord's own plan -> render path in the
+router namespace and loaded as the nftables JSON batch the backend applies
+(with `nft -j -f`, in one transaction with `flush ruleset`). At start the
+bench checks, per mirrord case, that this gives exactly the table the real
+daemon (`mirrord run`) installs. The router keeps 49 extra veth pairs for the
+whole run, so every case sees the same interfaces.
+
+Run as root from the repository root:
+  python3 bench/bench_rules.py [--cycles 8] [--slot 1.0] [--cases ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.lab import COLLECTOR, LAN_HOST, ROOT, WAN_HOST, Lab, Netns, have_root_netns
+
+PORT = 5555
+EXTRA = 49  # interfaces x1..x49, besides br-lan
+
+DROP = """\
+table netdev bench {{
+  chain in {{
+    type filter hook ingress device "eth0" priority 0; policy accept;
+    {match} drop
+  }}
+}}
+"""
+
+HAND = f"""\
+table ip hand {{
+  chain prerouting {{
+    type filter hook prerouting priority -150; policy accept;
+    iifname "br-lan" dup to {COLLECTOR}
+  }}
+}}
+"""
+
+
+def mirror_spec(mirrors: Sequence[tuple[str, str, Optional[int]]]) -> str:
+    """(name, interface, dport or None) -> a spec cloning to the lab's collector."""
+    lines = ["backend: nftables", "collectors:", "  ids:", f"    address: {COLLECTOR}",
+             "    transport: clone", "mirrors:"]
+    for name, ifname, dport in mirrors:
+        lines += [f"  - name: {name}", f"    interfaces: [{ifname}]", "    direction: in",
+                  "    collector: ids"]
+        if dport is not None:
+            lines += ["    match:", "      protocol: udp", f"      dport: {dport}"]
+    return "\n".join(lines) + "\n"
+
+
+SPECS: dict[str, Optional[str]] = {
+    "none": None,
+    "hand": None,
+    "mirrord1": mirror_spec([("m0", "br-lan", None)]),
+    "mirrord50": mirror_spec([("m0", "br-lan", PORT)]
+                             + [(f"m{i}", f"x{i}", 10000 + i) for i in range(1, EXTRA + 1)]),
+    "shared50": mirror_spec([(f"m{i}", "br-lan", 10000 + i) for i in range(1, EXTRA + 1)]
+                            + [("m0", "br-lan", PORT)]),
+}
+
+# Runs in the router namespace: mirrord's plan and render for a spec, printed
+# as the JSON batch the nftables backend would apply.
+RENDER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from mirrord import backends, plan, spec, topology
+from mirrord.backends.nftables import batch
+s = spec.load(sys.argv[1])
+backend, why = backends.select(s.backend)
+assert backend is not None and backend.name == "nftables", why
+p = plan.build(s, topology.read(plan.collector_keys(s)), backend.name)
+assert all(m.state == "active" for m in p.mirrors), [(m.mirror.name, m.reason) for m in p.mirrors]
+print(json.dumps({"nftables": batch(backend.render(p).payload, {})}))
+"""
+
+
+def mac(ns: Netns, dev: str) -> str:
+    return str(json.loads(ns.run("ip", "-j", "link", "show", dev).stdout)[0]["address"])
+
+
+def rx_packets(ns: Netns, dev: str = "eth0") -> int:
+    out = subprocess.run(["ip", "-n", ns.name, "-j", "-s", "link", "show", dev],
+                         capture_output=True, text=True, check=True).stdout
+    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
+
+
+def setup(lab: Lab, cfg_path: str) -> None:
+    lab.wan.run("nft", "-f", "-", input=DROP.format(match=f"udp dport {PORT}"))
+    lab.col.run("nft", "-f", "-", input=DROP.format(match=f"ip daddr {WAN_HOST} udp dport {PORT}"))
+    batch = "".join(f"link add x{i} type veth peer name x{i}p\nlink set x{i} up\n"
+                    f"link set x{i}p up\n" for i in range(1, EXTRA + 1))
+    lab.rtr.run("ip", "-batch", "-", input=batch)
+    Path(cfg_path).write_text(
+        f"{{ eth(da={mac(lab.rtr, 'br-lan')}, sa={mac(lab.lan, 'eth0')}), "
+        f"ipv4(sa={LAN_HOST}, da={WAN_HOST}, ttl=64), udp(sp=40000, dp={PORT}), "
+        "fill(0x41, 18) }\n")
+
+
+def ruleset(lab: Lab) -> str:
+    """The router's tables without handles and counts, to compare two loads."""
+    data = json.loads(lab.rtr.run("nft", "-j", "list", "ruleset").stdout)
+
+    def strip(o: object) -> object:
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items() if k not in ("handle", "packets", "bytes")}
+        if isinstance(o, list):
+            return [strip(v) for v in o]
+        return o
+
+    return json.dumps(strip([o for o in data["nftables"] if "metainfo" not in o]),
+                      sort_keys=True)
+
+
+class Rulesets:
+    """Each case's ruleset as a file `nft` loads in one transaction, flushing the last."""
+
+    def __init__(self, lab: Lab, cases: list[str], tmp: str) -> None:
+        self.lab = lab
+        self.files: dict[str, tuple[str, bool]] = {}  # case -> (path, is_json)
+        for case in cases:
+            path = f"{tmp}/{case}.nft"
+            if case == "none":
+                Path(path).write_text("flush ruleset\n")
+                self.files[case] = (path, False)
+            elif case == "hand":
+                Path(path).write_text("flush ruleset\n" + HAND)
+                self.files[case] = (path, False)
+            else:
+                text = SPECS[case]
+                assert text is not None
+                out = lab.rtr.run(sys.executable, "-c", RENDER, lab.write_spec(text),
+                                  str(ROOT)).stdout
+                doc = json.loads(out)
+                doc["nftables"].insert(0, {"flush": {"ruleset": None}})
+                Path(path + ".json").write_text(json.dumps(doc))
+                self.files[case] = (path + ".json", True)
+
+    def load(self, case: str) -> None:
+        path, is_json = self.files[case]
+        self.lab.rtr.run("nft", *(["-j"] if is_json else []), "-f", path)
+
+    def check_against_daemon(self, case: str) -> None:
+        """The loaded table must be the daemon's own, or the figures mean nothing."""
+        text = SPECS[case]
+        assert text is not None
+        self.lab.rtr.run("nft", "flush", "ruleset")
+        daemon = self.lab.start_daemon(self.lab.write_spec(text))
+        try:
+            self.lab.wait_for_status(lambda s: bool(s) and len(s["mirrors"]) > 0 and all(
+                m["state"] == "active" for m in s["mirrors"]), timeout=30)
+            by_daemon = ruleset(self.lab)
+        finally:
+            rc = self.lab.stop_daemon(daemon)
+        if rc != 0:
+            raise RuntimeError(f"daemon exited {rc}:\n{self.lab.daemon_log()}")
+        self.load(case)
+        if ruleset(self.lab) != by_daemon:
+            raise RuntimeError(f"{case}: the loaded rules differ from the daemon's")
+        self.lab.rtr.run("nft", "flush", "ruleset")
+
+
+def flood(lab: Lab, cfg_path: str, seconds: float) -> subprocess.Popen[bytes]:
+    # `timeout` ends trafgen (and its worker) with SIGINT when the time is up.
+    return lab.lan.popen("timeout", "-s", "INT", f"{seconds:.1f}", "trafgen", "-o", "eth0",
+                         "-c", cfg_path, "-P", "1", "-Q", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+
+
+def sample(lab: Lab, flooder: subprocess.Popen[bytes], settle: float,
+           seconds: float) -> tuple[float, float]:
+    """(forwarded pkt/s, copies/s) in the next `seconds`, after `settle`."""
+    time.sleep(settle)
+    f0, c0, t0 = rx_packets(lab.wan), rx_packets(lab.col), time.monotonic()
+    time.sleep(seconds)
+    f1, c1, t1 = rx_packets(lab.wan), rx_packets(lab.col), time.monotonic()
+    if flooder.poll() is not None:
+        raise RuntimeError("trafgen stopped before the measurement ended")
+    return (f1 - f0) / (t1 - t0), (c1 - c0) / (t1 - t0)
+
+
+def spread(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    q = statistics.quantiles(vals, n=4) if len(vals) > 1 else [vals[0]] * 3
+    return f"{statistics.median(vals):.3f} [{q[0]:.2f}-{q[2]:.2f}]"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cycles", type=int, default=8)
+    ap.add_argument("--slot", type=float, default=1.0, help="seconds counted per case and cycle")
+    ap.add_argument("--settle", type=float, default=0.15,
+                    help="seconds between loading a ruleset and counting")
+    ap.add_argument("--cases", nargs="+", choices=list(SPECS), default=list(SPECS))
+    ap.add_argument("-v", "--verbose", action="store_true", help="print every slot")
+    args = ap.parse_args()
+    why = have_root_netns()
+    if why or shutil.which("trafgen") is None:
+        print(f"bench_rules: {why or 'needs trafgen (netsniff-ng)'}", file=sys.stderr)
+        return 2
+    cases: list[str] = args.cases
+    results: dict[str, list[tuple[float, float]]] = {c: [] for c in cases}
+    # case -> (forwarding ratios, copy ratios) against the neighbouring `hand` slots
+    ratios: dict[str, tuple[list[float], list[float]]] = {c: ([], []) for c in cases}
+    tmp = tempfile.mkdtemp(prefix="mirrord-bench-")
+    try:
+        with Lab(ipv6=False) as lab:
+            cfg = f"{tmp}/flood.cfg"
+            setup(lab, cfg)
+            rs = Rulesets(lab, cases, tmp)
+            checked = [c for c in cases if SPECS.get(c)]
+            for case in checked:
+                rs.check_against_daemon(case)
+            if checked:
+                print("the loaded tables equal what `mirrord run` installs for: "
+                      + ", ".join(checked), flush=True)
+            others = [c for c in cases if c != "hand"]
+            # Each case is measured between two `hand` slots: its ratio is to
+            # their mean, so load that changes over seconds cancels out.
+            slots = args.cycles * (2 * len(others) + 1 if "hand" in cases else len(others))
+            total = slots * (args.slot + args.settle + 0.2) + 5
+            flooder = flood(lab, cfg, total)
+            try:
+                for r in range(args.cycles):
+                    order = others[r % len(others):] + others[:r % len(others)] if others else []
+                    plan: list[str] = []
+                    for case in order:
+                        plan += (["hand"] if "hand" in cases else []) + [case]
+                    plan += ["hand"] if "hand" in cases else []
+                    cycle: list[tuple[str, float, float]] = []
+                    for case in plan:
+                        rs.load(case)
+                        fwd, copies = sample(lab, flooder, args.settle, args.slot)
+                        cycle.append((case, fwd, copies))
+                        results[case].append((fwd, copies))
+                        if args.verbose:
+                            print(f"cycle {r + 1:>2} {case:<10} forwarded {fwd:>9.0f} pkt/s  "
+                                  f"copies {copies:>9.0f} /s", flush=True)
+                    for i, (case, fwd, copies) in enumerate(cycle):
+                        if case == "hand" or "hand" not in cases:
+                            continue
+                        (_, f0, c0), (_, f1, c1) = cycle[i - 1], cycle[i + 1]
+                        hf, hc = (f0 + f1) / 2, (c0 + c1) / 2
+                        ratios[case][0].append(fwd / hf if hf else 0.0)
+                        if case != "none" and hc:
+                            ratios[case][1].append(copies / hc)
+            finally:
+                try:
+                    flooder.wait(timeout=total + 30)
+                finally:
+                    if flooder.poll() is None:
+                        flooder.kill()
+                        flooder.wait()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\n{args.cycles} cycles x {args.slot:g} s per case under one trafgen flood "
+          "(64-byte frames, one CPU), each case measured between two `hand` slots; pkt/s are "
+          "medians; ratios are medians of the ratios to the mean of the neighbouring `hand` "
+          "slots [interquartile range]")
+    print(f"{'case':<10} {'fwd pkt/s':>10} {'copies/s':>10} {'copied':>7} "
+          f"{'fwd ratio':>20} {'copy ratio':>20}")
+    verdict: dict[str, tuple[float, float]] = {}
+    for case, rows in results.items():
+        fwd = statistics.median(f for f, _ in rows)
+        copies = statistics.median(k for _, k in rows)
+        frac = f"{copies / fwd:.3f}" if fwd else "-"
+        fr, cr = ratios[case]
+        if case == "hand":
+            fr, cr = [1.0], [1.0]
+        if fr and cr:
+            verdict[case] = (statistics.median(fr), statistics.median(cr))
+        print(f"{case:<10} {fwd:>10.0f} {copies:>10.0f} {frac:>7} {spread(fr):>20} "
+              f"{spread(cr):>20}")
+    for case in ("mirrord1", "mirrord50"):
+        if case in verdict:
+            ok = min(verdict[case]) >= 0.95
+            print(f"target {case}: forwarding and copies >= 0.95 x hand: "
+                  + ("met" if ok else "MISSED"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
