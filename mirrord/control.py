@@ -8,15 +8,20 @@ one counter read, so no thread is needed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import time
 from typing import Any, Callable, Optional
+
+log = logging.getLogger("mirrord")
 
 DEFAULT_SOCKET = "/run/mirrord.sock"
 # Where the packaged services put it: systemd's RuntimeDirectory, and
 # OpenWrt's init script (/var/run: some OpenWrt images have no /run).
 SOCKET_CANDIDATES = ("/run/mirrord/mirrord.sock", "/var/run/mirrord/mirrord.sock", DEFAULT_SOCKET)
 MAX_REQUEST = 4096
+REQUEST_DEADLINE = 0.5  # seconds for a client to send its request and take the answer
 
 
 def default_socket() -> str:
@@ -54,10 +59,16 @@ class ControlServer:
         except BlockingIOError:
             return
         with conn:
-            conn.settimeout(1.0)
+            # One deadline for the whole request: the main loop serves this,
+            # and a client trickling bytes must not hold up a heal.
+            deadline = time.monotonic() + REQUEST_DEADLINE
             try:
                 data = b""
                 while b"\n" not in data and len(data) < MAX_REQUEST:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    conn.settimeout(left)
                     chunk = conn.recv(MAX_REQUEST)
                     if not chunk:
                         break
@@ -66,12 +77,18 @@ class ControlServer:
                     request = json.loads(data.decode() or "{}")
                     if not isinstance(request, dict):
                         raise ValueError("request must be a JSON object")
-                    reply = self.handler(request)
-                except ValueError as e:
-                    reply = {"error": f"bad request: {e}"}
+                except (ValueError, RecursionError) as e:
+                    reply: dict[str, Any] = {"error": f"bad request: {e}"}
+                else:
+                    try:
+                        reply = self.handler(request)
+                    except Exception as e:  # a status bug must not stop the daemon
+                        log.exception("control request failed")
+                        reply = {"error": f"internal error: {e}"}
+                conn.settimeout(max(0.05, deadline - time.monotonic()))
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             except OSError:
-                pass  # a client that went away is its own problem
+                pass  # a client that went away or stalled is its own problem
 
     def close(self) -> None:
         self.sock.close()

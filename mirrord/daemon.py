@@ -38,6 +38,7 @@ log = logging.getLogger("mirrord")
 # single reconcile, short enough that healing stays in the tens of ms.
 DEBOUNCE = 0.01
 WORKER_RESTART_DELAY = 1.0
+RETRY_MAX = 30.0  # seconds between attempts to re-apply rules the kernel refused
 # Neighbour states that mean the collector answered (or needs no answer).
 GOOD_NEIGHBOUR = frozenset({"REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"})
 
@@ -139,6 +140,8 @@ class Daemon:
         self.rate_sample: Optional[tuple[float, dict[str, tuple[int, int]]]] = None
         self.last_summary = ""
         self.failed_neighbours: set[Address] = set()
+        self.retry_at: Optional[float] = None
+        self.retry_delay = 0.0
         self.records: dict[str, MirrorRecord] = {}
         self.workers: dict[plan.TzspTap, Worker] = {}
         self.pending = Pending()
@@ -152,11 +155,22 @@ class Daemon:
 
     # -- set-up ------------------------------------------------------------
     def _choose_backend(self, s: spec.Spec) -> tuple[Optional[Backend], str]:
-        if self.backend is not None and self.backend.name == s.backend:
-            return self.backend, ""
-        if self.backend is not None and s.backend == "auto" and self.spec.backend == "auto":
-            return self.backend, ""
-        return backends.select(s.backend)
+        """The backend for `s`, keeping the running one whenever it still fits.
+
+        nftables -> auto resolving to nftables must keep the same object (its
+        state, and above all: no "switch" that removes the old rules, which
+        are the new ones). Different backends that own the same kernel
+        objects (iptables -> iptables-legacy on a legacy system) are not
+        flushed on a switch either: see kernel_owner in reconcile.
+        """
+        cur = self.backend
+        if cur is not None and (s.backend == cur.name or (
+                s.backend == "auto" and self.spec.backend == "auto")):
+            return cur, ""
+        chosen, why = backends.select(s.backend)
+        if cur is not None and chosen is not None and chosen.name == cur.name:
+            return cur, ""
+        return chosen, why
 
     def _watch_tables(self) -> frozenset[tuple[str, str]]:
         if self.backend is None or self.backend.name == "nftables":
@@ -199,10 +213,21 @@ class Daemon:
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> int:
+        # Handlers first: a SIGHUP that arrives while backends are probed (a
+        # firewall include at boot) must not kill the process.
+        wake = self._install_signals()
+        try:
+            return self._run(wake)
+        except Exception:
+            # Whatever went wrong, the kernel must not keep rules nobody runs.
+            log.exception("mirrord failed; removing its rules")
+            self._shutdown()
+            return 1
+
+    def _run(self, wake: int) -> int:
         self.backend, self.backend_error = self._choose_backend(self.spec)
         if self.backend_error and any(True for _ in self.spec.mirrors):
             log.warning("%s", self.backend_error)
-        wake = self._install_signals()
         self._open_sources()
         try:
             self.reconcile(["start"], refresh_topology=True, force=True)
@@ -217,7 +242,6 @@ class Daemon:
             self._shutdown()
             return 1
         self.sel.register(self.control.fileno(), selectors.EVENT_READ, "control")
-        self._schedule_poll()
         interval = self.notifier.watchdog_interval()
         if interval:
             self.next_watchdog = time.monotonic() + interval
@@ -238,6 +262,9 @@ class Daemon:
             if self.next_poll is not None and now >= self.next_poll:
                 self._reconcile_logged(["poll"], refresh_topology=False)
                 self._schedule_poll()
+            if self.retry_at is not None and now >= self.retry_at:
+                self.retry_at = None
+                self._reconcile_logged(["retry after a failed apply"], refresh_topology=True)
             self._tend_workers(now)
             if self.next_watchdog is not None and now >= self.next_watchdog:
                 self.notifier.watchdog()
@@ -248,7 +275,8 @@ class Daemon:
         return self._shutdown()
 
     def _timeout(self) -> Optional[float]:
-        deadlines = [d for d in (self.pending.due, self.next_poll, self.next_watchdog) if d]
+        deadlines = [d for d in (self.pending.due, self.next_poll, self.next_watchdog,
+                                 self.retry_at) if d]
         deadlines += [w.restart_at for w in self.workers.values() if w.exited and w.restart_at]
         if not deadlines:
             return None
@@ -291,11 +319,24 @@ class Daemon:
 
     # -- reconcile -----------------------------------------------------------
     def _reconcile_logged(self, reasons: list[str], refresh_topology: bool) -> None:
+        """A reconcile from the loop: a failure is recorded, shown and retried, never fatal."""
         try:
             self.reconcile(reasons, refresh_topology)
-        except backends.ApplyError as e:
-            log.error("re-applying failed (%s); will retry on the next change: %s",
-                      summarize(reasons), e, extra={"ACTION": "apply-failed"})
+        except Exception as e:
+            if not isinstance(e, backends.BackendError):
+                log.exception("reconcile failed unexpectedly")
+            self.apply_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.retry_delay = min(RETRY_MAX, self.retry_delay * 2) if self.retry_delay else 1.0
+            self.retry_at = time.monotonic() + self.retry_delay
+            log.error("re-applying failed (%s); retrying in %.0f s: %s", summarize(reasons),
+                      self.retry_delay, e, extra={"ACTION": "apply-failed"})
+            self._notify_summary()
+        else:
+            if self.apply_error:
+                log.info("rules applied again after the earlier failure",
+                         extra={"ACTION": "apply-recovered"})
+            self.apply_error = ""
+            self.retry_delay = 0.0
 
     def _read_topology(self, s: spec.Spec) -> topology.Topology:
         return self._remember_failures(topology.read(plan.collector_keys(s)))
@@ -330,6 +371,12 @@ class Daemon:
             backend, backend_error = self._choose_backend(new_spec)
         p = plan.build(s, topo, backend.name if backend else None, backend_error,
                        backend.versions if backend else frozenset({4, 6}))
+        if new_spec is not None and backend is None and p.clones == () and any(
+            m.transport == "clone" for m in p.mirrors
+        ) and self.backend is not None and self.applies:
+            # The new spec asks for a backend this kernel cannot use: keep the
+            # running one rather than leave mirrors without rules.
+            raise backends.ApplyError(backend_error or "no usable backend for the new spec")
         rendered = backend.render(p) if backend is not None else None
         snapshot = backend.snapshot() if backend is not None else ""
         changed_rules = rendered is not None and (
@@ -337,16 +384,19 @@ class Daemon:
         )
         drift = backend is not None and snapshot != self.applied_snapshot
         applied = False
+        switching = self.backend is not None and backend is not self.backend and bool(self.applies)
         if backend is not None and rendered is not None and (force or changed_rules or drift):
-            carry = self._carry(backend)
+            carry = self._carry()
             if rendered.text or snapshot:
                 backend.apply(rendered, carry)  # raises: nothing below runs
                 applied = True
-            if backend is not self.backend and self.backend is not None and self.applies:
-                # Only now that the new backend's rules are in: for a moment
-                # both copy (a duplicate), never neither (a gap).
-                self.backend.flush()
             self.applied_snapshot = backend.snapshot()
+        if switching and self.backend is not None:
+            # Only now that the new backend's rules are in: for a moment
+            # both copy (a duplicate), never neither (a gap).
+            self._refresh_counts()
+            if backend is None or backend.kernel_owner != self.backend.kernel_owner:
+                self.backend.flush()
         # The kernel agreed (or nothing needed doing): commit.
         why = summarize(reasons)
         if applied:
@@ -362,20 +412,37 @@ class Daemon:
             self.rendered = rendered
         self._note_changes(p, why, drift and applied and not force)
         self._sync_workers(p)
+        self._schedule_poll()
+        self._notify_summary()
+
+    def _notify_summary(self) -> None:
         summary = self.summary()
         if summary != self.last_summary:
             if self.last_summary:
                 self.notifier.status(summary)
             self.last_summary = summary
 
-    def _carry(self, backend: Backend) -> Counts:
-        """Counter totals to seed the new rules with: never let a total go down."""
-        current = backend.counters() if backend is self.backend else {}
-        carry: Counts = dict(self.last_counts)
+    def _refresh_counts(self) -> None:
+        """Fold the running backend's totals into last_counts (which never go down).
+
+        Called before anything replaces or removes rules, so copies counted
+        since the last status query are not lost with them.
+        """
+        if self.backend is None or not self.applies:
+            return
+        try:
+            current = self.backend.counters()
+        except backends.BackendError as e:
+            log.warning("could not read the counters: %s", e)
+            return
         for key, (p, b) in current.items():
-            lp, lb = carry.get(key, (0, 0))
-            carry[key] = (max(p, lp), max(b, lb))
-        return carry
+            lp, lb = self.last_counts.get(key, (0, 0))
+            self.last_counts[key] = (max(p, lp), max(b, lb))
+
+    def _carry(self) -> Counts:
+        """Counter totals to seed new rules with: never let a total go down."""
+        self._refresh_counts()
+        return dict(self.last_counts)
 
     def _note_changes(self, p: plan.Plan, why: str, healed_drift: bool) -> None:
         now = time.time()
@@ -408,10 +475,9 @@ class Daemon:
     def _start_worker(self, tap: plan.TzspTap) -> None:
         from .tzsp_worker import TzspJob, TzspWorker
 
-        mirror = next(m for m in self.spec.mirrors if m.name == tap.mirror)
         job = TzspJob(
             mirror=tap.mirror, interface=tap.interface, ifindex=tap.ifindex,
-            directions=tap.directions, match=mirror.match, collector=tap.collector.address,
+            directions=tap.directions, match=tap.match, collector=tap.collector.address,
             port=tap.collector.port, snaplen=tap.collector.snaplen,
         )
         handle = TzspWorker(job)
@@ -471,8 +537,10 @@ class Daemon:
             return
         try:
             self.reconcile(["reload"], refresh_topology=True, force=True, new_spec=new)
-        except backends.ApplyError as e:
-            log.error("reload rejected by the kernel; the running mirrors stay as they were: %s",
+        except Exception as e:
+            if not isinstance(e, backends.BackendError):
+                log.exception("reload failed unexpectedly")
+            log.error("reload rejected; the running mirrors stay as they were: %s",
                       e, extra={"ACTION": "reload-rejected"})
             self.notifier.ready(self.summary() + " (last reload rejected)")
             return
@@ -500,15 +568,9 @@ class Daemon:
 
     # -- status ----------------------------------------------------------------
     def counts(self) -> Counts:
-        out: Counts = {}
-        if self.backend is not None and self.plan is not None and self.plan.clones:
-            current = self.backend.counters()
-            for key in set(current) | set(self.last_counts):
-                p, b = current.get(key, (0, 0))
-                lp, lb = self.last_counts.get(key, (0, 0))
-                out[key] = (max(p, lp), max(b, lb))
-            self.last_counts.update(out)
-        return out
+        """(mirror, direction) -> kernel clone totals, across every replacement."""
+        self._refresh_counts()
+        return dict(self.last_counts)
 
     def tzsp_counts(self) -> dict[str, tuple[int, int]]:
         """mirror -> (packets, bytes) sent as TZSP, including stopped workers'."""

@@ -147,9 +147,13 @@ def offload_findings() -> list[Finding]:
                     "firewall; /etc/init.d/firewall restart"))
                 break
     if shutil.which("iptables-save"):
-        p = subprocess.run(["iptables-save", "-t", "filter"], capture_output=True, text=True,
-                           timeout=10)
-        if "FLOWOFFLOAD" in p.stdout:
+        try:
+            # No -t: naming a table makes iptables-legacy create it.
+            saved = subprocess.run(["iptables-save"], capture_output=True, text=True,
+                                   timeout=10).stdout
+        except (subprocess.TimeoutExpired, OSError):
+            saved = ""
+        if "FLOWOFFLOAD" in saved:
             out.append(Finding(
                 "flow-offload", "warning",
                 "flow offloading is active (iptables FLOWOFFLOAD target): offloaded flows skip "

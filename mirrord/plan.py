@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
-from .match import Address, FamilyMatch
+from .match import Address, FamilyMatch, Match
 from .spec import Collector, Mirror, Spec
 from .topology import ARPHRD_ETHER, Reach, Topology
 
@@ -43,6 +43,9 @@ class TzspTap:
     ifindex: int
     directions: tuple[Way, ...]
     collector: Collector
+    # Part of the tap's identity: a reload that changes only the match must
+    # replace the worker, whose BPF program was compiled from it.
+    match: Match = field(default_factory=Match)
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,8 @@ def _plan_tzsp(
         link = topo.link(name)
         if link is None or not link.up:
             continue
-        jobs.append(TzspTap(mirror.name, name, link.index, mirror.directions, collector))
+        jobs.append(TzspTap(mirror.name, name, link.index, mirror.directions, collector,
+                            mirror.match))
     state, reason = _summarize(taps)
     notes = [
         f"{t.interface} is not Ethernet (a header is synthesized)"

@@ -199,7 +199,15 @@ class _Validator:
     def scalar(self, node: _Node) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             return node
-        return yaml.SafeLoader(b"").construct_object(node, deep=True)
+        try:
+            return yaml.SafeLoader(b"").construct_object(node, deep=True)
+        except (ValueError, yaml.YAMLError) as e:
+            # A date that does not exist (2024-02-30), an unknown tag (!foo):
+            # report it here and go on with the raw text, so every other
+            # problem is still found.
+            problem = getattr(e, "problem", None) or str(e)
+            self.err(node, f"cannot read the value '{node.value}': {problem}")
+            return node.value
 
     def string(self, node: _Node, what: str) -> Optional[str]:
         value = self.scalar(node)

@@ -77,10 +77,14 @@ def build_status(d: Daemon) -> dict[str, Any]:
                    ("captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
                    if hasattr(c, k)},
             })
+        state, reason = mp.state, mp.reason
+        if d.apply_error and mp.transport == "clone":
+            # The kernel refused the last apply: what runs may not be this plan.
+            state, reason = "error", f"rules could not be applied: {d.apply_error}"
         mirrors.append({
             "name": m.name,
-            "state": mp.state,
-            "reason": mp.reason,
+            "state": state,
+            "reason": reason,
             "transport": mp.transport,
             "interfaces": list(m.interfaces),
             "direction": m.direction,
@@ -100,6 +104,13 @@ def build_status(d: Daemon) -> dict[str, Any]:
             "last_heal": {"when": _iso(heal.when), "why": heal.why} if heal else None,
         })
     findings = plan_findings(d.plan, d.backend_error) if d.plan else []
+    if d.apply_error:
+        from .health import Finding
+
+        findings.insert(0, Finding(
+            "apply-failed", "error", f"the kernel refused mirrord's rules: {d.apply_error}",
+            "see the daemon's log for the refused input; mirrord retries on every change and "
+            "with a growing delay"))
     findings += offload_findings()
     return {
         "version": __version__,

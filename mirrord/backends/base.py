@@ -44,6 +44,12 @@ class Backend(ABC):
     # Address families this backend can clone.
     versions: ClassVar[frozenset[int]] = frozenset({4, 6})
 
+    @property
+    def kernel_owner(self) -> str:
+        """What this backend's rules live in; two backends with the same owner
+        replace each other's rules in place, so switching must not flush."""
+        return self.name
+
     @abstractmethod
     def unsupported(self) -> Optional[str]:
         """None when usable here; otherwise why not, naming what to install."""

@@ -13,14 +13,18 @@ rule is all iptables allows, so the exclusion cannot ride on each rule).
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 from ..match import PROTOCOL_NAMES, FamilyMatch, PortRange
 from ..plan import CloneRule, Plan
 from .base import ApplyError, Backend, Counts, Rendered, comment, parse_comment
+
+log = logging.getLogger("mirrord")
 
 PRE, POST = "MIRRORD_PRE", "MIRRORD_POST"
 HOOKS = {"in": ("PREROUTING", PRE, "-i"), "out": ("POSTROUTING", POST, "-o")}
@@ -82,8 +86,8 @@ class IptablesBackend(Backend):
 
     def __init__(self) -> None:
         self._event_driven: Optional[bool] = None
-        # Final counts of rule generations that were replaced (see apply).
-        self.banked: Counts = {}
+        # Per IP version: final counts of rule generations replaced (see apply).
+        self.banked: dict[int, Counts] = {}
 
     # -- commands ----------------------------------------------------------
     def _bin(self, version: int, tool: str) -> str:
@@ -91,7 +95,14 @@ class IptablesBackend(Backend):
         return f"{base}{self.binary_suffix}{tool}"
 
     def _run(self, argv: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+        """A command's result; a missing binary or a hung one is a failed result, not an exception."""
+        try:
+            return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(argv, 124, "", f"{argv[0]}: no answer within 30 s "
+                                                              "(xtables lock held?)")
+        except OSError as e:
+            return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: {e}")
 
     def _restore_argv(self, version: int) -> list[str]:
         # -w: take the xtables lock, so a firewall reload (fw3,
@@ -103,6 +114,10 @@ class IptablesBackend(Backend):
 
     def versions_wanted(self, plan: Plan) -> set[int]:
         return {r.version for r in plan.clones}
+
+    @property
+    def kernel_owner(self) -> str:
+        return "iptables-nft" if self.uses_nft else "iptables-legacy"
 
     @property
     def uses_nft(self) -> bool:
@@ -241,21 +256,26 @@ class IptablesBackend(Backend):
                 re.match(r"^(\[\d+:\d+\] )?-A (PREROUTING|POSTROUTING) -j MIRRORD_", ln)}
 
     def apply(self, rendered: Rendered, carry: Counts) -> None:
+        """Switch every family to a new generation, then retire the old ones.
+
+        Phase 1 commits, per family, the new generation and the top chains
+        pointing at it; if a family is refused, the families already switched
+        are pointed back at their old chains, so a refusal changes nothing.
+        Phase 2 banks the retired chains' final counts and deletes them.
+        """
         wanted: dict[int, tuple[list[CloneRule], frozenset[str]]] = rendered.payload
-        retired: Counts = {}
-        had_rules = False
+        for version in wanted:
+            if shutil.which(self._bin(version, "-restore")) is None:
+                raise ApplyError(f"{self._bin(version, '-restore')} is not installed")
+        switched: list[_Switch] = []
         for version in (4, 6):
             if shutil.which(self._bin(version, "-restore")) is None:
-                if version in wanted:
-                    raise ApplyError(f"{self._bin(version, '-restore')} is not installed")
                 continue
             current = self._save(version)
             ours = _our_chains(current)
-            had_rules = had_rules or bool(ours)
             if version not in wanted:
                 if ours:
-                    _add(retired, self._chain_counts(version, set(ours)))
-                    self._remove(version, current)
+                    switched.append(_Switch(version, current, ours, set(), remove=True))
                 continue
             generation = "B" if any(c.startswith((f"{PRE}_A", f"{POST}_A")) for c in ours) else "A"
             text = self._render_family(*wanted[version], generation)
@@ -266,23 +286,49 @@ class IptablesBackend(Backend):
             text = text.replace("COMMIT\n", "".join(f"{e}\n" for e in missing) + "COMMIT\n")
             p = self._restore(version, text)
             if p.returncode != 0:
+                self._roll_back(switched)
                 raise ApplyError(
                     f"{self._bin(version, '-restore')} refused the rules: {p.stderr.strip()}\n"
                     f"input:\n{text}"
                 )
             declared = {ln[1:].split()[0] for ln in text.splitlines() if ln.startswith(":")}
-            old = [c for c in ours if c not in declared]
-            if old:
-                # Unreferenced since the commit above: their counts are final.
-                _add(retired, self._chain_counts(version, set(old)))
-                drop = [f"-F {c}" for c in old] + [f"-X {c}" for c in old]
-                self._restore(version, "*mangle\n" + "\n".join(drop) + "\nCOMMIT\n")
-        if had_rules:
-            _add(self.banked, retired)
-        else:
-            # Nothing of ours was there (first start, or a flush removed it):
-            # continue from the totals the daemon last saw.
-            self.banked = dict(carry)
+            switched.append(_Switch(version, current, ours, declared))
+        for sw in switched:
+            retired = [c for c in sw.before if c not in sw.declared]
+            final = self._chain_counts(sw.version, set(retired)) if retired else {}
+            if sw.remove:
+                self._remove(sw.version, sw.current)
+            elif retired:
+                # Unreferenced since phase 1: their counts are final.
+                drop = [f"-F {c}" for c in retired] + [f"-X {c}" for c in retired]
+                self._restore(sw.version, "*mangle\n" + "\n".join(drop) + "\nCOMMIT\n")
+            bank = self.banked.setdefault(sw.version, {})
+            if sw.before:
+                _add(bank, final)
+            else:
+                # Nothing of ours was there (first start, or a flush removed
+                # it): go on from the totals the daemon last saw.
+                keys = {(r.mirror, r.direction) for r in wanted.get(sw.version, ([], None))[0]}
+                self.banked[sw.version] = {k: v for k, v in carry.items() if k in keys}
+
+    def _roll_back(self, switched: list[_Switch]) -> None:
+        """Point already switched families back at their previous chains."""
+        for sw in switched:
+            if sw.remove:
+                continue
+            lines = ["*mangle"]
+            fresh = [c for c in sw.declared if c not in sw.before]
+            if PRE in sw.before:
+                lines += [f":{PRE} - [0:0]", f":{POST} - [0:0]"]
+                lines += [ln for ln in sw.current if ln.startswith((f"-A {PRE} ", f"-A {POST} "))]
+            else:
+                lines += [f"-D {hook} -j {top}" for hook, top, _ in HOOKS.values()]
+            lines += [f"-F {c}" for c in fresh] + [f"-X {c}" for c in fresh]
+            lines.append("COMMIT")
+            p = self._restore(sw.version, "\n".join(lines) + "\n")
+            if p.returncode != 0:
+                log.error("could not roll back IPv%d after a refused apply: %s", sw.version,
+                          p.stderr.strip())
 
     def _chain_counts(self, version: int, chains: set[str]) -> Counts:
         out: Counts = {}
@@ -336,7 +382,9 @@ class IptablesBackend(Backend):
 
     def counters(self) -> Counts:
         """Totals: the live rules' counts plus those of retired generations."""
-        out: Counts = dict(self.banked)
+        out: Counts = {}
+        for bank in self.banked.values():
+            _add(out, bank)
         for version in (4, 6):
             if shutil.which(self._bin(version, "-save")) is None:
                 continue
@@ -351,6 +399,17 @@ class IptablesBackend(Backend):
             current = self._save(version)
             if any("MIRRORD_" in ln for ln in current):
                 self._remove(version, current)
+
+
+@dataclass
+class _Switch:
+    """One family's step in apply(): what was there, what the new input declared."""
+
+    version: int
+    current: list[str]
+    before: list[str]
+    declared: set[str]
+    remove: bool = False
 
 
 _COUNTED_RULE = re.compile(
