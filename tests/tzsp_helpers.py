@@ -161,6 +161,15 @@ def _bpf_probe(spec: dict[str, Any]) -> dict[str, Any]:
 
         tun = os.open("/dev/net/tun", os.O_RDWR)
         fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH", b"t0", 0x0001 | 0x1000))
+        # Attaching the fd turns the carrier on, but the kernel activates the
+        # device's qdisc later, from linkwatch (up to a second on a busy
+        # machine); until then outgoing frames are dropped unseen by taps.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/sys/class/net/{dev}/operstate") as f:
+                if f.read().strip() != "down":
+                    break
+            time.sleep(0.01)
         for hexframe in spec.get("in", ()):
             os.write(tun, bytes.fromhex(hexframe))
         out_sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)

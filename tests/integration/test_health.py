@@ -94,7 +94,8 @@ def test_collector_neighbour_failed_degrades_the_mirror() -> None:
         lab.rtr.sh("sysctl -qw net.ipv4.neigh.col.mcast_solicit=1 "
                    "net.ipv4.neigh.col.retrans_time_ms=100")
         lab.start_daemon(lab.write_spec(spec(ghost, transport="clone")))
-        assert status_with_code(lab)[1]["mirrors"][0]["state"] == "active"
+        # (No "active" check here: the new LAN host's own IGMP reports are
+        # cloned too and may already have made the kernel give up on the ghost.)
         # Copies to the ghost make the kernel try to resolve it, and fail.
         lab.ping(lab.lan, WAN_HOST, 5, interval=0.05)
         st = lab.wait_for_status(lambda s: s and s["mirrors"][0]["state"] == "degraded",
