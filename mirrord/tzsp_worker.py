@@ -296,25 +296,24 @@ class Forwarder:
                     nbytes += snap + hdr_len
                 slot += 1
                 if slot == cap:
-                    self._flush(slot, nbytes)
+                    self._send_and_release(slot, nbytes, held)
                     slot = nbytes = 0
-                    for h in held:
-                        ring.release(h)
-                    held.clear()
                 off += nxt
             handled += num
             held.append(b)
             ring.cursor = (b + 1) % nblocks
             if len(held) >= self.max_held:
-                self._flush(slot, nbytes)
+                self._send_and_release(slot, nbytes, held)
                 slot = nbytes = 0
-                for h in held:
-                    ring.release(h)
-                held.clear()
+        self._send_and_release(slot, nbytes, held)
+        return handled
+
+    def _send_and_release(self, slot: int, nbytes: int, held: list[int]) -> None:
+        """Send the batch, then give its ring blocks back: the iovecs point into them."""
         self._flush(slot, nbytes)
         for h in held:
-            ring.release(h)
-        return handled
+            self.ring.release(h)
+        held.clear()
 
     def _special(self, slot: int, off: int, mac: int, snap: int, plen: int, status: int,
                  tci: int, tpid: int) -> int:
@@ -385,24 +384,16 @@ class Forwarder:
                 nbytes += len(piece) + flen
                 slot += 1
                 if slot == cap:
-                    self._flush(slot, nbytes)
+                    self._send_and_release(slot, nbytes, held)
                     slot = nbytes = 0
-                    for h in held:
-                        ring.release(h)
-                    held.clear()
                 off += nxt
             handled += num
             held.append(b)
             ring.cursor = (b + 1) % nblocks
             if len(held) >= self.max_held:
-                self._flush(slot, nbytes)
+                self._send_and_release(slot, nbytes, held)
                 slot = nbytes = 0
-                for h in held:
-                    ring.release(h)
-                held.clear()
-        self._flush(slot, nbytes)
-        for h in held:
-            ring.release(h)
+        self._send_and_release(slot, nbytes, held)
         return handled
 
 

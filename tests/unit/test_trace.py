@@ -197,8 +197,8 @@ LISTING = """table ip mirrord { # handle 1
 
 \tchain "in_br-lan" { # handle 2
 \t\tcomment "per interface"
-\t\tip saddr { 10.0.0.0/8, 100.64.0.0/10, 172.16.0.0/12,
-\t\t\t     192.168.0.0/16 } counter name "lan-icmp.in" dup to 203.0.113.10 """ \
+\t\tip saddr { 192.0.2.0/25, 192.0.2.128/26, 198.51.100.0/24,
+\t\t\t     203.0.113.0/24 } counter name "lan-icmp.in" dup to 203.0.113.10 """ \
     """comment "mirrord lan-icmp in" # handle 11
 \t\tjump foo # handle 12
 \t}
@@ -210,8 +210,8 @@ def test_rules_from_text() -> None:
     rules = rules_from_text(LISTING)
     assert rules == {
         ("prerouting", 10): 'iifname vmap { "br-lan" : jump in_br-lan }',
-        ("in_br-lan", 11): 'ip saddr { 10.0.0.0/8, 100.64.0.0/10, 172.16.0.0/12, '
-                           '192.168.0.0/16 } counter name "lan-icmp.in" dup to 203.0.113.10 '
+        ("in_br-lan", 11): 'ip saddr { 192.0.2.0/25, 192.0.2.128/26, 198.51.100.0/24, '
+                           '203.0.113.0/24 } counter name "lan-icmp.in" dup to 203.0.113.10 '
                            'comment "mirrord lan-icmp in"',
         ("in_br-lan", 12): "jump foo",
     }
