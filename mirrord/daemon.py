@@ -479,6 +479,7 @@ class Daemon:
             mirror=tap.mirror, interface=tap.interface, ifindex=tap.ifindex,
             directions=tap.directions, match=tap.match, collector=tap.collector.address,
             port=tap.collector.port, snaplen=tap.collector.snaplen,
+            ring_bytes=tap.collector.ring_mib << 20,
         )
         handle = TzspWorker(job)
         w = Worker(tap, handle)

@@ -50,6 +50,7 @@ class Collector:
     transport: Transport = "auto"
     port: int = TZSP_PORT
     snaplen: int = 65535
+    ring_mib: int = 8  # TZSP capture ring per interface; bursts of large frames want more
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,8 @@ class _Validator:
     def collector(self, name: str, node: _Node) -> Optional[Collector]:
         what = f"collector '{name}'"
         m = self.mapping(
-            node, what, ("address", "interface", "transport", "port", "snaplen"), ("address",)
+            node, what, ("address", "interface", "transport", "port", "snaplen", "ring_mib"),
+            ("address",),
         )
         if m is None or "address" not in m:
             return None
@@ -335,9 +337,18 @@ class _Validator:
             s = self.integer(m["snaplen"][1], f"{what}: snaplen", 64, 65535)
             ok = ok and s is not None
             snaplen = s or snaplen
+        ring_mib = 8
+        if "ring_mib" in m:
+            r = self.integer(m["ring_mib"][1], f"{what}: ring_mib", 1, 1024)
+            ok = ok and r is not None
+            ring_mib = r or ring_mib
+            if transport == "clone":
+                self.err(m["ring_mib"][0], f"{what}: ring_mib applies to transport tzsp only")
+                ok = False
         if address is None or not ok:
             return None
-        return Collector(name, address, interface, transport, port, snaplen)  # type: ignore[arg-type]
+        return Collector(name, address, interface, transport, port, snaplen,  # type: ignore[arg-type]
+                         ring_mib)
 
     def ifname(self, node: _Node, what: str) -> Optional[str]:
         name = self.string(node, what)

@@ -134,9 +134,16 @@ def test_counts_survive_rules_going_away_and_coming_back() -> None:
 def test_reload_changing_only_a_tzsp_match_replaces_the_worker() -> None:
     with Lab(offlink=True) as lab:
         match = "    match: {protocol: udp, dport: %d}\n"
-        path = lab.write_spec(spec(collector=OFFLINK_COLLECTOR, match=match % 5000))
+        text = spec(collector=OFFLINK_COLLECTOR, match=match % 5000)
+        # The collector's ring size reaches the worker (256 KiB blocks).
+        path = lab.write_spec(text.replace("    transport: auto\n",
+                                           "    transport: auto\n    ring_mib: 16\n"))
         d = lab.start_daemon(path)
         st = lab.wait_for_status(lambda s: s and s["mirrors"][0]["tzsp"])
+        deadline = time.monotonic() + 5
+        while "64 x 256 KiB ring" not in lab.daemon_log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "64 x 256 KiB ring" in lab.daemon_log()
         pid = st["mirrors"][0]["tzsp"][0]["pid"]
         hup_and_wait(lab, d, spec(collector=OFFLINK_COLLECTOR, match=match % 6000), path)
         st = lab.wait_for_status(lambda s: s and s["mirrors"][0]["tzsp"]
