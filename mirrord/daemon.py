@@ -38,6 +38,7 @@ log = logging.getLogger("mirrord")
 # single reconcile, short enough that healing stays in the tens of ms.
 DEBOUNCE = 0.01
 WORKER_RESTART_DELAY = 1.0
+WORKER_STEADY = 30.0  # a worker that ran this long before exiting was not crash-looping
 RETRY_MAX = 30.0  # seconds between attempts to re-apply rules the kernel refused
 # Neighbour states that mean the collector answered (or needs no answer).
 GOOD_NEIGHBOUR = frozenset({"REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"})
@@ -104,6 +105,7 @@ class Worker:
     handle: Any  # tzsp_worker.TzspWorker; imported only when a TZSP mirror exists
     exited: Optional[str] = None
     restart_at: float = 0.0
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Daemon:
         self.retry_delay = 0.0
         self.records: dict[str, MirrorRecord] = {}
         self.workers: dict[plan.TzspTap, Worker] = {}
+        self.worker_failures: dict[plan.TzspTap, int] = {}
         self.pending = Pending()
         self.started = time.time()
         self.sel = selectors.DefaultSelector()
@@ -310,7 +313,7 @@ class Daemon:
             for w in self.workers.values():
                 if w.handle.sentinel == fileobj and w.exited is None:
                     w.exited = w.handle.poll() or "exited"
-                    w.restart_at = time.monotonic() + WORKER_RESTART_DELAY
+                    w.restart_at = time.monotonic() + self._restart_delay(w)
                     log.warning("TZSP worker for %s on %s stopped: %s", w.tap.mirror,
                                 w.tap.interface, w.exited,
                                 extra={"MIRROR": w.tap.mirror, "ACTION": "worker-exit"})
@@ -488,7 +491,7 @@ class Daemon:
             handle.start()
         except OSError as e:
             w.exited = f"could not start: {e}"
-            w.restart_at = time.monotonic() + WORKER_RESTART_DELAY
+            w.restart_at = time.monotonic() + self._restart_delay(w)
             log.error("TZSP worker for %s on %s: %s", tap.mirror, tap.interface, w.exited,
                       extra={"MIRROR": tap.mirror, "ACTION": "worker-start"})
             return
@@ -496,6 +499,14 @@ class Daemon:
         log.info("TZSP capture on %s (%s) -> %s:%d", tap.interface, "+".join(tap.directions),
                  tap.collector.address, tap.collector.port,
                  extra={"MIRROR": tap.mirror, "ACTION": "worker-start"})
+
+    def _restart_delay(self, w: Worker) -> float:
+        """1 s, doubling up to 30 s while a worker keeps failing; a steady run resets it."""
+        if time.monotonic() - w.started >= WORKER_STEADY:
+            self.worker_failures.pop(w.tap, None)
+        n = self.worker_failures.get(w.tap, 0)
+        self.worker_failures[w.tap] = n + 1
+        return float(min(RETRY_MAX, WORKER_RESTART_DELAY * 2 ** n))
 
     def _stop_worker(self, tap: plan.TzspTap) -> None:
         w = self.workers.pop(tap)
