@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from .plan import Plan
+from .topology import Topology
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,10 @@ class Finding:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def plan_findings(p: Plan, backend_error: str) -> list[Finding]:
+def plan_findings(p: Plan, backend_error: str, topo: Optional[Topology] = None) -> list[Finding]:
     out: list[Finding] = []
+    if topo is not None:
+        out += _bridge_port_findings(p, topo)
     if backend_error and any(m.transport == "clone" for m in p.mirrors):
         out.append(Finding("backend-missing", "error", backend_error,
                            "install the package named above (or set backend: to one that works)"))
@@ -67,6 +70,32 @@ def plan_findings(p: Plan, backend_error: str) -> list[Finding]:
         if mp.state == "error" and mp.reason and "not on-link" in mp.reason:
             out.append(Finding("collector-offlink", "error", f"mirror {name}: {mp.reason}",
                                "set transport: tzsp (or auto) for this collector", name))
+    return out
+
+
+def _bridge_port_findings(p: Plan, topo: Topology) -> list[Finding]:
+    """A kernel clone on a bridge port copies nothing: IP hooks see the bridge.
+
+    OpenWrt's LAN ports (lan1..lan4, DSA) are ports of br-lan: "mirror port
+    lan2" is the first thing people try.
+    """
+    out: list[Finding] = []
+    for mp in p.mirrors:
+        if mp.transport != "clone":
+            continue
+        for name in mp.mirror.interfaces:
+            link = topo.link(name)
+            if link is None or link.master is None:
+                continue
+            bridge = topo.by_index(link.master)
+            bname = bridge.name if bridge else f"ifindex {link.master}"
+            out.append(Finding(
+                "bridge-port", "error",
+                f"mirror {mp.mirror.name}: {name} is a port of {bname}; the IP hooks a kernel "
+                f"clone uses see traffic on {bname}, never on its ports, so nothing is copied "
+                f"from {name}",
+                f"mirror {bname} (match on addresses to narrow it), or set transport: tzsp, "
+                f"which captures on {name} itself", mp.mirror.name))
     return out
 
 

@@ -125,13 +125,28 @@ def _interface_taps(mirror: Mirror, topo: Topology) -> list[TapState]:
 
 
 def _summarize(taps: list[TapState]) -> tuple[State, str]:
-    waiting = [t for t in taps if t.state != "active"]
-    if not waiting:
+    idle = [t for t in taps if t.state != "active"]
+    if not idle:
         return "active", ""
-    reasons = list(dict.fromkeys(t.reason for t in waiting))
-    if len(waiting) == len(taps):
-        return "waiting", "; ".join(reasons)
+    reasons = list(dict.fromkeys(t.reason for t in idle))
+    if len(idle) == len(taps):
+        return ("error" if any(t.state == "error" for t in idle) else "waiting"), "; ".join(reasons)
     return "degraded", "; ".join(reasons)
+
+
+def _bridge_ports(taps: list[TapState], topo: Topology) -> list[TapState]:
+    """Taps on bridge ports copy nothing with a kernel clone: IP hooks see the bridge."""
+    out = []
+    for t in taps:
+        link = topo.link(t.interface)
+        if t.state == "active" and link is not None and link.master is not None:
+            bridge = topo.by_index(link.master)
+            bname = bridge.name if bridge else "a bridge"
+            t = TapState(t.interface, t.direction, "error",
+                         f"{t.interface} is a port of {bname}: kernel clones see {bname}, "
+                         "not its ports (mirror the bridge, or use transport tzsp)")
+        out.append(t)
+    return out
 
 
 def _plan_mirror(
@@ -193,6 +208,7 @@ def _plan_mirror(
         CloneRule(mirror.name, way, mirror.interfaces, fm, collector.address, collector.interface)
         for way in mirror.directions
     ]
+    taps[:] = _bridge_ports(taps, topo)
     state, reason = _summarize(taps)
     if reach.neighbour == "FAILED":
         state = "degraded"

@@ -316,6 +316,10 @@ class _Validator:
                 if address.is_multicast or address.is_unspecified:
                     self.err(m["address"][1], f"{what}: address {raw} must be a unicast host")
                     address = None
+                elif address.version == 6 and address.is_link_local and "interface" not in m:
+                    self.err(m["address"][1], f"{what}: link-local address {raw} needs "
+                             "'interface': it is valid only on one link")
+                    address = None
         interface = None
         if "interface" in m:
             interface = self.ifname(m["interface"][1], f"{what}: interface")

@@ -103,7 +103,7 @@ def build_status(d: Daemon) -> dict[str, Any]:
             "rate": rates.get(m.name),
             "last_heal": {"when": _iso(heal.when), "why": heal.why} if heal else None,
         })
-    findings = plan_findings(d.plan, d.backend_error) if d.plan else []
+    findings = plan_findings(d.plan, d.backend_error, d.topo) if d.plan else []
     if d.apply_error:
         from .health import Finding
 

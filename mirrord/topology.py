@@ -38,6 +38,7 @@ class Link:
     kind: Optional[str]
     arphrd: int
     mtu: int
+    master: Optional[int] = None  # ifindex of the bridge (or bond) this link is a port of
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def _links(ipr: Any) -> dict[str, Link]:
             kind=kind,
             arphrd=int(msg["ifi_type"]),
             mtu=int(msg.get("mtu") or 0),
+            master=msg.get("master") or None,
         )
     return out
 

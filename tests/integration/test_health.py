@@ -119,3 +119,19 @@ def test_collector_reached_through_a_mirrored_interface() -> None:
         lab.ping(lab.lan, WAN_HOST, 5, interval=0.02)
         time.sleep(0.2)
         assert lab.collector_counts(ns=lab.lan)["own"] == 0
+
+
+def test_clone_mirror_on_a_bridge_port_is_an_error_with_its_fix() -> None:
+    # lan0 is a port of br-lan (as lan1..lan4 are on OpenWrt with DSA).
+    with Lab() as lab:
+        lab.start_daemon(lab.write_spec(spec(COLLECTOR, interfaces="[lan0]", transport="clone")))
+        rc, st = status_with_code(lab)
+        m = st["mirrors"][0]
+        assert m["state"] == "error" and "port of br-lan" in m["reason"] and rc == 1
+        f = codes(st)["bridge-port"]
+        assert "lan0 is a port of br-lan" in f["what"] and "transport: tzsp" in f["fix"]
+        # And it really copies nothing, which is why it is an error.
+        lab.count_at_collector({"req": "icmp type echo-request"})
+        lab.ping(lab.lan, WAN_HOST, 5, interval=0.02)
+        time.sleep(0.2)
+        assert lab.collector_counts()["req"] == 0

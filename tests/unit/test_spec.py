@@ -243,3 +243,14 @@ def test_yaml_error_names_where_the_construct_began() -> None:
     (problem,) = info.value.problems
     # The quote opens on line 5, column 11.
     assert "q.yaml:5:11" in problem or "line 5, column 11" in problem
+
+
+def test_link_local_ipv6_collector_needs_an_interface() -> None:
+    text = ("collectors: {ids: {address: 'fe80::5'}}\n"
+            "mirrors: [{name: a, interfaces: [br-lan], collector: ids}]\n")
+    with pytest.raises(spec.SpecError) as info:
+        spec.parse(text, "ll.yaml")
+    assert info.value.problems[0].startswith("ll.yaml:1:29: collector 'ids': link-local address "
+                                             "fe80::5 needs 'interface'")
+    ok = text.replace("'fe80::5'}", "'fe80::5', interface: br-lan}")
+    assert str(spec.parse(ok).collectors["ids"].address) == "fe80::5"
