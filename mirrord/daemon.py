@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 from . import backends, plan, spec, topology
 from .backends.base import Backend, Counts, Rendered
-from .backends.iptables import backend_event_driven
 from .cli import add_config_argument
 from .control import DEFAULT_SOCKET, ControlServer
 from .match import Address
@@ -287,7 +286,7 @@ class Daemon:
 
     def _schedule_poll(self) -> None:
         # iptables-legacy changes produce no event at all: only a poll sees them.
-        needs = self.backend is not None and not backend_event_driven(self.backend) and bool(
+        needs = self.backend is not None and not self.backend.event_driven and bool(
             self.plan and self.plan.clones)
         self.next_poll = time.monotonic() + self.spec.poll_interval if needs else None
 

@@ -333,9 +333,6 @@ class _Validator:
             p = self.integer(m["port"][1], f"{what}: port", 1, 65535)
             ok = ok and p is not None
             port = p or port
-            if transport == "clone":
-                self.err(m["port"][0], f"{what}: port applies to transport tzsp only")
-                ok = False
         snaplen = 65535
         if "snaplen" in m:
             s = self.integer(m["snaplen"][1], f"{what}: snaplen", 64, 65535)
@@ -346,9 +343,11 @@ class _Validator:
             r = self.integer(m["ring_mib"][1], f"{what}: ring_mib", 1, 1024)
             ok = ok and r is not None
             ring_mib = r or ring_mib
-            if transport == "clone":
-                self.err(m["ring_mib"][0], f"{what}: ring_mib applies to transport tzsp only")
-                ok = False
+        if transport == "clone":
+            for key in ("port", "ring_mib"):
+                if key in m:
+                    self.err(m[key][0], f"{what}: {key} applies to transport tzsp only")
+                    ok = False
         if address is None or not ok:
             return None
         return Collector(name, address, interface, transport, port, snaplen,  # type: ignore[arg-type]

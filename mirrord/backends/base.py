@@ -33,14 +33,16 @@ class ApplyError(BackendError):
 class Rendered:
     text: str  # exactly what would be applied, for humans (`mirrord render`)
     payload: Any  # what apply() consumes
-    keys: frozenset[CounterKey] = frozenset()
 
 
 class Backend(ABC):
     name: ClassVar[str]
-    # Whether changes to what this backend owns produce nftables netlink
-    # events; when not (iptables-legacy) the daemon must poll to see drift.
-    event_driven: ClassVar[bool] = True
+    @property
+    def event_driven(self) -> bool:
+        """Whether changes to what this backend owns produce nftables netlink
+        events; when not (iptables-legacy) the daemon must poll to see drift."""
+        return True
+
     # Address families this backend can clone.
     versions: ClassVar[frozenset[int]] = frozenset({4, 6})
 

@@ -120,6 +120,10 @@ class IptablesBackend(Backend):
         return "iptables-nft" if self.uses_nft else "iptables-legacy"
 
     @property
+    def event_driven(self) -> bool:
+        return self.uses_nft
+
+    @property
     def uses_nft(self) -> bool:
         if self._event_driven is None:
             p = self._run([self._bin(4, ""), "--version"]) if shutil.which(self._bin(4, "")) else None
@@ -168,10 +172,9 @@ class IptablesBackend(Backend):
         restore = " ".join(self._restore_argv(4)[1:])
         text = "".join(f"# {self._bin(v, '-restore')} {restore}\n" +
                        t.replace("COMMIT\n", jumps + "COMMIT\n") for v, t in texts.items())
-        keys = frozenset((r.mirror, r.direction) for r in plan.clones)
         payload = {v: ([r for r in plan.clones if r.version == v], plan.clone_egress)
                    for v in texts}
-        return Rendered(text=text, payload=payload, keys=keys)
+        return Rendered(text=text, payload=payload)
 
     def render_restore(self, plan: Plan, generation: str = "A") -> dict[int, str]:
         out: dict[int, str] = {}
@@ -429,7 +432,6 @@ def _add(total: Counts, more: Counts) -> None:
 class IptablesLegacyBackend(IptablesBackend):
     name = "iptables-legacy"
     binary_suffix = "-legacy"
-    event_driven = False
 
     @property
     def uses_nft(self) -> bool:
@@ -460,10 +462,3 @@ class RouteTeeBackend(IptablesBackend):
         # The iptables of the old images that have ROUTE predates
         # `iptables-restore -w` (1.6.2).
         return [self._bin(version, "-restore"), "--noflush"]
-
-
-def backend_event_driven(b: Backend) -> bool:
-    if isinstance(b, IptablesBackend):
-        return b.uses_nft
-    return b.event_driven
-

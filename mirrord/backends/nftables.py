@@ -304,7 +304,6 @@ def to_text(tables: dict[str, list[dict[str, Any]]]) -> str:
 # -- the kernel ----------------------------------------------------------------
 class NftablesBackend(Backend):
     name = "nftables"
-    event_driven = True
 
     def __init__(self) -> None:
         self._nft: Any = None
@@ -351,8 +350,7 @@ class NftablesBackend(Backend):
 
     def render(self, plan: Plan) -> Rendered:
         tables = render_tables(plan)
-        keys = frozenset((r.mirror, r.direction) for r in plan.clones)
-        return Rendered(text=to_text(tables), payload=tables, keys=keys)
+        return Rendered(text=to_text(tables), payload=tables)
 
     def apply(self, rendered: Rendered, carry: Counts) -> None:
         existing = {}
