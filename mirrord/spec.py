@@ -92,34 +92,195 @@ def default_path() -> str:
     return os.environ.get("MIRRORD_CONFIG") or DEFAULT_PATH
 
 
+# Bounds on what a spec may cost to read. A router's spec is a few KiB; these
+# are far above any real one and far below what hurts a small router.
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 64
+# Nodes reached through aliases, counted with everything below them: a
+# "billion laughs" spec of a few hundred bytes expands to billions of nodes.
+MAX_ALIAS_NODES = 10_000
+MAX_PROBLEMS = 100
+MAX_SHOWN = 60  # characters of a user's value quoted in a message
+MAX_LINE = 300  # characters in one problem line
+INTERNAL_ERROR = "internal error in mirrord while reading this spec; please report it"
+
+
 def load(path: str) -> Spec:
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            # Bounded: the path may name a FIFO or /dev/zero.
+            data = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise SpecError([f"{path}: cannot read: {e.strerror or e}"]) from e
-    return parse(text, path)
+    if len(data) > MAX_BYTES:
+        raise SpecError([f"{path}:1:1: the spec is larger than {MAX_BYTES} bytes; "
+                         "this is not a mirror spec"])
+    return parse(_decode(data, path), path)
+
+
+def _decode(data: bytes, path: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        column = len(data[line_start:e.start].decode("utf-8", "replace")) + 1
+        hint = (" (the file looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff")
+                else "")
+        raise SpecError([f"{path}:{line}:{column}: byte 0x{data[e.start]:02X} is not UTF-8 "
+                         f"text{hint}; save the spec as UTF-8"]) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def show(value: object) -> str:
+    """A user's value as quoted in a message: one line, bounded in length."""
+    if isinstance(value, yaml.Node):
+        # Never the node itself: its repr walks every node below it.
+        if isinstance(value, yaml.MappingNode):
+            value = "a mapping"
+        elif isinstance(value, yaml.SequenceNode):
+            value = "a list"
+        else:
+            value = str(value.value)
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_SHOWN:
+        text = text[:MAX_SHOWN] + "..."
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _clamp(line: str) -> str:
+    if len(line) <= MAX_LINE:
+        return line
+    return line[:MAX_LINE - 3] + "..."
+
+
+_STD = "tag:yaml.org,2002:"
+
+
+class _LimitError(yaml.MarkedYAMLError):
+    """The spec is valid YAML but exceeds a bound; raised before construction."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader's composer, bounded in depth and alias expansion.
+
+    Only `compose` is used: no node is constructed into Python objects here, so
+    a tag never runs a constructor. The validator reads scalars itself.
+    """
+
+    # A plain 2024-01-01 stays text: nothing in a spec is a date, and reading
+    # one as a date would only fail later, less clearly.
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != _STD + "timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+        self.alias_nodes = 0
+        # Size of every finished collection, aliases expanded. A collection
+        # that is anchored but not in here is still open: an alias to it
+        # would make the graph a cycle.
+        self.sizes: dict[int, int] = {}
+
+    def size(self, node: yaml.Node) -> int:
+        return self.sizes.get(id(node), 1)
+
+    def compose_node(self, parent: Optional[yaml.Node], index: int) -> Optional[yaml.Node]:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
+            target: Any = self.anchors.get(event.anchor)
+            if isinstance(target, yaml.CollectionNode) and id(target) not in self.sizes:
+                raise _LimitError(None, None, f"alias *{show(event.anchor)} refers to a node "
+                                  "that contains it (a cycle)", mark)
+            if target is not None:
+                self.alias_nodes += self.size(target)
+                if self.alias_nodes > MAX_ALIAS_NODES:
+                    raise _LimitError(None, None, "aliases expand to more than "
+                                      f"{MAX_ALIAS_NODES} nodes; a spec needs far fewer", mark)
+            return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _LimitError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if isinstance(node, yaml.SequenceNode):
+            self.sizes[id(node)] = 1 + sum(self.size(n) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            self.sizes[id(node)] = 1 + sum(self.size(k) + self.size(v) for k, v in node.value)
+        return node
+
+
+def _compose(text: str) -> Optional[yaml.Node]:
+    loader = _Loader(text)
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
+
+
+def _where(path: str, mark: Optional[yaml.Mark]) -> str:
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}:1:1"
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
 
 
 def parse(text: str, path: str = "<spec>") -> Spec:
+    """The spec in `text`; raises SpecError, and only SpecError, for any text."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        problems = _parse(text, path)
+    except Exception as e:
+        # A bug here must not take the daemon down on a reload; the fuzz
+        # test asserts this line is never produced.
+        problems = [f"{path}:1:1: {INTERNAL_ERROR} ({type(e).__name__}: {show(e)})"]
+    if isinstance(problems, Spec):
+        return problems
+    if len(problems) > MAX_PROBLEMS:
+        rest = len(problems) - MAX_PROBLEMS
+        where = problems[MAX_PROBLEMS].split(": ", 1)[0]
+        problems = [*problems[:MAX_PROBLEMS], f"{where}: ... and {rest} more problems"]
+    raise SpecError([_clamp(p) for p in problems])
+
+
+def _parse(text: str, path: str) -> Spec | list[str]:
+    if len(text) > MAX_BYTES:
+        return [f"{path}:1:1: the spec is larger than {MAX_BYTES} characters; "
+                "this is not a mirror spec"]
+    try:
+        root = _compose(text)
+    except _LimitError as e:
+        return [f"{_where(path, e.problem_mark)}: {e.problem}"]
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
         context = ""
         if e.context and e.context_mark is not None:
             # The mark of the problem is where parsing gave up (often the end
             # of the file); the context says where the unclosed thing began.
             cm = e.context_mark
             context = f" ({e.context} at line {cm.line + 1}, column {cm.column + 1})"
-        raise SpecError([f"{where}: YAML syntax: {e.problem}{context}"]) from e
+        return [f"{_where(path, e.problem_mark)}: YAML syntax: {e.problem}{context}"]
+    except yaml.reader.ReaderError as e:
+        line, column = _position(text, e.position)
+        return [f"{path}:{line}:{column}: character U+{e.character:04X} is not allowed in "
+                "a YAML file"
+                if isinstance(e.character, int) else f"{path}:{line}:{column}: {e.reason}"]
     except yaml.YAMLError as e:
-        raise SpecError([f"{path}: YAML: {e}"]) from e
+        return [f"{path}:1:1: YAML: {show(e)}"]
+    except RecursionError:
+        return [f"{path}:1:1: the spec is nested too deeply"]
     v = _Validator(path)
-    spec = v.spec(root)
+    try:
+        spec = v.spec(root)
+    except RecursionError:
+        return [f"{path}:1:1: the spec is nested too deeply"]
     if v.problems or spec is None:
-        raise SpecError(v.sorted_problems())
+        return v.sorted_problems()
     return spec
 
 
@@ -127,11 +288,12 @@ def valid_ifname(name: str) -> Optional[str]:
     """Why `name` cannot be a Linux interface name, or None if it can."""
     if not name:
         return "is empty"
-    if len(name.encode()) >= IFNAMSIZ:
-        return f"is {len(name.encode())} bytes long; Linux allows at most {IFNAMSIZ - 1}"
+    size = len(name.encode(errors="surrogatepass"))
+    if size >= IFNAMSIZ:
+        return f"is {size} bytes long; Linux allows at most {IFNAMSIZ - 1}"
     if name in (".", ".."):
         return "is not a valid name"
-    bad = [c for c in name if c in "/:'\"`\\" or c.isspace() or ord(c) < 32]
+    bad = [c for c in name if c in "/:'\"`\\" or c.isspace() or not c.isprintable()]
     if bad:
         return f"contains {bad[0]!r}, which Linux interface names cannot hold"
     # Linux accepts these, but nft and iptables read them as wildcards,
@@ -143,7 +305,69 @@ def valid_ifname(name: str) -> Optional[str]:
     return None
 
 
+def host_address(raw: str, has_interface: bool = True) -> tuple[Optional[Address], str]:
+    """The collector address in `raw`, or why it cannot be one host's address.
+
+    A clone or TZSP copy sent to a group, broadcast or unspecified address
+    floods a segment or goes nowhere; one sent to loopback never leaves this
+    router. Whether an address is a directed broadcast or a network address
+    depends on the prefix of the link it is on, which only the plan knows (it
+    checks the router's own prefixes); an address written with a prefix
+    length shows it here already.
+    """
+    try:
+        address: Address = ipaddress.ip_address(raw)
+    except ValueError:
+        pass
+    else:
+        why = _not_a_host(address, has_interface, raw)
+        return (None, why) if why else (address, "")
+    try:
+        iface = ipaddress.ip_interface(raw)
+    except ValueError:
+        return None, f"address '{show(raw)}' is not an IPv4 or IPv6 address"
+    address, net = iface.ip, iface.network
+    if net.num_addresses > 2 and address == net.network_address:
+        what = "network address" if address.version == 4 else "subnet-router anycast address"
+        return None, f"address {raw} is the {what} of {net}, not a host"
+    if address.version == 4 and net.num_addresses > 2 and address == net.broadcast_address:
+        return None, (f"address {raw} is the broadcast address of {net}: copies would go to "
+                      "every host on it; a collector must be one host")
+    return None, (_not_a_host(address, has_interface, raw) or
+                  f"address {raw} has a prefix length; write the host address alone: {address}")
+
+
+def _not_a_host(address: Address, has_interface: bool, raw: str) -> str:
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        return f"address {raw} is the broadcast address: copies would go to every host on the link"
+    if address.is_multicast:
+        return f"address {raw} must be a unicast host, not a multicast group"
+    if address.is_unspecified:
+        return f"address {raw} is the unspecified address, not a host"
+    if address.is_loopback:
+        return (f"address {raw} is a loopback address: copies would never leave this router")
+    if address.version == 4 and address in ipaddress.IPv4Network("240.0.0.0/4"):
+        return f"address {raw} is in the reserved range 240.0.0.0/4, which no host can use"
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return f"address {raw} is an IPv4-mapped IPv6 address; write {address.ipv4_mapped}"
+    if address.version == 6 and address.is_link_local and not has_interface:
+        return f"link-local address {raw} needs 'interface': it is valid only on one link"
+    return ""
+
+
 _Node = yaml.Node
+_STR, _NULL, _BOOL, _INT, _FLOAT = (_STD + t for t in ("str", "null", "bool", "int", "float"))
+_SCALAR_TAGS = frozenset({_STR, _NULL, _BOOL, _INT, _FLOAT})
+_BOOLS: dict[str, bool] = dict(yaml.constructor.SafeConstructor.bool_values)
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+_PORT_RE = re.compile(r"\s*([0-9]+)\s*(?:[-:]\s*([0-9]+)\s*)?", re.ASCII)
+
+
+class _Bad:
+    """A value that could not be read; the reason is already reported."""
+
+
+_BAD = _Bad()
 
 
 class _Validator:
@@ -158,8 +382,8 @@ class _Validator:
     # -- reporting ---------------------------------------------------------
     def err(self, node: Optional[_Node], message: str) -> None:
         if node is None:
-            self.positions.append((0, 0))
-            self.problems.append(f"{self.path}: {message}")
+            self.positions.append((1, 1))
+            self.problems.append(f"{self.path}:1:1: {message}")
             return
         m = node.start_mark
         self.positions.append((m.line + 1, m.column + 1))
@@ -184,9 +408,9 @@ class _Validator:
                 self.err(k, f"{what}: keys must be plain names")
                 continue
             if key not in allowed:
-                near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                near = difflib.get_close_matches(key[:64], allowed, n=1, cutoff=0.6)
                 hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(allowed)}"
-                self.err(k, f"{what}: unknown key '{key}'{hint}")
+                self.err(k, f"{what}: unknown key '{show(key)}'{hint}")
                 continue
             if key in out:
                 self.err(k, f"{what}: key '{key}' given twice")
@@ -198,20 +422,41 @@ class _Validator:
         return out
 
     def scalar(self, node: _Node) -> Any:
+        """A scalar's value (str, int, float, bool or None); other nodes as they are.
+
+        `_BAD` when the value cannot be read (already reported): a tag mirrord
+        does not read, `!!int ""`, `!!bool maybe`, a number thousands of digits long.
+        """
         if not isinstance(node, yaml.ScalarNode):
             return node
+        tag, value = node.tag, node.value
+        if tag == _STR:
+            return value
+        if tag == _NULL:
+            return None
+        name = tag[len(_STD):] if tag.startswith(_STD) else ""
+        if tag not in _SCALAR_TAGS:
+            self.err(node, f"the tag {show(tag)} is not supported here; write the plain value")
+            return _BAD
         try:
-            return yaml.SafeLoader(b"").construct_object(node, deep=True)
-        except (ValueError, yaml.YAMLError) as e:
-            # A date that does not exist (2024-02-30), an unknown tag (!foo):
-            # report it here and go on with the raw text, so every other
-            # problem is still found.
-            problem = getattr(e, "problem", None) or str(e)
-            self.err(node, f"cannot read the value '{node.value}': {problem}")
-            return node.value
+            if tag == _BOOL:
+                return _BOOLS[value.lower()]
+            # int() reads any Unicode digit and the sexagesimal reading of
+            # "1:2:3" multiplies: only short ASCII numerals are numbers.
+            if not value.isascii() or len(value) > 32:
+                raise ValueError("not a number of at most 32 ASCII characters")
+            if tag == _INT:
+                return _CONSTRUCTOR.construct_yaml_int(node)
+            return _CONSTRUCTOR.construct_yaml_float(node)
+        except (ValueError, KeyError, IndexError, TypeError, OverflowError) as e:
+            why = f": {e}" if isinstance(e, ValueError) and "invalid literal" not in str(e) else ""
+            self.err(node, f"cannot read '{show(value)}' as !!{name}{why}")
+            return _BAD
 
     def string(self, node: _Node, what: str) -> Optional[str]:
         value = self.scalar(node)
+        if value is _BAD:
+            return None
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             self.err(node, f"{what} must be a string")
             return None
@@ -222,7 +467,7 @@ class _Validator:
         if value is None:
             return None
         if value not in choices:
-            self.err(node, f"{what} must be one of {', '.join(choices)}, not '{value}'")
+            self.err(node, f"{what} must be one of {', '.join(choices)}, not '{show(value)}'")
             return None
         return value
 
@@ -234,11 +479,13 @@ class _Validator:
 
     def integer(self, node: _Node, what: str, low: int, high: int) -> Optional[int]:
         value = self.scalar(node)
+        if value is _BAD:
+            return None
         if isinstance(value, bool) or not isinstance(value, int):
             self.err(node, f"{what} must be a whole number")
             return None
         if not low <= value <= high:
-            self.err(node, f"{what} must be between {low} and {high}, not {value}")
+            self.err(node, f"{what} must be between {low} and {high}, not {show(value)}")
             return None
         return value
 
@@ -260,7 +507,9 @@ class _Validator:
         if "poll_interval" in top:
             node = top["poll_interval"][1]
             value = self.scalar(node)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            if value is _BAD:
+                pass
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 0.1 <= value <= 3600
             ):
                 self.err(node, "poll_interval must be a number of seconds from 0.1 to 3600")
@@ -283,8 +532,8 @@ class _Validator:
             name = self.string(k, "collector name")
             if name is None:
                 continue
-            if not NAME_RE.match(name):
-                self.err(k, f"collector name '{name}' must be 1-32 letters, digits, '_', '.' or '-'")
+            if not NAME_RE.fullmatch(name):
+                self.err(k, f"collector name '{show(name)}' must be 1-32 letters, digits, '_', '.' or '-'")
                 continue
             if name in out:
                 self.err(k, f"collector '{name}' is defined twice")
@@ -308,18 +557,9 @@ class _Validator:
         address: Optional[Address] = None
         raw = self.string(m["address"][1], f"{what}: address")
         if raw is not None:
-            try:
-                address = ipaddress.ip_address(raw)
-            except ValueError:
-                self.err(m["address"][1], f"{what}: address '{raw}' is not an IPv4 or IPv6 address")
-            else:
-                if address.is_multicast or address.is_unspecified:
-                    self.err(m["address"][1], f"{what}: address {raw} must be a unicast host")
-                    address = None
-                elif address.version == 6 and address.is_link_local and "interface" not in m:
-                    self.err(m["address"][1], f"{what}: link-local address {raw} needs "
-                             "'interface': it is valid only on one link")
-                    address = None
+            address, why = host_address(raw, has_interface="interface" in m)
+            if why:
+                self.err(m["address"][1], f"{what}: {why}")
         interface = None
         if "interface" in m:
             interface = self.ifname(m["interface"][1], f"{what}: interface")
@@ -359,7 +599,7 @@ class _Validator:
             return None
         why = valid_ifname(name)
         if why:
-            self.err(node, f"{what} '{name}' {why}")
+            self.err(node, f"{what} '{show(name)}' {why}")
             return None
         return name
 
@@ -390,8 +630,9 @@ class _Validator:
             return None
         ok = {"name", "interfaces", "collector"} <= m.keys()
         name = self.string(m["name"][1], "mirror name") if "name" in m else None
-        if name is not None and not NAME_RE.match(name):
-            self.err(m["name"][1], f"mirror name '{name}' must be 1-32 letters, digits, '_', '.' or '-'")
+        if name is not None and not NAME_RE.fullmatch(name):
+            self.err(m["name"][1],
+                     f"mirror name '{show(name)}' must be 1-32 letters, digits, '_', '.' or '-'")
             name = None
         what = f"mirror '{name}'" if name else "mirror"
         ifnode = m["interfaces"][1] if "interfaces" in m else None
@@ -407,7 +648,7 @@ class _Validator:
             if i is None:
                 ok = False
             elif i in interfaces:
-                self.err(n, f"{what}: interface '{i}' is listed twice")
+                self.err(n, f"{what}: interface '{show(i)}' is listed twice")
                 ok = False
             else:
                 interfaces.append(i)
@@ -421,11 +662,12 @@ class _Validator:
             ok = False  # its own errors were reported where it is defined
         elif cname is not None and collector is None:
             known = list(collectors)
-            near = difflib.get_close_matches(cname, known, n=1, cutoff=0.6)
+            near = difflib.get_close_matches(cname[:64], known, n=1, cutoff=0.6)
             hint = f"; did you mean '{near[0]}'?" if near else (
                 f"; defined: {', '.join(known)}" if known else ""
             )
-            self.err(m["collector"][1], f"{what}: collector '{cname}' is not defined{hint}")
+            self.err(m["collector"][1],
+                     f"{what}: collector '{show(cname)}' is not defined{hint}")
             ok = False
         match = Match()
         if "match" in m:
@@ -534,15 +776,17 @@ class _Validator:
 
     def protocol(self, node: _Node, what: str) -> Optional[int]:
         value = self.scalar(node)
+        if value is _BAD:
+            return None
         if isinstance(value, int) and not isinstance(value, bool):
             if 0 <= value <= 255:
                 return value
-            self.err(node, f"{what}: protocol number must be 0-255, not {value}")
+            self.err(node, f"{what}: protocol number must be 0-255, not {show(value)}")
             return None
         if isinstance(value, str) and value.lower() in PROTOCOLS:
             return PROTOCOLS[value.lower()]
         names = ", ".join(sorted(PROTOCOLS))
-        self.err(node, f"{what}: unknown protocol '{value}'; use one of {names}, or a number")
+        self.err(node, f"{what}: unknown protocol '{show(value)}'; use one of {names}, or a number")
         return None
 
     def port_ranges(self, node: _Node, what: str) -> Optional[tuple[PortRange, ...]]:
@@ -556,22 +800,29 @@ class _Validator:
             # The raw text, not YAML's reading of it: YAML 1.1 reads an
             # unquoted 20:21 (iptables' range syntax) as the base-60 number 1221.
             value = n.value if isinstance(n, yaml.ScalarNode) and n.style is None else self.scalar(n)
-            if isinstance(value, str) and value.strip().isdigit():
-                value = int(value)
+            if value is _BAD:
+                ok = False
+                continue
             r: Optional[PortRange] = None
+            too_big = False
             if isinstance(value, int) and not isinstance(value, bool):
                 r = PortRange(value, value)
             elif isinstance(value, str):
-                mm = re.fullmatch(r"\s*(\d+)\s*[-:]\s*(\d+)\s*", value)
+                # ASCII digits only: str.isdigit() and int() also take '²' and '٣'.
+                mm = _PORT_RE.fullmatch(value)
                 if mm:
-                    r = PortRange(int(mm.group(1)), int(mm.group(2)))
-                elif value.strip().isdigit():
-                    r = PortRange(int(value), int(value))
-            if r is None:
-                self.err(n, f"{what}: '{value}' is not a port or a range like 1000-2000")
+                    low, high = mm.group(1), mm.group(2) or mm.group(1)
+                    too_big = max(len(low.lstrip("0")), len(high.lstrip("0"))) > 5
+                    if not too_big:
+                        r = PortRange(int(low), int(high))
+            if too_big:
+                self.err(n, f"{what}: '{show(value)}' is not within 1-65535")
+                ok = False
+            elif r is None:
+                self.err(n, f"{what}: '{show(value)}' is not a port or a range like 1000-2000")
                 ok = False
             elif not (1 <= r.low <= r.high <= 65535):
-                self.err(n, f"{what}: {r} is not within 1-65535 with low <= high")
+                self.err(n, f"{what}: {show(r)} is not within 1-65535 with low <= high")
                 ok = False
             else:
                 out.append(r)
@@ -594,9 +845,9 @@ class _Validator:
             except ValueError as e:
                 if "has host bits set" in str(e):
                     net = ipaddress.ip_network(raw.strip(), strict=False)
-                    self.err(n, f"{what}: '{raw}' has host bits set; did you mean {net}?")
+                    self.err(n, f"{what}: '{show(raw)}' has host bits set; did you mean {net}?")
                 else:
-                    self.err(n, f"{what}: '{raw}' is not an address or prefix")
+                    self.err(n, f"{what}: '{show(raw)}' is not an address or prefix")
                 ok = False
         return tuple(out) if ok else None
 
