@@ -168,6 +168,8 @@ def _plan_mirror(
         return result(None, "waiting", why), [], []
     if reach.local:
         return result(None, "error", f"collector {collector.address} is an address of this router"), [], []
+    if (not_host := _not_a_host(collector.address, reach)) is not None:
+        return result(None, "error", not_host), [], []
 
     transport: TransportName
     if collector.transport == "auto":
@@ -217,6 +219,25 @@ def _plan_mirror(
                         f"FAILED on {reach.oif})", reason) if r
         )
     return result("clone", state, reason), rules, []
+
+
+def _not_a_host(address: Address, reach: Reach) -> Optional[str]:
+    """Why an on-link collector is its link's broadcast or network address (None: it is not).
+
+    Only the router's own prefix on the link tells: 192.0.2.255 is a host in
+    a /23 and every host of the segment in a /24.
+    """
+    for net in reach.prefixes:
+        if net.num_addresses <= 2:  # /31, /32 (RFC 3021) and /127, /128: all hosts
+            continue
+        where = f"{net} on {reach.oif}"
+        if net.version == 4 and address == net.broadcast_address:
+            return (f"collector {address} is the broadcast address of {where}: copies would go "
+                    "to every host there; a collector must be one host")
+        if address == net.network_address:
+            what = "network address" if net.version == 4 else "subnet-router anycast address"
+            return f"collector {address} is the {what} of {where}, not a host"
+    return None
 
 
 def _plan_tzsp(

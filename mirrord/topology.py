@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from .match import Address
+from .match import Address, Network
 
 IFF_UP = 0x1
 IFF_RUNNING = 0x40
@@ -51,6 +51,9 @@ class Reach:
     local: bool = False
     neighbour: Optional[str] = None
     error: Optional[str] = None
+    # The router's own prefixes on `oif` that hold the collector (on-link only):
+    # what tells a directed broadcast or network address from a host.
+    prefixes: tuple[Network, ...] = ()
 
     @property
     def onlink(self) -> bool:
@@ -129,9 +132,27 @@ def _reach(ipr: Any, links: dict[str, Link], address: Address, oif: Optional[str
     out_name = out_link.name if out_link else str(out_index)
     gateway = msg.get("gateway")
     neighbour = None
+    prefixes: tuple[Network, ...] = ()
     if gateway is None and out_link is not None:
         neighbour = _neighbour_state(ipr, address, out_link.index)
-    return Reach(address, oif=out_name, gateway=gateway, neighbour=neighbour)
+        prefixes = _prefixes(ipr, address, out_link.index)
+    return Reach(address, oif=out_name, gateway=gateway, neighbour=neighbour, prefixes=prefixes)
+
+
+def _prefixes(ipr: Any, address: Address, ifindex: int) -> tuple[Network, ...]:
+    family = 2 if address.version == 4 else 10
+    out: list[Network] = []
+    try:
+        for msg in ipr.get_addr(family=family, index=ifindex):
+            local = msg.get("IFA_ADDRESS")
+            if local is None:
+                continue
+            net = ipaddress.ip_network(f"{local}/{int(msg['prefixlen'])}", strict=False)
+            if address in net and net not in out:
+                out.append(net)
+    except Exception:
+        return ()
+    return tuple(out)
 
 
 def _neighbour_state(ipr: Any, address: Address, ifindex: int) -> Optional[str]:

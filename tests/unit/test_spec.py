@@ -17,8 +17,9 @@ from typing import Any, Optional
 
 import pytest
 
-from mirrord import cli, spec
+from mirrord import cli, plan, spec
 from mirrord.match import Match, PortRange
+from mirrord.topology import ARPHRD_ETHER, Link, Reach, Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 ERRORS = Path(__file__).parent / "golden" / "errors"
@@ -254,3 +255,75 @@ def test_link_local_ipv6_collector_needs_an_interface() -> None:
                                              "fe80::5 needs 'interface'")
     ok = text.replace("'fe80::5'}", "'fe80::5', interface: br-lan}")
     assert str(spec.parse(ok).collectors["ids"].address) == "fe80::5"
+
+
+# -- collectors that are not one host ------------------------------------------
+# The spec reader rejects what is never a host (golden/errors/collector_not_a_host);
+# whether an address is its link's broadcast or network address depends on the
+# router's prefix there, which the plan checks.
+
+def _one_collector(address: str, transport: str) -> spec.Spec:
+    return spec.parse(f"collectors: {{ids: {{address: '{address}', transport: {transport}}}}}\n"
+                      "mirrors: [{name: m, interfaces: [lan], collector: ids}]\n", "h.yaml")
+
+
+def _plan_with_prefix(address: str, prefix: str, transport: str = "auto") -> plan.MirrorPlan:
+    s = _one_collector(address, transport)
+    c = s.collectors["ids"]
+    links = {n: Link(n, i, True, None, ARPHRD_ETHER, 1500) for i, n in ((2, "lan"), (3, "eth2"))}
+    reach = Reach(c.address, oif="eth2", neighbour="REACHABLE",
+                  prefixes=(ipaddress.ip_network(prefix),))
+    p = plan.build(s, Topology(links, {(c.address, c.interface): reach}), "nftables")
+    (mp,) = p.mirrors
+    if mp.state == "error":
+        assert (p.clones, p.tzsp) == ((), ())
+    return mp
+
+
+@pytest.mark.parametrize("transport", ["auto", "clone", "tzsp"])
+def test_plan_directed_broadcast_collector_is_an_error(transport: str) -> None:
+    mp = _plan_with_prefix("192.0.2.255", "192.0.2.0/24", transport)
+    assert (mp.state, mp.transport) == ("error", None)
+    assert mp.reason == ("collector 192.0.2.255 is the broadcast address of 192.0.2.0/24 on eth2: "
+                         "copies would go to every host there; a collector must be one host")
+
+
+def test_plan_network_address_collector_is_an_error() -> None:
+    mp = _plan_with_prefix("198.51.100.64", "198.51.100.64/26")
+    assert (mp.state, mp.reason) == (
+        "error", "collector 198.51.100.64 is the network address of 198.51.100.64/26 on eth2, "
+        "not a host")
+    mp = _plan_with_prefix("2001:db8:1::", "2001:db8:1::/64", "tzsp")
+    assert (mp.state, mp.reason) == (
+        "error", "collector 2001:db8:1:: is the subnet-router anycast address of "
+        "2001:db8:1::/64 on eth2, not a host")
+
+
+@pytest.mark.parametrize("address,prefix", [
+    ("192.0.2.255", "192.0.2.0/23"),   # a host in a /23
+    ("192.0.2.0", "192.0.2.0/31"),     # both ends of a /31 are hosts (RFC 3021)
+    ("192.0.2.1", "192.0.2.0/31"),
+    ("192.0.2.9", "192.0.2.9/32"),
+    ("2001:db8:1::", "2001:db8:1::/127"),
+    ("192.0.2.7", "192.0.2.0/24"),
+])
+def test_plan_host_collector_in_its_prefix_is_active(address: str, prefix: str) -> None:
+    mp = _plan_with_prefix(address, prefix)
+    assert (mp.state, mp.transport) == ("active", "clone")
+
+
+@pytest.mark.parametrize("address", ["255.255.255.255", "0.0.0.0", "::", "127.0.0.2", "::1",
+                                     "239.1.1.1", "ff02::1", "240.0.0.1", "::ffff:192.0.2.50",
+                                     "192.0.2.255/24", "192.0.2.0/24", "192.0.2.50/24"])
+def test_spec_collector_address_that_is_not_a_host(address: str) -> None:
+    with pytest.raises(spec.SpecError) as info:
+        _one_collector(address, "tzsp")
+    (problem,) = info.value.problems
+    assert problem.startswith(f"h.yaml:1:29: collector 'ids': address {address} "), problem
+
+
+@pytest.mark.parametrize("address", ["192.0.2.255", "192.0.2.0", "203.0.113.1", "2001:db8::",
+                                     "169.254.1.1"])
+def test_spec_collector_address_that_may_be_a_host(address: str) -> None:
+    # Without the prefix of its link, these are hosts as far as the spec can tell.
+    assert str(_one_collector(address, "tzsp").collectors["ids"].address) == address
