@@ -157,6 +157,11 @@ def _clamp(line: str) -> str:
 _STD = "tag:yaml.org,2002:"
 
 
+def _short(tag: str) -> str:
+    """A tag as written in YAML: !!int for tag:yaml.org,2002:int."""
+    return "!!" + tag[len(_STD):] if tag.startswith(_STD) else tag
+
+
 class _LimitError(yaml.MarkedYAMLError):
     """The spec is valid YAML but exceeds a bound; raised before construction."""
 
@@ -183,6 +188,9 @@ class _Loader(yaml.SafeLoader):
         # that is anchored but not in here is still open: an alias to it
         # would make the graph a cycle.
         self.sizes: dict[int, int] = {}
+        # Lists and mappings tagged as something else (!!set, !!omap, !!python/...):
+        # they are read as plain lists and mappings, so the tag would be ignored.
+        self.odd_tags: list[yaml.Node] = []
 
     def size(self, node: yaml.Node) -> int:
         return self.sizes.get(id(node), 1)
@@ -208,6 +216,8 @@ class _Loader(yaml.SafeLoader):
             node = super().compose_node(parent, index)
         finally:
             self.depth -= 1
+        if isinstance(node, yaml.CollectionNode) and node.tag not in (_STD + "seq", _STD + "map"):
+            self.odd_tags.append(node)
         if isinstance(node, yaml.SequenceNode):
             self.sizes[id(node)] = 1 + sum(self.size(n) for n in node.value)
         elif isinstance(node, yaml.MappingNode):
@@ -215,10 +225,10 @@ class _Loader(yaml.SafeLoader):
         return node
 
 
-def _compose(text: str) -> Optional[yaml.Node]:
+def _compose(text: str) -> tuple[Optional[yaml.Node], list[yaml.Node]]:
     loader = _Loader(text)
     try:
-        return loader.get_single_node()
+        return loader.get_single_node(), loader.odd_tags
     finally:
         loader.dispose()
 
@@ -254,7 +264,7 @@ def _parse(text: str, path: str) -> Spec | list[str]:
         return [f"{path}:1:1: the spec is larger than {MAX_BYTES} characters; "
                 "this is not a mirror spec"]
     try:
-        root = _compose(text)
+        root, odd_tags = _compose(text)
     except _LimitError as e:
         return [f"{_where(path, e.problem_mark)}: {e.problem}"]
     except yaml.MarkedYAMLError as e:
@@ -275,6 +285,9 @@ def _parse(text: str, path: str) -> Spec | list[str]:
     except RecursionError:
         return [f"{path}:1:1: the spec is nested too deeply"]
     v = _Validator(path)
+    for node in odd_tags:
+        v.err(node, f"the tag {show(_short(node.tag))} is not supported; write a plain "
+              f"{'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}")
     try:
         spec = v.spec(root)
     except RecursionError:
@@ -434,9 +447,8 @@ class _Validator:
             return value
         if tag == _NULL:
             return None
-        name = tag[len(_STD):] if tag.startswith(_STD) else ""
         if tag not in _SCALAR_TAGS:
-            self.err(node, f"the tag {show(tag)} is not supported here; write the plain value")
+            self.err(node, f"the tag {show(_short(tag))} is not supported; write the plain value")
             return _BAD
         try:
             if tag == _BOOL:
@@ -450,7 +462,7 @@ class _Validator:
             return _CONSTRUCTOR.construct_yaml_float(node)
         except (ValueError, KeyError, IndexError, TypeError, OverflowError) as e:
             why = f": {e}" if isinstance(e, ValueError) and "invalid literal" not in str(e) else ""
-            self.err(node, f"cannot read '{show(value)}' as !!{name}{why}")
+            self.err(node, f"cannot read '{show(value)}' as {_short(tag)}{why}")
             return _BAD
 
     def string(self, node: _Node, what: str) -> Optional[str]:
