@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
 import selectors
 import signal
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -41,6 +44,68 @@ WORKER_STEADY = 30.0  # a worker that ran this long before exiting was not crash
 RETRY_MAX = 30.0  # seconds between attempts to re-apply rules the kernel refused
 # Neighbour states that mean the collector answered (or needs no answer).
 GOOD_NEIGHBOUR = frozenset({"REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"})
+# One daemon per router: an abstract unix socket is scoped to the network
+# namespace (the router whose firewall the rules live in) and vanishes with
+# its process, so there is no stale lock file, no writable /run needed, and
+# the holder's PID comes with a connect (SO_PEERCRED).
+INSTANCE_LOCK = b"\0mirrord/instance"
+LOG_FIELD_MAX = 300  # a rejected reload's message, as logged: one bounded line
+REJECTED_PROBLEMS_SHOWN = 20
+NFT_TABLES = frozenset({("ip", "mirrord"), ("ip6", "mirrord")})
+XT_TABLES = frozenset({("ip", "mangle"), ("ip6", "mangle")})  # iptables-nft's
+ALL_WATCHED = NFT_TABLES | XT_TABLES
+
+
+def bounded(text: str, limit: int = LOG_FIELD_MAX) -> str:
+    """One printable line of at most `limit` characters, whatever the input held."""
+    flat = " ".join(text.split())
+    flat = "".join(c if c.isprintable() else "?" for c in flat)
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def describe_error(e: BaseException) -> str:
+    try:
+        text = str(e)
+    except Exception:  # a str() that itself fails must not take the daemon down
+        text = ""
+    return bounded(f"{type(e).__name__}: {text}" if text else type(e).__name__)
+
+
+def take_instance_lock() -> tuple[Optional[socket.socket], str]:
+    """The lock of this network namespace, or None and who holds it."""
+    for _ in range(3):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(INSTANCE_LOCK)
+        except OSError as e:
+            s.close()
+            if e.errno != errno.EADDRINUSE:
+                return None, f"cannot take the instance lock: {e}"
+            pid = _lock_holder()
+            if pid == 0:
+                continue  # the holder just went away: try again
+            who = f"pid {pid}" if pid > 0 else "pid unknown"
+            return None, (f"another mirrord is already running in this network namespace "
+                          f"({who}); not starting, nothing was changed")
+        s.listen(16)
+        s.setblocking(False)
+        return s, ""
+    return None, "cannot take the instance lock: it keeps changing hands"
+
+
+def _lock_holder() -> int:
+    """The holder's PID; 0 when nobody holds the lock any more, -1 when unknown."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(2.0)
+        try:
+            c.connect(INSTANCE_LOCK)
+        except ConnectionRefusedError:
+            return 0
+        except OSError:
+            return -1
+        pid, _uid, _gid = struct.unpack("3i", c.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return int(pid)
 
 
 def summarize(reasons: list[str], keep: int = 2) -> str:
@@ -70,10 +135,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         initial = spec.load(path)
     except spec.SpecError as e:
-        for problem in e.problems:
-            log.error("%s", problem)
+        for problem in e.problems[:REJECTED_PROBLEMS_SHOWN]:
+            log.error("%s", bounded(str(problem)))
         return 1
-    daemon = Daemon(initial, args.socket, Notifier.from_env())
+    except Exception as e:  # unreadable input is an error line, never a traceback
+        log.error("%s: cannot read the spec: %s", bounded(str(path)), describe_error(e))
+        return 1
+    # Before anything touches the kernel (even the backend probes): a second
+    # instance must change nothing, not even the control socket's path.
+    lock, why = take_instance_lock()
+    if lock is None:
+        log.error("%s", why)
+        return 1
+    daemon = Daemon(initial, args.socket, Notifier.from_env(), lock=lock)
     return daemon.run()
 
 
@@ -122,8 +196,10 @@ class Pending:
 
 
 class Daemon:
-    def __init__(self, spec_: spec.Spec, socket_path: str, notifier: Notifier) -> None:
+    def __init__(self, spec_: spec.Spec, socket_path: str, notifier: Notifier,
+                 lock: Optional[socket.socket] = None) -> None:
         self.spec = spec_
+        self.lock = lock
         self.socket_path = socket_path
         self.notifier = notifier
         self.flags = Flags()
@@ -132,7 +208,10 @@ class Daemon:
         self.topo: Optional[topology.Topology] = None
         self.plan: Optional[plan.Plan] = None
         self.rendered: Optional[Rendered] = None
-        self.applied_snapshot = ""
+        # The kernel's listing right after the last apply, verified to hold
+        # what was rendered; None: not verified, so the next reconcile applies.
+        self.applied_snapshot: Optional[str] = ""
+        self.verify_failures = 0
         self.apply_error = ""
         self.applies = 0
         self.reapplies = 0
@@ -174,10 +253,11 @@ class Daemon:
             return cur, ""
         return chosen, why
 
-    def _watch_tables(self) -> frozenset[tuple[str, str]]:
-        if self.backend is None or self.backend.name == "nftables":
-            return frozenset({("ip", "mirrord"), ("ip6", "mirrord")})
-        return frozenset({("ip", "mangle"), ("ip6", "mangle")})
+    @staticmethod
+    def _watch_tables(backend: Optional[Backend]) -> frozenset[tuple[str, str]]:
+        if backend is None or backend.name == "nftables":
+            return NFT_TABLES
+        return XT_TABLES
 
     def _open_sources(self) -> None:
         self.route_events = RouteEvents()
@@ -185,12 +265,10 @@ class Daemon:
         self._open_nft_events()
 
     def _open_nft_events(self) -> None:
-        if self.nft_events is not None:
-            self.sel.unregister(self.nft_events.fileno())
-            self.nft_events.close()
-            self.nft_events = None
+        """Opened once; a reload changes its table filter in place (see reload),
+        since a socket closed and reopened drops what happens in between."""
         try:
-            self.nft_events = NftEvents(self._watch_tables())
+            self.nft_events = NftEvents(self._watch_tables(self.backend))
         except OSError as e:  # no nf_tables in this kernel (iptables-legacy only)
             log.info("no nftables events (%s); relying on the poll", e)
             return
@@ -227,6 +305,16 @@ class Daemon:
             return 1
 
     def _run(self, wake: int) -> int:
+        if self.lock is not None:
+            self.sel.register(self.lock.fileno(), selectors.EVENT_READ, "lock")
+        # The control socket before the first apply: a path that cannot be
+        # served (a directory, a dangling symlink) must leave the kernel as it was.
+        try:
+            self.control = ControlServer(self.socket_path, self.handle_request)
+        except (OSError, RuntimeError) as e:
+            log.error("control socket %s: %s", self.socket_path, e)
+            self._shutdown()
+            return 1
         self.backend, self.backend_error = self._choose_backend(self.spec)
         if self.backend_error and any(True for _ in self.spec.mirrors):
             log.warning("%s", self.backend_error)
@@ -235,12 +323,6 @@ class Daemon:
             self.reconcile(["start"], refresh_topology=True, force=True)
         except backends.ApplyError as e:
             log.error("could not apply the mirror rules at start: %s", e)
-            self._shutdown()
-            return 1
-        try:
-            self.control = ControlServer(self.socket_path, self.handle_request)
-        except (OSError, RuntimeError) as e:
-            log.error("control socket %s: %s", self.socket_path, e)
             self._shutdown()
             return 1
         self.sel.register(self.control.fileno(), selectors.EVENT_READ, "control")
@@ -307,6 +389,8 @@ class Daemon:
                 self.pending.add(change, topology_changed=False)
         elif what == "control" and self.control is not None:
             self.control.serve_one()
+        elif what == "lock" and self.lock is not None:
+            self._answer_lock_probe()
         elif what == "worker":
             self.sel.unregister(fileobj)
             for w in self.workers.values():
@@ -318,6 +402,15 @@ class Daemon:
                                 extra={"MIRROR": w.tap.mirror, "ACTION": "worker-exit"})
                     # The interface may be gone or changed: look again.
                     self.pending.add(Change(f"worker exited: {w.exited}"), topology_changed=True)
+
+    def _answer_lock_probe(self) -> None:
+        """A second instance connected to learn our PID (it has it): let it go."""
+        assert self.lock is not None
+        try:
+            conn, _ = self.lock.accept()
+        except OSError:
+            return
+        conn.close()
 
     # -- reconcile -----------------------------------------------------------
     def _reconcile_logged(self, reasons: list[str], refresh_topology: bool) -> None:
@@ -392,7 +485,7 @@ class Daemon:
             if rendered.text or snapshot:
                 backend.apply(rendered, carry)  # raises: nothing below runs
                 applied = True
-            self.applied_snapshot = backend.snapshot()
+            self._record_snapshot(backend, rendered)
         if switching and self.backend is not None:
             # Only now that the new backend's rules are in: for a moment
             # both copy (a duplicate), never neither (a gap).
@@ -416,6 +509,33 @@ class Daemon:
         self._sync_workers(p)
         self._schedule_poll()
         self._notify_summary()
+
+    def _record_snapshot(self, backend: Backend, rendered: Rendered) -> None:
+        """Take the post-apply listing as the drift reference only if it is ours.
+
+        Someone else's change landing between our commit and this listing
+        (a second `nft flush ruleset` a few ms after the first) would
+        otherwise become "what mirrord applied", and the rules would stay
+        gone while status says active. A listing that does not hold what was
+        rendered is not adopted: the next reconcile applies again.
+        """
+        after = backend.snapshot()
+        problem = backend.verify(rendered, after)
+        if problem is None:
+            self.applied_snapshot = after
+            self.verify_failures = 0
+            return
+        self.applied_snapshot = None
+        self.verify_failures += 1
+        # Immediately at first; backing off if it keeps failing, so that a
+        # listing this code misreads cannot turn into a busy loop.
+        delay = min(RETRY_MAX, DEBOUNCE * 2 ** min(self.verify_failures - 1, 12))
+        level = logging.WARNING if self.verify_failures in (5, 10) else logging.INFO
+        log.log(level, "rules changed right after the apply (%s); applying again%s", problem,
+                 f" ({self.verify_failures} times in a row)" if self.verify_failures > 1 else "",
+                 extra={"ACTION": "apply-unverified"})
+        self.pending.add(Change("rules changed during the apply"), topology_changed=False)
+        self.pending.due = max(self.pending.due or 0.0, time.monotonic() + delay)
 
     def _notify_summary(self) -> None:
         summary = self.summary()
@@ -540,12 +660,25 @@ class Daemon:
         try:
             new = spec.load(path)
         except spec.SpecError as e:
-            for problem in e.problems:
-                log.error("%s", problem)
+            for problem in e.problems[:REJECTED_PROBLEMS_SHOWN]:
+                log.error("%s", bounded(str(problem)))
             log.error("reload rejected: %d problem(s); the running mirrors stay as they were",
                       len(e.problems), extra={"ACTION": "reload-rejected"})
             self.notifier.ready(self.summary() + " (last reload rejected)")
             return
+        except Exception as e:  # MemoryError, RecursionError included
+            # Whatever the new file does to the reader, the running rules and
+            # the daemon stay: a reload must never cost the mirrors.
+            log.error("reload rejected: cannot read %s: %s; the running mirrors stay as they "
+                      "were", bounded(str(path)), describe_error(e),
+                      extra={"ACTION": "reload-rejected"})
+            self.notifier.ready(self.summary() + " (last reload rejected)")
+            return
+        # Events of whichever tables the new spec may move to count from now
+        # on, during the apply too; narrowed to the chosen backend's after.
+        watched_before = self._watch_tables(self.backend)
+        if self.nft_events is not None:
+            self.nft_events.tables = ALL_WATCHED
         try:
             self.reconcile(["reload"], refresh_topology=True, force=True, new_spec=new)
         except Exception as e:
@@ -553,9 +686,12 @@ class Daemon:
                 log.exception("reload failed unexpectedly")
             log.error("reload rejected; the running mirrors stay as they were: %s",
                       e, extra={"ACTION": "reload-rejected"})
+            if self.nft_events is not None:
+                self.nft_events.tables = watched_before
             self.notifier.ready(self.summary() + " (last reload rejected)")
             return
-        self._open_nft_events()
+        if self.nft_events is not None:
+            self.nft_events.tables = self._watch_tables(self.backend)
         self._schedule_poll()
         self.notifier.ready(self.summary())
         log.info("reloaded: %s", self.summary(), extra={"ACTION": "reloaded"})
@@ -575,6 +711,9 @@ class Daemon:
         for src in (self.route_events, self.nft_events):
             if src is not None:
                 src.close()
+        if self.lock is not None:
+            # Last: until the rules are gone, a new instance must not start.
+            self.lock.close()
         return rc
 
     # -- status ----------------------------------------------------------------

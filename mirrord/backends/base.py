@@ -72,6 +72,17 @@ class Backend(ABC):
         """The kernel's canonical form of what this backend owns ("" if nothing)."""
 
     @abstractmethod
+    def verify(self, rendered: Rendered, snapshot: str) -> Optional[str]:
+        """None when `snapshot` holds what `rendered` asks for; otherwise what is off.
+
+        The listing taken after an apply becomes the daemon's reference for
+        drift, so it must never be adopted when someone else changed the
+        rules between the commit and the listing: this compares the parts
+        the kernel lists as given (chains, rule counts per chain, copy
+        targets, counters, jumps), not the normalized match expressions.
+        """
+
+    @abstractmethod
     def counters(self) -> Counts: ...
 
     @abstractmethod

@@ -13,10 +13,12 @@ rule is all iptables allows, so the exclusion cannot ride on each rule).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import shutil
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -383,6 +385,29 @@ class IptablesBackend(Backend):
                 parts.append(f"v{version}\n" + "\n".join(mine))
         return "\n".join(parts)
 
+    def verify(self, rendered: Rendered, snapshot: str) -> Optional[str]:
+        wanted: dict[int, tuple[list[CloneRule], frozenset[str]]] = rendered.payload
+        want: Counter[tuple[str, ...]] = Counter()
+        for version, (rules, egress) in wanted.items():
+            jumps = "".join(f"-A {hook} -j {top}\n" for hook, top, _ in HOOKS.values())
+            want.update(_fingerprint(version, self._render_family(rules, egress) + jumps))
+        blocks: dict[int, list[str]] = {}
+        lines: list[str] = []
+        for ln in snapshot.splitlines():
+            if ln in ("v4", "v6"):
+                lines = blocks.setdefault(int(ln[1]), [])
+            else:
+                lines.append(ln)
+        have: Counter[tuple[str, ...]] = Counter()
+        for version, block in blocks.items():
+            have.update(_fingerprint(version, "\n".join(block)))
+        if want == have:
+            return None
+        missing, extra = want - have, have - want
+        first = next(iter(missing), None) or next(iter(extra))
+        return (f"{sum(missing.values())} line(s) missing, {sum(extra.values())} unexpected "
+                f"(e.g. {' '.join(first)})")
+
     def counters(self) -> Counts:
         """Totals: the live rules' counts plus those of retired generations."""
         out: Counts = {}
@@ -417,6 +442,54 @@ class _Switch:
 
 _COUNTED_RULE = re.compile(
     r'^\[(\d+):(\d+)\] -A (MIRRORD_\S+) .*--comment (?:"([^"]+)"|(\S+))')
+
+
+_GENERATION = re.compile(r"^(MIRRORD_(?:PRE|POST))_[AB](\d+)$")
+_LINE = re.compile(r"^-[AI] (\S+) (?:\d+ )?(.*)$")
+_COMMENT = re.compile(r'--comment (?:"([^"]*)"|(\S+))')
+_TARGET = re.compile(r"(?:^| )-j (\S+)")
+_GATEWAY = re.compile(r" --(?:gateway|gw) (\S+)")
+
+
+def _generic(chain: str) -> str:
+    """A chain's name without its generation letter: A and B hold the same rules."""
+    return _GENERATION.sub(r"\1_\2", chain)
+
+
+def _fingerprint(version: int, text: str) -> Counter[tuple[str, ...]]:
+    """What of mirrord's lines iptables-save lists as they were restored, as a multiset.
+
+    Matches come back rewritten (`-s A` as `-s A/32`, extra `-m` modules),
+    so a rule is known by its chain, target, gateway and comment; jumps from
+    the built-in chains count by presence, as apply() adds a missing one
+    and leaves anyone else's alone.
+    """
+    out: Counter[tuple[str, ...]] = Counter()
+    v = str(version)
+    for ln in text.splitlines():
+        if ln.startswith(":MIRRORD_"):
+            out["chain", v, _generic(ln[1:].split()[0])] += 1
+            continue
+        m = _LINE.match(ln)
+        if m is None:
+            continue
+        chain, rest = m.group(1), m.group(2)
+        target = _TARGET.search(rest)
+        if not chain.startswith("MIRRORD_"):
+            if rest in (f"-j {PRE}", f"-j {POST}"):
+                out["jump", v, chain, rest[3:]] = 1
+            continue
+        note = _COMMENT.search(rest)
+        gw = _GATEWAY.search(rest)
+        gateway = ""
+        if gw is not None:
+            try:
+                gateway = str(ipaddress.ip_address(gw.group(1)))
+            except ValueError:
+                gateway = gw.group(1)
+        out["rule", v, _generic(chain), _generic(target.group(1)) if target else "",
+            gateway, (note.group(1) or note.group(2) or "") if note else ""] += 1
+    return out
 
 
 def _our_chains(lines: list[str]) -> list[str]:

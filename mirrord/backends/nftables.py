@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Optional
 
 from ..match import PROTOCOL_NAMES, FamilyMatch, Network, PortRange
@@ -301,7 +301,66 @@ def to_text(tables: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
+# -- verification ----------------------------------------------------------------
+def fingerprint(objs: Any) -> Counter[tuple[Any, ...]]:
+    """What of a table nft lists exactly as it was given, as a multiset.
+
+    Matches come back normalized (`meta l4proto udp th dport` lists as `udp
+    dport`), so they are left out; a `dup ... device` lists as an ifindex
+    once its device was re-created, so only the address counts. What is
+    left still tells a flushed or deleted table, chain or rule apart, and
+    which rule copies where.
+    """
+    out: Counter[tuple[Any, ...]] = Counter()
+    for o in objs:
+        if "table" in o:
+            out["table", o["table"]["family"], o["table"]["name"]] += 1
+        elif "counter" in o:
+            c = o["counter"]
+            out["counter", c["family"], c["table"], c["name"]] += 1
+        elif "chain" in o:
+            c = o["chain"]
+            out["chain", c["family"], c["table"], c["name"], c.get("hook")] += 1
+        elif "rule" in o:
+            r = o["rule"]
+            jumps: list[str] = []
+            dups: list[str] = []
+            counters: list[str] = []
+            _collect(r.get("expr", []), jumps, dups, counters)
+            out["rule", r["family"], r["table"], r["chain"], r.get("comment"),
+                tuple(sorted(jumps)), tuple(dups), tuple(counters)] += 1
+    return out
+
+
+def _collect(e: Any, jumps: list[str], dups: list[str], counters: list[str]) -> None:
+    if isinstance(e, list):
+        for x in e:
+            _collect(x, jumps, dups, counters)
+    elif isinstance(e, dict):
+        for k, v in e.items():
+            if k == "jump" and isinstance(v, dict):
+                jumps.append(str(v.get("target")))
+            elif k == "dup" and isinstance(v, dict):
+                dups.append(str(v.get("addr")))
+            elif k == "counter" and isinstance(v, str):
+                counters.append(v)
+            else:
+                _collect(v, jumps, dups, counters)
+
+
+def _difference(want: Counter[tuple[Any, ...]], have: Counter[tuple[Any, ...]]) -> Optional[str]:
+    if want == have:
+        return None
+    missing = sum((want - have).values())
+    extra = sum((have - want).values())
+    first = next(iter(want - have), None) or next(iter(have - want))
+    return f"{missing} object(s) missing, {extra} unexpected (e.g. {' '.join(map(str, first[:4]))})"
+
+
 # -- the kernel ----------------------------------------------------------------
+APPLY_ATTEMPTS = 3
+
+
 class NftablesBackend(Backend):
     name = "nftables"
 
@@ -353,18 +412,30 @@ class NftablesBackend(Backend):
         return Rendered(text=to_text(tables), payload=tables)
 
     def apply(self, rendered: Rendered, carry: Counts) -> None:
+        # The batch is built from a listing; a change landing between the
+        # listing and the commit (a flush deleting the table the batch
+        # flushes) makes the kernel refuse it. That is a race, not a refusal
+        # of our rules: list again and retry while the listing keeps moving.
+        for _ in range(APPLY_ATTEMPTS):
+            existing = self._existing()
+            cmds = batch(rendered.payload, carry, existing)
+            rc, _, err = self._json(cmds)
+            if rc == 0:
+                return
+            if self._existing() == existing:
+                break
+        raise ApplyError(
+            f"nftables refused the ruleset: {err.strip()}\n"
+            f"input: {json.dumps({'nftables': cmds})}"
+        )
+
+    def _existing(self) -> dict[str, list[dict[str, Any]]]:
         existing = {}
         for fam in FAMILIES.values():
             objs = self._list(fam)
             if objs:
                 existing[fam] = objs
-        cmds = batch(rendered.payload, carry, existing)
-        rc, _, err = self._json(cmds)
-        if rc != 0:
-            raise ApplyError(
-                f"nftables refused the ruleset: {err.strip()}\n"
-                f"input: {json.dumps({'nftables': cmds})}"
-            )
+        return existing
 
     def _list(self, fam: str) -> list[dict[str, Any]]:
         rc, out, _ = self._json([{"list": {"table": {"family": fam, "name": TABLE}}}])
@@ -379,6 +450,11 @@ class NftablesBackend(Backend):
             for o in self._list(fam):
                 objs.append(_strip_volatile(o))
         return json.dumps(objs, sort_keys=True) if objs else ""
+
+    def verify(self, rendered: Rendered, snapshot: str) -> Optional[str]:
+        want = fingerprint(o for objs in rendered.payload.values() for o in objs)
+        have = fingerprint(json.loads(snapshot) if snapshot else [])
+        return _difference(want, have)
 
     def counters(self) -> Counts:
         out: Counts = {}

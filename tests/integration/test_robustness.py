@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -169,3 +172,138 @@ def test_iptables_legacy_poll_starts_once_rules_exist() -> None:
         saved = lab.rtr.run("iptables-legacy-save", "-t", "mangle").stdout
         assert "-A PREROUTING -j MIRRORD_PRE" in saved
 
+
+
+# -- issue 9, item 3: a spec that breaks the reader on SIGHUP --------------------
+BAD_SPECS = {
+    "invalid UTF-8": spec().encode().replace(b"name: lan", b"name: l\xffan"),
+    "empty !!int port": spec().replace("    transport: auto\n",
+                                       '    transport: auto\n    port: !!int ""\n').encode(),
+    "superscript port": spec(match="    match: {protocol: udp, dport: '\u00b2'}\n").encode(),
+    "1000-deep nesting": spec().encode() + b"x: " + b"[" * 1000 + b"]" * 1000 + b"\n",
+}
+
+
+def rules_of(lab: Lab) -> str:
+    """The mirror table with its handles (unchanged unless replaced), without its counts."""
+    text = lab.rtr.run("nft", "-a", "list", "table", "ip", "mirrord").stdout
+    return re.sub(r"packets \d+ bytes \d+", "", text)
+
+
+def test_a_spec_that_breaks_the_reader_on_reload_keeps_the_daemon_and_its_rules() -> None:
+    with Lab() as lab:
+        path = lab.write_spec(spec(transport="clone"))
+        d = lab.start_daemon(path)
+        lab.count_at_collector({"req": "icmp type echo-request"})
+        rules = rules_of(lab)
+        for what, text in BAD_SPECS.items():
+            before = lab.daemon_log().count("reload rejected")
+            with open(path, "wb") as f:
+                f.write(text)
+            d.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while lab.daemon_log().count("reload rejected") == before and d.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert d.poll() is None, f"{what}: the daemon died\n{lab.daemon_log()}"
+            assert lab.daemon_log().count("reload rejected") > before, what
+            st = lab.status()
+            assert st is not None and st["mirrors"][0]["state"] == "active", what
+            assert rules_of(lab) == rules, what
+            assert copies_of_pings(lab) == 10, what
+        # Every rejection is logged as bounded lines, not a traceback.
+        tail = lab.daemon_log().split("SIGHUP", 1)[1]
+        assert "Traceback" not in tail
+        assert max(len(ln) for ln in tail.splitlines()) < 600
+        # And a good spec is taken again afterwards.
+        hup_and_wait(lab, d, spec(transport="clone", name="lan2"), path)
+        lab.wait_for_status(lambda s: s and s["mirrors"][0]["name"] == "lan2")
+
+
+# -- issue 9, item 4: one daemon per router ---------------------------------------
+class Monitor:
+    """`nft monitor` in the router: every nftables change (iptables-nft's too)
+    from now on; `stop()` proves it was listening by making one of its own."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.p = lab.rtr.popen("nft", "monitor", stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)  # nft subscribes before it prints anything: give it the time
+
+    def stop(self) -> list[str]:
+        self.lab.rtr.run("nft", "add", "table", "ip", "monitor_probe")
+        assert self.p.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            ln = self.p.stdout.readline()
+            if "monitor_probe" in ln:
+                break
+            lines.append(ln.rstrip())
+        self.p.kill()
+        self.p.wait()
+        self.lab.rtr.run("nft", "delete", "table", "ip", "monitor_probe")
+        assert deadline > time.monotonic(), "the monitor never saw its own probe"
+        return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def second_instance(lab: Lab, path: str, socket: str) -> subprocess.CompletedProcess[str]:
+    return lab.rtr.run(sys.executable, "-m", "mirrord", "run", "-c", path, "--socket", socket,
+                       check=False, timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+@pytest.mark.parametrize("same_socket", [True, False])
+def test_a_second_instance_changes_nothing_and_names_the_first(backend: str,
+                                                               same_socket: bool) -> None:
+    with Lab() as lab:
+        path = lab.write_spec(spec(backend, transport="clone"))
+        d = lab.start_daemon(path)
+        lab.count_at_collector({"req": "icmp type echo-request"})
+        assert copies_of_pings(lab) == 10
+        first = lab.status()
+        assert first is not None and first["mirrors"][0]["packets"] == 10
+        mon = Monitor(lab)
+        sock = lab.socket_path() if same_socket else f"/tmp/{lab.tag}-second.sock"
+        p = second_instance(lab, path, sock)
+        changes = mon.stop()
+        assert p.returncode == 1, p.stderr
+        errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]
+        assert len(errors) == 1 and f"pid {d.pid}" in errors[0], p.stderr
+        assert changes == [], changes
+        assert not os.path.exists(f"/tmp/{lab.tag}-second.sock")
+        # The first one goes on as if nothing happened: same rules, same counts.
+        assert d.poll() is None
+        st = lab.status()
+        assert st is not None and st["reapplies"] == 0 and st["applies"] == first["applies"]
+        assert copies_of_pings(lab) == 10
+        st = lab.status()
+        assert st is not None and st["mirrors"][0]["packets"] == 20
+        if backend == "iptables":
+            saved = lab.rtr.run("iptables-save", "-t", "mangle").stdout
+            assert "-A PREROUTING -j MIRRORD_PRE" in saved
+        assert lab.stop_daemon(d) == 0
+        # Once the first is gone, a new one starts.
+        lab.start_daemon(path)
+
+
+@pytest.mark.parametrize("kind", ["directory", "dangling symlink"])
+def test_a_control_socket_path_that_cannot_be_served_changes_nothing(kind: str) -> None:
+    with Lab() as lab:
+        path = lab.write_spec(spec(transport="clone"))
+        sock = f"/tmp/{lab.tag}-bad.sock"
+        if kind == "directory":
+            os.mkdir(sock)
+        else:
+            os.symlink(f"/tmp/{lab.tag}-nowhere/x", sock)
+        try:
+            mon = Monitor(lab)
+            p = second_instance(lab, path, sock)
+            changes = mon.stop()
+        finally:
+            if kind == "directory":
+                os.rmdir(sock)
+            else:
+                os.unlink(sock)
+        assert p.returncode == 1 and "control socket" in p.stderr, p.stderr
+        assert changes == [], changes
