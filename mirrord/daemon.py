@@ -243,7 +243,7 @@ class Daemon:
             log.error("control socket %s: %s", self.socket_path, e)
             self._shutdown()
             return 1
-        self.sel.register(self.control.fileno(), selectors.EVENT_READ, "control")
+        self.control.attach(self.sel, "control")
         interval = self.notifier.watchdog_interval()
         if interval:
             self.next_watchdog = time.monotonic() + interval
@@ -306,7 +306,7 @@ class Daemon:
             for change in self.nft_events.read():
                 self.pending.add(change, topology_changed=False)
         elif what == "control" and self.control is not None:
-            self.control.serve_one()
+            self.control.ready(fileobj)
         elif what == "worker":
             self.sel.unregister(fileobj)
             for w in self.workers.values():
