@@ -172,8 +172,8 @@ class ControlServer:
             if b"\n" in chunk:
                 break
             if len(conn.inbuf) > MAX_REQUEST:
-                conn.out = memoryview(_encode({"error": f"request longer than {MAX_REQUEST} "
-                                                        "bytes"}))
+                conn.out = memoryview(_encode(
+                    {"error": f"bad request: longer than {MAX_REQUEST} bytes"}))
                 return True
         conn.request = bytes(conn.inbuf.split(b"\n", 1)[0])
         conn.inbuf.clear()
