@@ -497,3 +497,51 @@ def test_ring_drops_are_counted(lab: Lab) -> None:
     assert stats["ring_drops"] > 0 and stats["captured"] > 0
     assert stats["captured"] + stats["ring_drops"] == n
     assert stats["sent"] == stats["captured"]
+
+
+def test_worker_job_is_not_in_its_command_line(lab: Lab) -> None:
+    """What `ps` shows any user of the worker: no collector, port, interface or match.
+    The job arrives on a pipe; the worker still captures and sends."""
+    port, n = 37030, 5
+    spec = lab.write_spec(f"""\
+backend: nftables
+collectors:
+  secretcol:
+    address: "{lab.collector}"
+    transport: tzsp
+    port: {port}
+mirrors:
+  - name: hiddenmirror
+    interfaces: [br-lan]
+    direction: in
+    collector: secretcol
+    match:
+      protocol: icmp
+      destination: {WAN_HOST}
+""")
+
+    def worker_of(st: Any) -> Any:
+        return st["mirrors"][0]["tzsp"][0] if st and st["mirrors"][0]["tzsp"] else None
+
+    daemon = lab.start_daemon(spec)
+    try:
+        st = lab.wait_for_status(lambda s: bool(worker_of(s)) and worker_of(s)["running"])
+        pid = worker_of(st)["pid"]
+        # Read as an unprivileged user, as the finding did.
+        ps = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             "ps", "-ww", "-o", "args=", "-p", str(pid)],
+                            capture_output=True, text=True, timeout=10, check=True).stdout
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode()
+        assert "mirrord.tzsp_worker" in cmdline and "mirrord.tzsp_worker" in ps  # the right one
+        for secret in (lab.collector, str(port), "br-lan", WAN_HOST, "icmp", "hiddenmirror",
+                       "secretcol", "collector", "interface"):
+            assert secret not in cmdline and secret not in ps, (secret, cmdline)
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert lab.collector.encode() not in f.read()
+        time.sleep(0.3)  # the worker opens its socket after it was spawned
+        lab.ping(lab.lan, WAN_HOST, n)
+        st = lab.wait_for_status(lambda s: bool(worker_of(s)) and worker_of(s)["sent"] >= n)
+        assert worker_of(st)["sent"] == n and worker_of(st)["pid"] == pid
+    finally:
+        lab.stop_daemon(daemon)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import json
 import mmap
+import re
 import struct
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirrord import tzsp
-from mirrord.match import Match, PortRange
+from mirrord.match import Address, Match, PortRange
 from mirrord.receive import PcapWriter, ReceiveError, Receiver, parse_listen
 from mirrord.tzsp_worker import (
     SHM_SIZE,
@@ -231,3 +234,57 @@ def test_worker_module_does_not_import_scapy() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True)
+class _JobWithExclusions(TzspJob):
+    """A field added later (as another change adds collector exclusions)."""
+
+    exclude: tuple[Address, ...] = ()
+    exclude_nets: tuple[IPNetwork, ...] = ()
+    note: Optional[str] = None
+
+
+def test_job_wire_form_follows_the_dataclass_fields() -> None:
+    job = _JobWithExclusions(
+        "m", "br-lan", 7, ("in",), Match(protocols=(17,)), ipaddress.ip_address("203.0.113.130"),
+        37008, 1500, exclude=(ipaddress.ip_address("203.0.113.5"),
+                              ipaddress.ip_address("2001:db8::5")),
+        exclude_nets=(ipaddress.ip_network("198.51.100.0/24"),), note="x")
+    assert _JobWithExclusions.from_json(job.to_json()) == job
+    assert json.loads(job.to_json())["exclude"] == ["203.0.113.5", "2001:db8::5"]
+    # Fields left out take their defaults (a worker newer than its daemon).
+    old = json.loads(job.to_json())
+    del old["exclude"], old["note"], old["ring_bytes"]
+    back = _JobWithExclusions.from_json(json.dumps(old))
+    assert (back.exclude, back.note, back.ring_bytes) == ((), None, 0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"collector": "not-an-ip"}, "does not appear to be"),
+    ({"ifindex": "7"}, "job.ifindex: unexpected value '7'"),
+    ({"ifindex": True}, "job.ifindex: unexpected value True"),
+    ({"directions": "in"}, "job.directions: unexpected value 'in'"),
+    ({"surprise": 1}, "job: unknown field(s) surprise"),
+    ({"mirror": None}, "job.mirror: unexpected value None"),
+])
+def test_job_wire_form_rejects_bad_values(change: dict[str, object], message: str) -> None:
+    good = json.loads(TzspJob("m", "wan", 3, ("out",), Match(),
+                              ipaddress.ip_address("203.0.113.10"), 37008, 65535).to_json())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TzspJob.from_json(json.dumps({**good, **change}))
+    missing = dict(good)
+    del missing["interface"]
+    with pytest.raises(ValueError, match="interface"):
+        TzspJob.from_json(json.dumps(missing))
+
+
+def test_job_pipe_holds_the_job_then_eof() -> None:
+    from mirrord.tzsp_worker import _job_pipe, _read_all
+
+    for size in (10, 200_000):  # past the default 64 KiB pipe: grown, never a wait
+        data = b"j" * size
+        assert _read_all(_job_pipe(data)) == data
