@@ -24,7 +24,7 @@ import pytest
 from mirrord import tzsp
 from mirrord.match import Match, PortRange
 from mirrord.tzsp_worker import TzspJob
-from tests.lab import LAN_HOST, ROOT, RTR_LAN, WAN_HOST, Lab, have_root_netns
+from tests.lab import LAN_HOST, ROOT, RTR_COL, RTR_LAN, WAN_HOST, Lab, have_root_netns
 from tests.tzsp_helpers import (
     WorkerRun,
     in_netns,
@@ -259,7 +259,7 @@ def test_receiver_streams_to_tcpdump_and_feeds_a_tap(lab: Lab) -> None:
                            cwd=str(ROOT))
     tap_pcap = tmp(lab, "tap.pcap")
     tap_rx = receiver(lab.col.name, "--listen", "0.0.0.0:37019", "--tap", "tzsp0", "--count", "3",
-                      "--timeout", "20")
+                      "--timeout", "20", "--allow", RTR_COL)
     dump = tcpdump(lab.col.name, "tzsp0", tap_pcap)
     try:
         time.sleep(0.5)  # the stream's receiver binds without telling us
@@ -545,3 +545,36 @@ mirrors:
         assert worker_of(st)["sent"] == n and worker_of(st)["pid"] == pid
     finally:
         lab.stop_daemon(daemon)
+
+
+def test_receiver_allows_only_listed_senders(lab: Lab) -> None:
+    """Two senders, one allowed: the other's datagrams (forged frames, valid TZSP)
+    never reach the TAP an IDS would sniff, and are counted and logged."""
+    from scapy.all import IP, UDP, Ether, raw
+
+    def frames(tag: bytes) -> list[bytes]:
+        return [raw(Ether(src="02:00:00:00:00:aa", dst="02:00:00:00:00:bb") /
+                    IP(src=LAN_HOST, dst=WAN_HOST) / UDP(sport=2000 + i, dport=9) / tag)
+                for i in range(3)]
+
+    good, forged = frames(b"from-the-router"), frames(b"forged")
+    tap_pcap = tmp(lab, "allow-tap.pcap")
+    # Dual-stack [::]: IPv4 senders show up as ::ffff:a.b.c.d and must still match.
+    rx = receiver(lab.col.name, "--listen", "[::]:37031", "--tap", "tzsp1", "--allow",
+                  f"{RTR_COL},2001:db8::/32", "--count", "3", "--timeout", "20")
+    dump = tcpdump(lab.col.name, "tzsp1", tap_pcap)
+    try:
+        # The LAN host is routed to the collector too: the forger goes first,
+        # so its datagrams are handled before the allowed ones end the run.
+        helper(lab.lan, "send-udp", lab.collector, "37031", *(tzsp.encode(f).hex() for f in forged))
+        time.sleep(0.2)
+        helper(lab.rtr, "send-udp", lab.collector, "37031", *(tzsp.encode(f).hex() for f in good))
+        assert rx.wait(30) == 0, rx.stderr
+        time.sleep(0.2)
+    finally:
+        rx.kill()
+        dump.stop()
+    assert [f for f, _ in read_pcap(tap_pcap)[1]] == good
+    assert "received 6, written 3, malformed 0, refused 3" in rx.stderr
+    assert f"refused TZSP from ::ffff:{LAN_HOST}: not in --allow" in rx.stderr
+    assert rx.stderr.count("refused TZSP from") == 1  # once per sender, not per datagram
