@@ -27,6 +27,7 @@ import logging
 import os
 import selectors
 import socket
+import struct
 import time
 from typing import Any, Callable, Optional
 
@@ -271,9 +272,15 @@ def _connect(path: str, timeout: float) -> socket.socket:
     pause = CONNECT_RETRY
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
+        # A blocking connect with a send timeout queues in the kernel for room
+        # in a full backlog and is woken by the daemon's accept(): first come,
+        # first served, where polling with retries loses to a flood of connects.
+        left = max(0.001, timeout - (time.monotonic() - start))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                     struct.pack("ll", int(left), int((left % 1) * 1_000_000)))
         try:
             s.connect(path)
+            s.settimeout(timeout)
             return s
         except OSError as e:
             s.close()
