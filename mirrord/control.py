@@ -1,16 +1,33 @@
 """The daemon's control socket: one JSON request, one JSON answer, per connection.
 
 A unix stream socket (mode 0600: status reveals the network's layout) served
-from the daemon's main loop; requests are tiny and answered from memory plus
-one counter read, so no thread is needed.
+from the daemon's main loop without a thread and without ever blocking it:
+every connection is a small non-blocking state machine in the daemon's
+selector (read a request, answer, close). A client that connects and says
+nothing, trickles bytes, never reads its answer or floods the socket with
+connections costs the loop a few microseconds per event, never a wait, so a
+heal is as fast with such clients as without them:
+
+- at most MAX_CLIENTS connections are kept; beyond that the oldest that has
+  sent nothing yet (else the oldest) is dropped;
+- each connection has REQUEST_DEADLINE seconds, from its accept, to send its
+  request and take its answer; the deadline is enforced whenever the control
+  socket has an event (a silent client alone costs nothing but its slot);
+- a request is at most MAX_REQUEST bytes;
+- at most HANDLER_BURST requests are answered per HANDLER_WINDOW seconds;
+  the others wait their turn in the selector (writability of their socket
+  wakes the loop) while the loop gets on with heals in between.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import selectors
 import socket
+import struct
 import time
 from typing import Any, Callable, Optional
 
@@ -21,7 +38,16 @@ DEFAULT_SOCKET = "/run/mirrord.sock"
 # OpenWrt's init script (/var/run: some OpenWrt images have no /run).
 SOCKET_CANDIDATES = ("/run/mirrord/mirrord.sock", "/var/run/mirrord/mirrord.sock", DEFAULT_SOCKET)
 MAX_REQUEST = 4096
-REQUEST_DEADLINE = 0.5  # seconds for a client to send its request and take the answer
+REQUEST_DEADLINE = 2.0  # seconds from accept for a client to send its request and take the answer
+MAX_CLIENTS = 16
+# Room for a burst of `status` callers while the loop is busy healing; a
+# full backlog makes connect() fail with EAGAIN, which request() retries.
+LISTEN_BACKLOG = 128
+ACCEPT_BURST = 32  # connections accepted per event: a flood cannot hold the loop
+HANDLER_BURST = 4
+HANDLER_WINDOW = 0.01
+CONNECT_RETRY = 0.01  # first pause after EAGAIN/ECONNREFUSED, doubling to 0.1 s
+REFUSED_GRACE = 0.5  # how long ECONNREFUSED is retried (a daemon restarting), not the whole timeout
 
 
 def default_socket() -> str:
@@ -34,10 +60,31 @@ def default_socket() -> str:
     return DEFAULT_SOCKET
 
 
+class _Conn:
+    __slots__ = ("deadline", "events", "inbuf", "out", "request", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.inbuf = bytearray()
+        self.out: Optional[memoryview] = None  # the answer, once there is one
+        self.request: Optional[bytes] = None  # complete, waiting for a handler slot
+        self.events = selectors.EVENT_READ
+
+
 class ControlServer:
-    def __init__(self, path: str, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    def __init__(self, path: str, handler: Callable[[dict[str, Any]], dict[str, Any]],
+                 max_clients: int = MAX_CLIENTS, deadline: float = REQUEST_DEADLINE) -> None:
         self.path = path
         self.handler = handler
+        self.max_clients = max_clients
+        self.deadline = deadline
+        self.conns: dict[int, _Conn] = {}  # fd -> connection, in accept order
+        self.sel: Optional[selectors.BaseSelector] = None
+        self.data: Any = None
+        self.dropped = 0  # connections closed for the bound or the deadline
+        self._window = 0.0
+        self._calls = 0
         if os.path.exists(path):
             _refuse_if_live(path)
             os.unlink(path)
@@ -47,55 +94,165 @@ class ControlServer:
             self.sock.bind(path)
         finally:
             os.umask(old)
-        self.sock.listen(8)
+        self.sock.listen(LISTEN_BACKLOG)
         self.sock.setblocking(False)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def serve_one(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
+    def attach(self, sel: selectors.BaseSelector, data: Any) -> None:
+        """Serve from `sel`: the listener and every connection carry `data`;
+        call ready(fileobj) for each of their events."""
+        self.sel, self.data = sel, data
+        sel.register(self.sock, selectors.EVENT_READ, data)
+
+    def ready(self, fileobj: Any) -> None:
+        """One event on the listener or a connection; never blocks."""
+        now = time.monotonic()
+        self._expire(now)
+        if fileobj is self.sock or fileobj == self.sock.fileno():
+            self._accept(now)
             return
-        with conn:
-            # One deadline for the whole request: the main loop serves this,
-            # and a client trickling bytes must not hold up a heal.
-            deadline = time.monotonic() + REQUEST_DEADLINE
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        conn = self.conns.get(fd)
+        if conn is not None:
+            self._step(conn, now)
+
+    # -- the state machine ---------------------------------------------------
+    def _accept(self, now: float) -> None:
+        for _ in range(ACCEPT_BURST):
             try:
-                data = b""
-                while b"\n" not in data and len(data) < MAX_REQUEST:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return
-                    conn.settimeout(left)
-                    chunk = conn.recv(MAX_REQUEST)
-                    if not chunk:
-                        break
-                    data += chunk
-                try:
-                    request = json.loads(data.decode() or "{}")
-                    if not isinstance(request, dict):
-                        raise ValueError("request must be a JSON object")
-                except (ValueError, RecursionError) as e:
-                    reply: dict[str, Any] = {"error": f"bad request: {e}"}
-                else:
-                    try:
-                        reply = self.handler(request)
-                    except Exception as e:  # a status bug must not stop the daemon
-                        log.exception("control request failed")
-                        reply = {"error": f"internal error: {e}"}
-                conn.settimeout(max(0.05, deadline - time.monotonic()))
-                conn.sendall(json.dumps(reply).encode() + b"\n")
-            except OSError:
-                pass  # a client that went away or stalled is its own problem
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: try again on the next event
+                log.warning("control socket: accept: %s", e.strerror)
+                return
+            sock.setblocking(False)
+            conn = _Conn(sock, now + self.deadline)
+            self.conns[sock.fileno()] = conn
+            if self.sel is not None:
+                self.sel.register(sock, selectors.EVENT_READ, self.data)
+            while len(self.conns) > self.max_clients:
+                self._drop(self._victim())
+            if sock.fileno() in self.conns:
+                # `mirrord status` writes its request right after connect: it
+                # is usually there already, and answered without another trip.
+                self._step(conn, now)
+
+    def _victim(self) -> _Conn:
+        for conn in self.conns.values():
+            if not conn.inbuf and conn.request is None and conn.out is None:
+                return conn
+        return next(iter(self.conns.values()))
+
+    def _step(self, conn: _Conn, now: float) -> None:
+        try:
+            if conn.out is None and conn.request is None and not self._read(conn):
+                return
+            if conn.out is None:
+                if not self._budget(now):
+                    self._want(conn, selectors.EVENT_WRITE)  # wakes the loop again at once
+                    return
+                conn.out = memoryview(self._answer(conn.request or b""))
+                conn.request = None
+            self._write(conn)
+        except OSError:
+            self._close(conn)  # a client that went away is its own problem
+
+    def _read(self, conn: _Conn) -> bool:
+        """Read what is there; True once the request is complete."""
+        while True:
+            try:
+                chunk = conn.sock.recv(MAX_REQUEST + 1 - len(conn.inbuf))
+            except (BlockingIOError, InterruptedError):
+                return False
+            if not chunk:  # the client is done writing: what it sent is the request
+                break
+            conn.inbuf += chunk
+            if b"\n" in chunk:
+                break
+            if len(conn.inbuf) > MAX_REQUEST:
+                conn.out = memoryview(_encode(
+                    {"error": f"bad request: longer than {MAX_REQUEST} bytes"}))
+                return True
+        conn.request = bytes(conn.inbuf.split(b"\n", 1)[0])
+        conn.inbuf.clear()
+        return True
+
+    def _answer(self, data: bytes) -> bytes:
+        try:
+            request = json.loads(data.decode() or "{}")
+            if not isinstance(request, dict):
+                raise ValueError("request must be a JSON object")
+        except (ValueError, RecursionError) as e:
+            return _encode({"error": f"bad request: {e}"})
+        try:
+            return _encode(self.handler(request))
+        except Exception as e:  # a status bug must not stop the daemon
+            log.exception("control request failed")
+            return _encode({"error": f"internal error: {e}"})
+
+    def _write(self, conn: _Conn) -> None:
+        assert conn.out is not None
+        while conn.out:
+            try:
+                n = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                self._want(conn, selectors.EVENT_WRITE)
+                return
+            conn.out = conn.out[n:]
+        self._close(conn)
+
+    def _budget(self, now: float) -> bool:
+        if now - self._window >= HANDLER_WINDOW:
+            self._window, self._calls = now, 0
+        if self._calls >= HANDLER_BURST:
+            return False
+        self._calls += 1
+        return True
+
+    def _want(self, conn: _Conn, events: int) -> None:
+        if conn.events != events and self.sel is not None:
+            self.sel.modify(conn.sock, events, self.data)
+        conn.events = events
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self.conns.values() if c.deadline <= now]:
+            self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        self.dropped += 1
+        self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        if self.conns.pop(fd, None) is None:
+            return
+        if self.sel is not None:
+            try:
+                self.sel.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        conn.sock.close()
 
     def close(self) -> None:
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        if self.sel is not None:
+            try:
+                self.sel.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
         self.sock.close()
         try:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply).encode() + b"\n"
 
 
 def _refuse_if_live(path: str) -> None:
@@ -109,10 +266,35 @@ def _refuse_if_live(path: str) -> None:
     raise RuntimeError(f"another mirrord is already serving {path}")
 
 
+def _connect(path: str, timeout: float) -> socket.socket:
+    """A connected socket, retrying while the backlog is full (EAGAIN) or, briefly, refused."""
+    start = time.monotonic()
+    pause = CONNECT_RETRY
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A blocking connect with a send timeout queues in the kernel for room
+        # in a full backlog and is woken by the daemon's accept(): first come,
+        # first served, where polling with retries loses to a flood of connects.
+        left = max(0.001, timeout - (time.monotonic() - start))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                     struct.pack("ll", int(left), int((left % 1) * 1_000_000)))
+        try:
+            s.connect(path)
+            s.settimeout(timeout)
+            return s
+        except OSError as e:
+            s.close()
+            if e.errno not in (errno.EAGAIN, errno.ECONNREFUSED):
+                raise
+            limit = REFUSED_GRACE if e.errno == errno.ECONNREFUSED else timeout
+            if time.monotonic() - start + pause > limit:
+                raise
+        time.sleep(pause)
+        pause = min(0.1, pause * 2)
+
+
 def request(path: str, cmd: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
+    with _connect(path, timeout) as s:
         s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         data = b""
         while True:

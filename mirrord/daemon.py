@@ -325,7 +325,7 @@ class Daemon:
             log.error("could not apply the mirror rules at start: %s", e)
             self._shutdown()
             return 1
-        self.sel.register(self.control.fileno(), selectors.EVENT_READ, "control")
+        self.control.attach(self.sel, "control")
         interval = self.notifier.watchdog_interval()
         if interval:
             self.next_watchdog = time.monotonic() + interval
@@ -388,7 +388,7 @@ class Daemon:
             for change in self.nft_events.read():
                 self.pending.add(change, topology_changed=False)
         elif what == "control" and self.control is not None:
-            self.control.serve_one()
+            self.control.ready(fileobj)
         elif what == "lock" and self.lock is not None:
             self._answer_lock_probe()
         elif what == "worker":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import select
@@ -19,7 +20,7 @@ import socket
 import struct
 import sys
 import time
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO, Optional, Union
 
 from . import tzsp
 
@@ -38,6 +39,11 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
 _RECORD = struct.Struct("=IIII")
+# How many distinct senders are remembered for logging (a flood of forged
+# source addresses must not grow memory), and how often refusals are summed up.
+SENDERS_LOGGED = 64
+REFUSED_REPORT = 10.0
+_CACHE_MAX = 4096
 
 
 class ReceiveError(Exception):
@@ -69,6 +75,62 @@ def parse_listen(text: str) -> tuple[socket.AddressFamily, str, int]:
     except OSError:
         raise ReceiveError(f"--listen {text!r}: {host!r} is not an IP address") from None
     return family, host, port
+
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def parse_allow(values: list[str]) -> tuple[Network, ...]:
+    """--allow values (repeatable, comma-separated) -> prefixes; 'any' is every address."""
+    nets: list[Network] = []
+    for value in values:
+        for item in value.split(","):
+            text = item.strip()
+            if not text:
+                raise ReceiveError(f"--allow {value!r}: empty prefix")
+            if text == "any":
+                nets += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+                continue
+            try:
+                nets.append(ipaddress.ip_network(text))
+            except ValueError:
+                try:
+                    loose = ipaddress.ip_network(text, strict=False)
+                except ValueError:
+                    raise ReceiveError(f"--allow {text!r}: not an IPv4/IPv6 address or prefix"
+                                       ) from None
+                raise ReceiveError(f"--allow {text!r}: host bits set; did you mean {loose}?"
+                                   ) from None
+    return tuple(dict.fromkeys(nets))
+
+
+class SenderFilter:
+    """Which source addresses may feed us; None allows every sender."""
+
+    def __init__(self, allow: Optional[tuple[Network, ...]]) -> None:
+        self.allow = allow
+        self._cache: dict[str, bool] = {}
+
+    def permits(self, host: str) -> bool:
+        if self.allow is None:
+            return True
+        ok = self._cache.get(host)
+        if ok is None:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            ok = self._cache[host] = self._check(host)
+        return ok
+
+    def _check(self, host: str) -> bool:
+        assert self.allow is not None
+        try:
+            addr: Any = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        # A dual-stack [::] socket reports IPv4 senders as ::ffff:a.b.c.d.
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.allow)
 
 
 class PcapWriter:
@@ -143,6 +205,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="write a pcap stream to stdout (| tcpdump -r -)")
     out.add_argument("--tap", metavar="IFNAME",
                      help="inject the frames into a TAP interface (created if absent)")
+    p.add_argument("--allow", action="append", default=None, metavar="PREFIX[,PREFIX...]",
+                   help="accept TZSP only from these senders (IPv4/IPv6 addresses or prefixes; "
+                        "repeatable; 'any' for every sender). Required with --tap; without it "
+                        "--write and --stdout accept every sender and log each new one")
     p.add_argument("--count", type=int, default=None, metavar="N",
                    help="stop after writing N frames")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
@@ -150,13 +216,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class Receiver:
-    def __init__(self, sock: socket.socket, sink: Any, count: Optional[int]) -> None:
+    def __init__(self, sock: socket.socket, sink: Any, count: Optional[int],
+                 senders: Optional[SenderFilter] = None) -> None:
         self.sock = sock
         self.sink = sink
         self.count = count
-        self.received = self.written = self.malformed = 0
+        self.senders = senders or SenderFilter(None)
+        self.received = self.written = self.malformed = self.refused = 0
         self.buf = bytearray(65536)
         self.view = memoryview(self.buf)
+        self._seen: set[str] = set()  # senders already logged (bounded)
+        self._unreported = 0
+        self._last_refused = ""
+        self._report_at = 0.0
+
+    def admit(self, host: str, now: float) -> bool:
+        """Whether a datagram from `host` may be written; refusals are counted and logged."""
+        if self.senders.permits(host):
+            if self.senders.allow is None and host not in self._seen:
+                self._remember(host, "accepting TZSP from %s (no --allow given)")
+            return True
+        self.received += 1
+        self.refused += 1
+        self._unreported += 1
+        self._last_refused = host
+        if host not in self._seen:
+            self._remember(host, "refused TZSP from %s: not in --allow")
+        if now >= self._report_at:
+            self.report_refused(now)
+        return False
+
+    def _remember(self, host: str, message: str) -> None:
+        if len(self._seen) < SENDERS_LOGGED:
+            self._seen.add(host)
+            log.warning(message, host)
+            if len(self._seen) == SENDERS_LOGGED:
+                log.warning("%d senders seen; new ones are no longer logged one by one",
+                            SENDERS_LOGGED)
+
+    def report_refused(self, now: float) -> None:
+        """At most one summary line per REFUSED_REPORT seconds."""
+        if self._unreported and self._report_at:
+            log.warning("refused %d datagram(s) from senders not in --allow in the last "
+                        "%.0f s (last from %s)", self._unreported, REFUSED_REPORT,
+                        self._last_refused)
+        self._unreported = 0
+        self._report_at = now + REFUSED_REPORT
 
     def handle(self, n: int, now: float) -> None:
         self.received += 1
@@ -190,14 +295,16 @@ class Receiver:
             if self.count is not None and self.written >= self.count:
                 break
             try:
-                n = self.sock.recv_into(self.buf, 0, socket.MSG_DONTWAIT)
+                n, addr = self.sock.recvfrom_into(self.buf, 0, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
                 # ICMP-driven errors on an unconnected socket are not ours to act on.
                 log.debug("recv: %s", e.strerror)
                 break
-            self.handle(n, time.time())
+            now = time.time()
+            if self.admit(addr[0], now):
+                self.handle(n, now)
         self.sink.flush()
 
     def done(self) -> bool:
@@ -207,8 +314,16 @@ class Receiver:
 def run(args: argparse.Namespace) -> int:
     try:
         family, host, port = parse_listen(args.listen)
+        allow = parse_allow(args.allow) if args.allow else None
     except ReceiveError as e:
         print(f"mirrord receive: {e}", file=sys.stderr)
+        return 2
+    if allow is None and args.tap:
+        # A TAP feeds an IDS that trusts what it sniffs as if seen on the wire:
+        # no default lets anyone who can reach this port write into it.
+        print("mirrord receive: --tap needs --allow: the address(es) of the router(s) that "
+              "send the copies (e.g. --allow 192.0.2.1 or --allow 192.0.2.0/24,2001:db8::1), "
+              "or --allow any to accept every sender", file=sys.stderr)
         return 2
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -238,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
         return 0
     log.info("receiving TZSP on %s -> %s", args.listen, where)
+    if allow is not None:
+        log.info("accepting TZSP only from %s", ", ".join(str(n) for n in allow))
 
     stop = {"signal": 0}
     rfd, wfd = os.pipe()
@@ -248,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
         stop["signal"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    rx = Receiver(sock, sink, args.count)
+    rx = Receiver(sock, sink, args.count, SenderFilter(allow))
     deadline = time.monotonic() + args.timeout if args.timeout is not None else None
     rc = 0
     try:
@@ -288,8 +405,9 @@ def run(args: argparse.Namespace) -> int:
         except OSError:
             pass
         sock.close()
+    rx.report_refused(time.time())
     print(f"mirrord receive: received {rx.received}, written {rx.written}, "
-          f"malformed {rx.malformed}", file=sys.stderr)
+          f"malformed {rx.malformed}, refused {rx.refused}", file=sys.stderr)
     return rc
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -36,8 +38,8 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from . import tzsp
 from .bpf import compile_filter
@@ -88,26 +90,104 @@ class TzspJob:
     ring_bytes: int = 0
 
     def to_json(self) -> str:
-        return json.dumps({
-            "mirror": self.mirror, "interface": self.interface, "ifindex": self.ifindex,
-            "directions": list(self.directions), "match": match_to_dict(self.match),
-            "collector": str(self.collector), "port": self.port, "snaplen": self.snaplen,
-            "source": str(self.source) if self.source is not None else None,
-            "ring_bytes": self.ring_bytes,
-        }, sort_keys=True)
+        return json.dumps(_encode(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TzspJob:
-        d = json.loads(text)
-        source = d.get("source")
-        return cls(
-            mirror=str(d["mirror"]), interface=str(d["interface"]), ifindex=int(d["ifindex"]),
-            directions=tuple(str(x) for x in d["directions"]), match=match_from_dict(d["match"]),
-            collector=ipaddress.ip_address(d["collector"]), port=int(d["port"]),
-            snaplen=int(d["snaplen"]),
-            source=ipaddress.ip_address(source) if source else None,
-            ring_bytes=int(d.get("ring_bytes") or 0),
-        )
+        job = _decode(cls, json.loads(text), "job")
+        assert isinstance(job, cls)
+        return job
+
+
+# -- the job's wire form -------------------------------------------------------
+# Generic over the dataclass's fields and their annotations, so a field added
+# to TzspJob travels to the worker without touching this code. A Match keeps
+# its own form (the one the standalone --match option reads).
+
+def _encode(v: Any) -> Any:
+    if isinstance(v, Match):
+        return match_to_dict(v)
+    if is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _encode(getattr(v, f.name)) for f in fields(v)}
+    if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address,
+                      ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(v)
+    if isinstance(v, (tuple, list, frozenset, set)):
+        return [_encode(x) for x in v]
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    raise TypeError(f"cannot send a {type(v).__name__} to the worker")
+
+
+_ADDRESSES = frozenset({ipaddress.IPv4Address, ipaddress.IPv6Address})
+_NETWORKS = frozenset({ipaddress.IPv4Network, ipaddress.IPv6Network})
+
+
+def _decode(tp: Any, v: Any, where: str) -> Any:
+    """`v` (from JSON) as a value of type `tp`; ValueError names the field."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Match:
+        if not isinstance(v, dict):
+            raise ValueError(f"{where}: expected a match object")
+        return match_from_dict(v)
+    if isinstance(tp, type) and is_dataclass(tp):
+        if not isinstance(v, dict):
+            raise ValueError(f"{where}: expected an object")
+        hints = _hints(tp)
+        known = {f.name: f for f in fields(tp)}
+        unknown = sorted(set(v) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        kw = {name: _decode(hints[name], v[name], f"{where}.{name}")
+              for name in known if name in v}
+        try:
+            return tp(**kw)
+        except TypeError as e:  # a field without a default is missing
+            raise ValueError(f"{where}: {e}") from None
+    if origin is Union:
+        if v is None:
+            if type(None) in args:
+                return None
+            raise ValueError(f"{where}: missing")
+        members = frozenset(a for a in args if a is not type(None))
+        if members <= _ADDRESSES:
+            return ipaddress.ip_address(_need(str, v, where))
+        if members <= _NETWORKS:
+            return ipaddress.ip_network(_need(str, v, where))
+        if len(members) == 1:
+            return _decode(next(iter(members)), v, where)
+        raise TypeError(f"{where}: cannot decode {tp}")
+    if origin in (tuple, list, frozenset, set):
+        items = _need(list, v, where)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(items) != len(args):
+                raise ValueError(f"{where}: expected {len(args)} items")
+            return tuple(_decode(a, x, f"{where}[{i}]")
+                         for i, (a, x) in enumerate(zip(args, items)))
+        out = [_decode(args[0] if args else Any, x, f"{where}[{i}]") for i, x in enumerate(items)]
+        return origin(out)
+    if tp in _ADDRESSES:
+        return tp(_need(str, v, where))
+    if tp in _NETWORKS:
+        return tp(_need(str, v, where))
+    if tp is float:
+        return float(_need((int, float), v, where))
+    if tp in (int, str, bool):
+        return _need(tp, v, where)
+    if tp is Any:
+        return v
+    raise TypeError(f"{where}: cannot decode {tp}")
+
+
+@functools.cache
+def _hints(tp: type) -> dict[str, Any]:
+    return get_type_hints(tp)
+
+
+def _need(tp: Any, v: Any, where: str) -> Any:
+    if not isinstance(v, tp) or (isinstance(v, bool) and tp is not bool):
+        raise ValueError(f"{where}: unexpected value {v!r}")
+    return v
 
 
 def match_to_dict(m: Match) -> dict[str, Any]:
@@ -526,10 +606,24 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mirrord.tzsp_worker",
                                 description="mirrord TZSP worker (one interface)")
-    p.add_argument("--job", help="the job as JSON (from TzspJob.to_json)")
+    p.add_argument("--job-fd", type=int, default=-1, metavar="FD",
+                   help="read the job (JSON, from TzspJob.to_json) from this file descriptor "
+                        "until EOF; the daemon passes it on stdin (0), never in argv or the "
+                        "environment, which other users can read")
     p.add_argument("--shm-fd", type=int, default=-1, help="shared counter block (from the daemon)")
     p.add_argument("--parent", type=int, default=0, help="exit when this process goes away")
     p.add_argument("--interface", help="standalone: interface to mirror")
@@ -565,8 +659,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return code
 
     try:
-        if args.job:
-            job = TzspJob.from_json(args.job)
+        if args.job_fd >= 0:
+            job = TzspJob.from_json(_read_all(args.job_fd).decode())
         elif args.interface and args.collector:
             directions = ("in", "out") if args.direction == "both" else (args.direction,)
             job = TzspJob(mirror=args.interface, interface=args.interface,
@@ -575,7 +669,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           collector=ipaddress.ip_address(args.collector), port=args.port,
                           snaplen=args.snaplen)
         else:
-            p.error("give --job, or --interface and --collector")
+            p.error("give --job-fd, or --interface and --collector")
     except (ValueError, KeyError, TypeError, OSError) as e:
         return finish(EXIT_CONFIG, f"bad job: {e}")
 
@@ -602,6 +696,32 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 # -- the daemon's handle ---------------------------------------------------
+
+F_SETPIPE_SZ = 1031
+
+
+def _job_pipe(data: bytes) -> int:
+    """The read end of a pipe that holds `data` and then EOF.
+
+    Written whole before the worker exists, so the daemon never waits on
+    it: the pipe is grown first when a job (long match lists) outgrows the
+    default 64 KiB.
+    """
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        if len(data) > 65536:
+            fcntl.fcntl(wfd, F_SETPIPE_SZ, len(data))
+        os.set_blocking(wfd, False)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(wfd, view):]
+    except BaseException:
+        os.close(rfd)
+        raise
+    finally:
+        os.close(wfd)
+    return rfd
+
 
 def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -652,23 +772,32 @@ class TzspWorker:
         if self.running():
             return
         self._release()
-        fd, buf = _new_shared_block()
+        job_r = _job_pipe(self.job.to_json().encode())
+        try:
+            fd, buf = _new_shared_block()
+        except BaseException:
+            os.close(job_r)
+            raise
         rfd, wfd = os.pipe()
         env = dict(os.environ)
         root = _package_root()
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         level = logging.getLevelName(logging.getLogger("mirrord").getEffectiveLevel())
-        argv = [sys.executable, "-m", "mirrord.tzsp_worker", "--job", self.job.to_json(),
+        # The job (collector, interface, match) goes through a pipe on stdin:
+        # argv is world-readable (ps, /proc/PID/cmdline), and the network's
+        # layout is why the status socket is 0600.
+        argv = [sys.executable, "-m", "mirrord.tzsp_worker", "--job-fd", "0",
                 "--shm-fd", str(fd), "--parent", str(os.getpid()), "--log-level", str(level)]
         try:
             # Own session: a terminal's ^C goes to the daemon, which stops us.
-            self._proc = subprocess.Popen(argv, pass_fds=(fd, wfd), stdin=subprocess.DEVNULL,
+            self._proc = subprocess.Popen(argv, pass_fds=(fd, wfd), stdin=job_r,
                                           env=env, close_fds=True, start_new_session=True)
         except BaseException:
             os.close(rfd)
             buf.close()
             raise
         finally:
+            os.close(job_r)
             os.close(fd)
             os.close(wfd)
         self._shared = SharedCounters(buf)

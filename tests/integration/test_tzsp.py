@@ -24,7 +24,7 @@ import pytest
 from mirrord import tzsp
 from mirrord.match import Match, PortRange
 from mirrord.tzsp_worker import TzspJob
-from tests.lab import LAN_HOST, ROOT, RTR_LAN, WAN_HOST, Lab, have_root_netns
+from tests.lab import LAN_HOST, ROOT, RTR_COL, RTR_LAN, WAN_HOST, Lab, have_root_netns
 from tests.tzsp_helpers import (
     WorkerRun,
     in_netns,
@@ -259,7 +259,7 @@ def test_receiver_streams_to_tcpdump_and_feeds_a_tap(lab: Lab) -> None:
                            cwd=str(ROOT))
     tap_pcap = tmp(lab, "tap.pcap")
     tap_rx = receiver(lab.col.name, "--listen", "0.0.0.0:37019", "--tap", "tzsp0", "--count", "3",
-                      "--timeout", "20")
+                      "--timeout", "20", "--allow", RTR_COL)
     dump = tcpdump(lab.col.name, "tzsp0", tap_pcap)
     try:
         time.sleep(0.5)  # the stream's receiver binds without telling us
@@ -497,3 +497,84 @@ def test_ring_drops_are_counted(lab: Lab) -> None:
     assert stats["ring_drops"] > 0 and stats["captured"] > 0
     assert stats["captured"] + stats["ring_drops"] == n
     assert stats["sent"] == stats["captured"]
+
+
+def test_worker_job_is_not_in_its_command_line(lab: Lab) -> None:
+    """What `ps` shows any user of the worker: no collector, port, interface or match.
+    The job arrives on a pipe; the worker still captures and sends."""
+    port, n = 37030, 5
+    spec = lab.write_spec(f"""\
+backend: nftables
+collectors:
+  secretcol:
+    address: "{lab.collector}"
+    transport: tzsp
+    port: {port}
+mirrors:
+  - name: hiddenmirror
+    interfaces: [br-lan]
+    direction: in
+    collector: secretcol
+    match:
+      protocol: icmp
+      destination: {WAN_HOST}
+""")
+
+    def worker_of(st: Any) -> Any:
+        return st["mirrors"][0]["tzsp"][0] if st and st["mirrors"][0]["tzsp"] else None
+
+    daemon = lab.start_daemon(spec)
+    try:
+        st = lab.wait_for_status(lambda s: bool(worker_of(s)) and worker_of(s)["running"])
+        pid = worker_of(st)["pid"]
+        # Read as an unprivileged user, as the finding did.
+        ps = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             "ps", "-ww", "-o", "args=", "-p", str(pid)],
+                            capture_output=True, text=True, timeout=10, check=True).stdout
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode()
+        assert "mirrord.tzsp_worker" in cmdline and "mirrord.tzsp_worker" in ps  # the right one
+        for secret in (lab.collector, str(port), "br-lan", WAN_HOST, "icmp", "hiddenmirror",
+                       "secretcol", "collector", "interface"):
+            assert secret not in cmdline and secret not in ps, (secret, cmdline)
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert lab.collector.encode() not in f.read()
+        time.sleep(0.3)  # the worker opens its socket after it was spawned
+        lab.ping(lab.lan, WAN_HOST, n)
+        st = lab.wait_for_status(lambda s: bool(worker_of(s)) and worker_of(s)["sent"] >= n)
+        assert worker_of(st)["sent"] == n and worker_of(st)["pid"] == pid
+    finally:
+        lab.stop_daemon(daemon)
+
+
+def test_receiver_allows_only_listed_senders(lab: Lab) -> None:
+    """Two senders, one allowed: the other's datagrams (forged frames, valid TZSP)
+    never reach the TAP an IDS would sniff, and are counted and logged."""
+    from scapy.all import IP, UDP, Ether, raw
+
+    def frames(tag: bytes) -> list[bytes]:
+        return [raw(Ether(src="02:00:00:00:00:aa", dst="02:00:00:00:00:bb") /
+                    IP(src=LAN_HOST, dst=WAN_HOST) / UDP(sport=2000 + i, dport=9) / tag)
+                for i in range(3)]
+
+    good, forged = frames(b"from-the-router"), frames(b"forged")
+    tap_pcap = tmp(lab, "allow-tap.pcap")
+    # Dual-stack [::]: IPv4 senders show up as ::ffff:a.b.c.d and must still match.
+    rx = receiver(lab.col.name, "--listen", "[::]:37031", "--tap", "tzsp1", "--allow",
+                  f"{RTR_COL},2001:db8::/32", "--count", "3", "--timeout", "20")
+    dump = tcpdump(lab.col.name, "tzsp1", tap_pcap)
+    try:
+        # The LAN host is routed to the collector too: the forger goes first,
+        # so its datagrams are handled before the allowed ones end the run.
+        helper(lab.lan, "send-udp", lab.collector, "37031", *(tzsp.encode(f).hex() for f in forged))
+        time.sleep(0.2)
+        helper(lab.rtr, "send-udp", lab.collector, "37031", *(tzsp.encode(f).hex() for f in good))
+        assert rx.wait(30) == 0, rx.stderr
+        time.sleep(0.2)
+    finally:
+        rx.kill()
+        dump.stop()
+    assert [f for f, _ in read_pcap(tap_pcap)[1]] == good
+    assert "received 6, written 3, malformed 0, refused 3" in rx.stderr
+    assert f"refused TZSP from ::ffff:{LAN_HOST}: not in --allow" in rx.stderr
+    assert rx.stderr.count("refused TZSP from") == 1  # once per sender, not per datagram

@@ -1,15 +1,10 @@
-"""Status rendering, health helpers and the control socket protocol."""
+"""Status rendering and health helpers (the control socket: test_control.py)."""
 
 from __future__ import annotations
 
-import socket
-import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from mirrord.control import ControlServer, request, try_request
 from mirrord.daemon import summarize
 from mirrord.health import _has_flow_add, uci_offloading
 from mirrord.status import format_prometheus, format_table, healthy
@@ -96,37 +91,3 @@ def test_summarize_folds_bursts() -> None:
         "table deleted: ip mirrord, chain deleted: ip mirrord (+1 more)")
 
 
-def test_control_socket_roundtrip_and_mode(tmp_path: Path) -> None:
-    path = str(tmp_path / "ctl.sock")
-    server = ControlServer(path, lambda req: {"echo": req})
-    assert (Path(path).stat().st_mode & 0o777) == 0o600
-    def serve() -> None:
-        import select
-
-        select.select([server.sock], [], [], 5)  # one client, then done
-        server.serve_one()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        assert request(path, "status", x=1) == {"echo": {"cmd": "status", "x": 1}}
-    finally:
-        t.join(5)
-        server.close()
-    reply, err = try_request(path, "status")
-    assert reply is None and "no daemon socket" in err
-
-
-def test_second_server_on_a_live_socket_is_refused(tmp_path: Path) -> None:
-    path = str(tmp_path / "ctl.sock")
-    first = ControlServer(path, lambda req: {})
-    try:
-        with pytest.raises(RuntimeError, match="already serving"):
-            ControlServer(path, lambda req: {})
-    finally:
-        first.close()
-    # A stale socket file (its daemon died) is replaced.
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(path)
-    stale.close()
-    ControlServer(path, lambda req: {}).close()

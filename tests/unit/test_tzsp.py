@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import json
 import mmap
+import re
 import struct
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirrord import tzsp
-from mirrord.match import Match, PortRange
+from mirrord.match import Address, Match, PortRange
 from mirrord.receive import PcapWriter, ReceiveError, Receiver, parse_listen
 from mirrord.tzsp_worker import (
     SHM_SIZE,
@@ -231,3 +234,133 @@ def test_worker_module_does_not_import_scapy() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True)
+class _JobWithExclusions(TzspJob):
+    """A field added later (as another change adds collector exclusions)."""
+
+    exclude: tuple[Address, ...] = ()
+    exclude_nets: tuple[IPNetwork, ...] = ()
+    note: Optional[str] = None
+
+
+def test_job_wire_form_follows_the_dataclass_fields() -> None:
+    job = _JobWithExclusions(
+        "m", "br-lan", 7, ("in",), Match(protocols=(17,)), ipaddress.ip_address("203.0.113.130"),
+        37008, 1500, exclude=(ipaddress.ip_address("203.0.113.5"),
+                              ipaddress.ip_address("2001:db8::5")),
+        exclude_nets=(ipaddress.ip_network("198.51.100.0/24"),), note="x")
+    assert _JobWithExclusions.from_json(job.to_json()) == job
+    assert json.loads(job.to_json())["exclude"] == ["203.0.113.5", "2001:db8::5"]
+    # Fields left out take their defaults (a worker newer than its daemon).
+    old = json.loads(job.to_json())
+    del old["exclude"], old["note"], old["ring_bytes"]
+    back = _JobWithExclusions.from_json(json.dumps(old))
+    assert (back.exclude, back.note, back.ring_bytes) == ((), None, 0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"collector": "not-an-ip"}, "does not appear to be"),
+    ({"ifindex": "7"}, "job.ifindex: unexpected value '7'"),
+    ({"ifindex": True}, "job.ifindex: unexpected value True"),
+    ({"directions": "in"}, "job.directions: unexpected value 'in'"),
+    ({"surprise": 1}, "job: unknown field(s) surprise"),
+    ({"mirror": None}, "job.mirror: unexpected value None"),
+])
+def test_job_wire_form_rejects_bad_values(change: dict[str, object], message: str) -> None:
+    good = json.loads(TzspJob("m", "wan", 3, ("out",), Match(),
+                              ipaddress.ip_address("203.0.113.10"), 37008, 65535).to_json())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TzspJob.from_json(json.dumps({**good, **change}))
+    missing = dict(good)
+    del missing["interface"]
+    with pytest.raises(ValueError, match="interface"):
+        TzspJob.from_json(json.dumps(missing))
+
+
+def test_job_pipe_holds_the_job_then_eof() -> None:
+    from mirrord.tzsp_worker import _job_pipe, _read_all
+
+    for size in (10, 200_000):  # past the default 64 KiB pipe: grown, never a wait
+        data = b"j" * size
+        assert _read_all(_job_pipe(data)) == data
+
+
+# -- receive --allow ---------------------------------------------------------------
+
+def test_parse_allow() -> None:
+    from mirrord.receive import parse_allow
+
+    nets = parse_allow(["192.0.2.1,198.51.100.0/24", "2001:db8::/32", " 203.0.113.7 "])
+    assert [str(n) for n in nets] == ["192.0.2.1/32", "198.51.100.0/24", "2001:db8::/32",
+                                      "203.0.113.7/32"]
+    assert [str(n) for n in parse_allow(["any"])] == ["0.0.0.0/0", "::/0"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("192.0.2.1/24", "host bits set; did you mean 192.0.2.0/24?"),
+    ("router.lan", "not an IPv4/IPv6 address or prefix"),
+    ("192.0.2.1,,192.0.2.2", "empty prefix"),
+    ("192.0.2.0/33", "not an IPv4/IPv6 address or prefix"),
+])
+def test_parse_allow_rejects(value: str, message: str) -> None:
+    from mirrord.receive import parse_allow
+
+    with pytest.raises(ReceiveError, match=re.escape(message)):
+        parse_allow([value])
+
+
+def test_sender_filter() -> None:
+    from mirrord.receive import SenderFilter, parse_allow
+
+    f = SenderFilter(parse_allow(["192.0.2.1", "2001:db8:3::/48"]))
+    assert f.permits("192.0.2.1")
+    assert f.permits("::ffff:192.0.2.1")  # an IPv4 sender on a dual-stack [::] socket
+    assert f.permits("2001:db8:3::10") and f.permits("2001:db8:3::10%eth0")
+    for host in ("192.0.2.2", "::ffff:192.0.2.2", "2001:db8:4::1", "::1", "127.0.0.1",
+                 "garbage"):
+        assert not f.permits(host), host
+    assert f.permits("192.0.2.1")  # cached answers stay right
+    assert SenderFilter(None).permits("203.0.113.99")
+
+
+def test_receiver_refuses_counts_and_logs_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    from mirrord import receive
+    from mirrord.receive import SenderFilter, parse_allow
+
+    sink = _ListSink()
+    rx = Receiver(None, sink, None, SenderFilter(parse_allow(["192.0.2.1"])))  # type: ignore[arg-type]
+    data = tzsp.encode(FRAME)
+    rx.buf[:len(data)] = data
+    caplog.set_level("WARNING", logger="mirrord.receive")
+    for i in range(1000):
+        host = "198.51.100.7" if i % 2 else f"203.0.113.{i % 200}"
+        if rx.admit(host, 100.0 + i * 0.001):
+            rx.handle(len(data), 0.0)
+    assert rx.admit("192.0.2.1", 101.0)
+    rx.handle(len(data), 0.0)
+    assert (rx.received, rx.written, rx.refused, rx.malformed) == (1001, 1, 1000, 0)
+    assert sink.frames == [(FRAME, None)]
+    # One line per new sender, bounded; no line per datagram.
+    lines = [r.getMessage() for r in caplog.records]
+    assert "refused TZSP from 203.0.113.0: not in --allow" in lines
+    assert len(lines) <= receive.SENDERS_LOGGED + 2
+    caplog.clear()
+    assert not rx.admit("198.51.100.7", 100.0 + receive.REFUSED_REPORT + 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"refused 1000 datagram(s) from senders not in --allow in the last "
+        f"{receive.REFUSED_REPORT:.0f} s (last from 198.51.100.7)"]
+
+
+def test_receive_tap_needs_allow(capsys: pytest.CaptureFixture[str]) -> None:
+    from mirrord.receive import main
+
+    assert main(["--tap", "tzsp9", "--listen", "0.0.0.0:37999"]) == 2
+    err = capsys.readouterr().err
+    assert "--tap needs --allow" in err and "--allow any" in err
+    assert main(["--write", "/dev/null", "--allow", "192.0.2.1/24"]) == 2
+    assert "did you mean 192.0.2.0/24" in capsys.readouterr().err
