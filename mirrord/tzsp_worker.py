@@ -86,6 +86,14 @@ class TzspJob:
     # Capture ring size; 0 = the default (8 MiB). Bigger rides out longer
     # stalls (a busy CPU, bursts of large frames) at the cost of memory.
     ring_bytes: int = 0
+    # Other addresses whose traffic is never captured: every collector of the
+    # spec (the daemon's plan.exclusions), so that no worker copies another
+    # worker's datagrams (or their fragments, or the collectors' ICMP errors).
+    exclude: tuple[Address, ...] = ()
+
+    def never_captured(self) -> tuple[Address, ...]:
+        """The collector and `exclude`, each once: traffic to or from them is dropped."""
+        return tuple(dict.fromkeys((self.collector, *self.exclude)))
 
     def to_json(self) -> str:
         return json.dumps({
@@ -93,7 +101,7 @@ class TzspJob:
             "directions": list(self.directions), "match": match_to_dict(self.match),
             "collector": str(self.collector), "port": self.port, "snaplen": self.snaplen,
             "source": str(self.source) if self.source is not None else None,
-            "ring_bytes": self.ring_bytes,
+            "ring_bytes": self.ring_bytes, "exclude": [str(a) for a in self.exclude],
         }, sort_keys=True)
 
     @classmethod
@@ -107,6 +115,7 @@ class TzspJob:
             snaplen=int(d["snaplen"]),
             source=ipaddress.ip_address(source) if source else None,
             ring_bytes=int(d.get("ring_bytes") or 0),
+            exclude=tuple(ipaddress.ip_address(a) for a in d.get("exclude") or ()),
         )
 
 
@@ -435,7 +444,7 @@ def run_job(job: TzspJob, shared: Optional[SharedCounters], wakeup_fd: int, stop
     directions = tuple(job.directions)
 
     def program(link: Any) -> Any:
-        return compile_filter(job.match, (job.collector,), directions=directions, link=link,
+        return compile_filter(job.match, job.never_captured(), directions=directions, link=link,
                               snaplen=job.snaplen)
 
     kw: dict[str, Any] = {}
