@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab import COLLECTOR, Lab, Netns, have_root_netns
+from tests.lab import COLLECTOR, WAN_HOST, Lab, Netns, have_root_netns
 
 pytestmark = [
     pytest.mark.integration,
@@ -74,10 +74,10 @@ mirrors:
 """
 
 
-def wait_capturing(lab: Lab, n: int, timeout: float = 20) -> None:
+def wait_capturing(lab: Lab, n: int, timeout: float = 20, what: str = ": capturing out on ") -> None:
     """Until `n` workers logged that their socket (with its filter) is open."""
     deadline = time.monotonic() + timeout
-    while lab.daemon_log().count(": capturing out on ") < n:
+    while lab.daemon_log().count(what) < n:
         if time.monotonic() > deadline:
             raise TimeoutError(f"workers did not start capturing:\n{lab.daemon_log()}")
         for d in lab.daemons:
@@ -153,3 +153,66 @@ def test_one_datagram_gives_exactly_one_copy_per_mirror(lab: Lab, layout: str) -
             lab.stop_daemon(daemon)
     print(f"{layout}: frames at the collectors in {WATCH:.0f} s after one datagram: {got}")
     assert got == expected
+
+
+CLONE_BESIDE_TZSP = f"""
+collectors:
+  ids:
+    address: {COLLECTOR}
+    transport: clone
+  far:
+    address: {WAN_COLLECTOR_A}
+    transport: tzsp
+mirrors:
+  - name: lan
+    interfaces: [br-lan]
+    direction: both
+    collector: ids
+    match:
+      protocol: icmp
+  - name: t
+    interfaces: [col]
+    direction: both
+    collector: far
+    match:
+      protocol: icmp
+"""
+
+
+def test_kernel_clones_are_not_captured_by_a_tzsp_mirror(lab: Lab) -> None:
+    """Clones to `ids` leave through col; mirror t captures col. A clone keeps
+    the original addresses, so only not capturing col's outgoing half keeps
+    mirrord's own clones out of t: status shows that half as an error."""
+    n = 10
+    lab.wan.sh(f"ip addr add {WAN_COLLECTOR_A}/24 dev eth0")
+    rate_limit(lab.rtr, "wan", "col")
+    lab.rtr.run("ping", "-c1", "-W2", WAN_COLLECTOR_A)
+    lab.count_at_collector({"clones": "icmp type { echo-request, echo-reply }"})
+    lab.count_at_collector({"tzsp": f"ip daddr {WAN_COLLECTOR_A}"}, lab.wan)
+    daemon = lab.start_daemon(lab.write_spec(CLONE_BESIDE_TZSP))
+    watchdog = threading.Timer(WATCHDOG, daemon.kill)
+    watchdog.start()
+    try:
+        st = lab.wait_for_status(lambda s: s is not None and len(s["mirrors"]) == 2 and any(
+            m["name"] == "t" and m["tzsp"] for m in s["mirrors"]))
+        t = next(m for m in st["mirrors"] if m["name"] == "t")
+        assert t["state"] == "degraded" and "kernel clones leave through col" in t["reason"]
+        assert {(x["direction"], x["state"]) for x in t["taps"]} == {
+            ("in", "active"), ("out", "error")}
+        assert next(m for m in st["mirrors"] if m["name"] == "lan")["state"] == "active"
+        wait_capturing(lab, 1, what=": capturing in on col")
+        lab.reset_collector_counts()
+        lab.reset_collector_counts(lab.wan)
+        lab.ping(lab.lan, WAN_HOST, n)
+        # Positive control: the clones left through col while t was capturing there.
+        deadline = time.monotonic() + 10
+        while lab.collector_counts()["clones"] < 2 * n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lab.collector_counts()["clones"] == 2 * n
+        time.sleep(1.0)
+        got = lab.collector_counts(lab.wan)["tzsp"]
+    finally:
+        watchdog.cancel()
+        if daemon.poll() is None:
+            lab.stop_daemon(daemon)
+    assert got == 0
