@@ -2,9 +2,12 @@
 
 The filter runs in the kernel before a packet is copied to the capture ring,
 so unmatched traffic costs the TZSP worker nothing. It also drops everything
-to or from the collector: our own TZSP datagrams (and the ICMP errors they
-provoke) must never be captured again, even when the collector is reached
-through the mirrored interface.
+to or from the excluded addresses, every collector of the spec: no TZSP
+datagram (nor a fragment of one: later fragments have no UDP header, but the
+addresses are in every fragment), nor an ICMP error a collector answers with,
+is ever captured again, whichever worker sent it and whichever interface it
+crosses. Excluding only a worker's own collector let two workers copy each
+other's datagrams for ever.
 
 Offsets are from the start of the link-layer frame (Ethernet: L3 at 14). A
 VLAN tag stripped into skb metadata is invisible here; a tag still in the
@@ -297,6 +300,9 @@ def compile_filter(
 ) -> list[Insn]:
     """The filter program for `match`, dropping traffic to/from `exclude`.
 
+    The exclusion is tested first, before the protocol and ports, so it holds
+    for IPv4 fragments too.
+
     `directions` ("in", "out") tests the packet type in the kernel, so a
     one-direction mirror never wakes the worker for the other direction.
     The accept return value is the snap length: the kernel cuts the copy.
@@ -304,6 +310,7 @@ def compile_filter(
     frames (ARP, LLDP), as a switch's SPAN port would.
     """
     snaplen = max(1, min(snaplen, MAX_SNAPLEN))
+    exclude = tuple(dict.fromkeys(exclude))
     dirs = set(directions)
     if not dirs or not dirs <= {"in", "out"}:
         raise BpfError(f"directions must be 'in' and/or 'out', not {tuple(directions)}")

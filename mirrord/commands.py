@@ -72,6 +72,11 @@ def run_check(args: argparse.Namespace) -> int:
         s = _load(args)
     except spec.SpecError as e:
         return _print_problems(e)
+    from .loops import static_problems
+
+    loops = static_problems(s)
+    if loops:
+        return _print_problems(spec.SpecError(loops))
     for m in s.mirrors:
         print(describe_mirror(s, m))
     print("OK")

@@ -601,7 +601,7 @@ class Daemon:
             mirror=tap.mirror, interface=tap.interface, ifindex=tap.ifindex,
             directions=tap.directions, match=tap.match, collector=tap.collector.address,
             port=tap.collector.port, snaplen=tap.collector.snaplen,
-            ring_bytes=tap.collector.ring_mib << 20,
+            ring_bytes=tap.collector.ring_mib << 20, exclude=tap.exclude,
         )
         handle = TzspWorker(job)
         w = Worker(tap, handle)

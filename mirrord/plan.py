@@ -6,6 +6,7 @@ which is what lets start-up, SIGHUP and every heal share one reconcile path.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
@@ -28,6 +29,9 @@ class CloneRule:
     match: FamilyMatch
     gateway: Address
     device: Optional[str]
+    # Every collector address of the spec: their traffic, mirrord's own
+    # copies (TZSP datagrams and their fragments) included, is never cloned.
+    exclude: tuple[Address, ...] = ()
 
     @property
     def version(self) -> int:
@@ -46,6 +50,9 @@ class TzspTap:
     # Part of the tap's identity: a reload that changes only the match must
     # replace the worker, whose BPF program was compiled from it.
     match: Match = field(default_factory=Match)
+    # Every collector address of the spec, never captured (see exclusions());
+    # part of the identity for the same reason as the match.
+    exclude: tuple[Address, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,19 @@ def collector_keys(spec: Spec) -> list[tuple[Address, Optional[str]]]:
     return [(c.address, c.interface) for c in spec.collectors.values()]
 
 
+def exclusions(spec: Spec) -> tuple[Address, ...]:
+    """The addresses no mirror ever copies traffic to or from: every collector's.
+
+    Whole addresses, not address and port: a TZSP datagram larger than the
+    path MTU is fragmented and its later fragments carry no UDP header, and
+    a collector answers datagrams with ICMP errors that another mirror would
+    otherwise copy on. Excluding every collector (not only a mirror's own)
+    is what keeps two mirrors from copying each other's copies for ever.
+    """
+    addrs = {c.address for c in spec.collectors.values()}
+    return tuple(sorted(addrs, key=lambda a: (a.version, int(a))))
+
+
 def build(
     spec: Spec,
     topo: Topology,
@@ -97,17 +117,72 @@ def build(
     clones: list[CloneRule] = []
     taps: list[TzspTap] = []
     egress: set[str] = set()
+    exclude = exclusions(spec)
     for mirror in spec.mirrors:
         collector = spec.collector_of(mirror)
         reach = topo.reach.get((collector.address, collector.interface))
         mp, rules, tz = _plan_mirror(mirror, collector, reach, topo, backend, backend_error,
                                      versions)
         mirrors.append(mp)
-        clones.extend(rules)
-        taps.extend(tz)
+        clones.extend(dataclasses.replace(r, exclude=exclude) for r in rules)
+        taps.extend(dataclasses.replace(t, exclude=exclude) for t in tz)
         if rules and reach is not None and reach.oif:
             egress.add(reach.oif)
+    if egress and taps:
+        _keep_clones_from_taps(mirrors, taps, egress, topo)
     return Plan(backend, tuple(mirrors), tuple(clones), tuple(taps), frozenset(egress))
+
+
+def _sees_egress(name: str, egress: set[str], topo: Topology) -> Optional[str]:
+    """The clone egress whose outgoing frames a capture on `name` sees, if any."""
+    if name in egress:
+        return name
+    link = topo.link(name)
+    if link is not None and link.master is not None:
+        master = topo.by_index(link.master)
+        if master is not None and master.name in egress:
+            return master.name  # a bridge port: the bridge's frames leave through it
+    return None
+
+
+def _keep_clones_from_taps(mirrors: list[MirrorPlan], taps: list[TzspTap], egress: set[str],
+                           topo: Topology) -> None:
+    """Kernel clones are no input to a TZSP mirror.
+
+    A clone carries the original packet's addresses, so no address filter
+    can tell it apart; a capture of what leaves the interface the clones
+    leave through would copy them. That direction of that tap is an error
+    state (its worker is not started); the rest of the mirror goes on.
+    """
+    blocked: dict[tuple[str, str], str] = {}
+    for i, t in enumerate(taps):
+        via = _sees_egress(t.interface, egress, topo) if "out" in t.directions else None
+        if via is None:
+            continue
+        blocked[(t.mirror, t.interface)] = via
+        left = tuple(w for w in t.directions if w != "out")
+        taps[i] = dataclasses.replace(t, directions=left)
+    taps[:] = [t for t in taps if t.directions]
+    if not blocked:
+        return
+    for i, mp in enumerate(mirrors):
+        if mp.transport != "tzsp":
+            continue
+        states = list(mp.taps)
+        hit = False
+        for j, ts in enumerate(states):
+            via = blocked.get((mp.mirror.name, ts.interface))
+            if via is not None and ts.direction == "out" and ts.state == "active":
+                port = f" (a port of {via})" if via != ts.interface else ""
+                states[j] = TapState(
+                    ts.interface, "out", "error",
+                    f"kernel clones leave through {via}: a TZSP capture of what leaves "
+                    f"{ts.interface}{port} would copy mirrord's own clones (mirror it with "
+                    "transport clone, or reach the clone collector through another interface)")
+                hit = True
+        if hit:
+            state, reason = _summarize(states)
+            mirrors[i] = dataclasses.replace(mp, state=state, reason=reason, taps=tuple(states))
 
 
 def _interface_taps(mirror: Mirror, topo: Topology) -> list[TapState]:

@@ -88,6 +88,14 @@ class TzspJob:
     # Capture ring size; 0 = the default (8 MiB). Bigger rides out longer
     # stalls (a busy CPU, bursts of large frames) at the cost of memory.
     ring_bytes: int = 0
+    # Other addresses whose traffic is never captured: every collector of the
+    # spec (the daemon's plan.exclusions), so that no worker copies another
+    # worker's datagrams (or their fragments, or the collectors' ICMP errors).
+    exclude: tuple[Address, ...] = ()
+
+    def never_captured(self) -> tuple[Address, ...]:
+        """The collector and `exclude`, each once: traffic to or from them is dropped."""
+        return tuple(dict.fromkeys((self.collector, *self.exclude)))
 
     def to_json(self) -> str:
         return json.dumps(_encode(self), sort_keys=True)
@@ -515,7 +523,7 @@ def run_job(job: TzspJob, shared: Optional[SharedCounters], wakeup_fd: int, stop
     directions = tuple(job.directions)
 
     def program(link: Any) -> Any:
-        return compile_filter(job.match, (job.collector,), directions=directions, link=link,
+        return compile_filter(job.match, job.never_captured(), directions=directions, link=link,
                               snaplen=job.snaplen)
 
     kw: dict[str, Any] = {}

@@ -6,9 +6,10 @@ first position of PREROUTING and POSTROUTING. Everything is applied with one
 it, so the input is the complete desired state of mirrord's chains, and the
 table is committed at once (legacy: one table replace; nft: one transaction).
 
-Layout: MIRRORD_PRE / MIRRORD_POST jump to one chain per collector, which
-first RETURNs the collector's own traffic (no feedback loop; one `-s` per
-rule is all iptables allows, so the exclusion cannot ride on each rule).
+Layout: MIRRORD_PRE / MIRRORD_POST first RETURN the traffic of every
+collector address (what mirrord sends and what collectors answer is never
+copied: no feedback loop; one `-s` per rule is all iptables allows, so the
+exclusion cannot ride on each rule), then jump to one chain per collector.
 """
 
 from __future__ import annotations
@@ -195,9 +196,15 @@ class IptablesBackend(Backend):
         their final counts can be banked before they are deleted.
         """
         collectors = list(dict.fromkeys((str(r.gateway), r.device) for r in rules))
+        excluded = sorted({a for r in rules for a in (r.gateway, *r.exclude)
+                           if a.version == r.version}, key=int)
         lines = ["*mangle", f":{PRE} - [0:0]", f":{POST} - [0:0]"]
         body: list[str] = []
         for direction, (_, top, _flag) in HOOKS.items():
+            if any(r.direction == direction for r in rules):
+                for addr in excluded:
+                    body.append(f"-A {top} -s {addr} -j RETURN")
+                    body.append(f"-A {top} -d {addr} -j RETURN")
             for i, (gw, dev) in enumerate(collectors, 1):
                 mine = [r for r in rules
                         if r.direction == direction and (str(r.gateway), r.device) == (gw, dev)]
@@ -206,8 +213,6 @@ class IptablesBackend(Backend):
                 chain = f"{top}_{generation}{i}"
                 lines.append(f":{chain} - [0:0]")
                 body.append(f"-A {top} -j {chain}")
-                body.append(f"-A {chain} -s {gw} -j RETURN")
-                body.append(f"-A {chain} -d {gw} -j RETURN")
                 if direction == "out":
                     for ifname in sorted({i for r in mine for i in r.interfaces} & egress):
                         # Clones leave here and pass POSTROUTING (untracked):

@@ -143,11 +143,23 @@ def render_tables(plan: Plan) -> dict[str, list[dict[str, Any]]]:
     return tables
 
 
+def exclusion_list(r: CloneRule) -> list[str]:
+    """The addresses of the rule's family whose traffic is never cloned.
+
+    Every collector's, not only this rule's: what mirrord sends (TZSP
+    datagrams, whole or fragmented) and what collectors answer must never
+    become a copy, or two mirrors could copy each other's copies for ever.
+    """
+    addrs = {a for a in (r.gateway, *r.exclude) if a.version == r.version}
+    return [str(a) for a in sorted(addrs, key=int)]
+
+
 def _clone_rules(t: dict[str, str], chain: str, r: CloneRule) -> list[dict[str, Any]]:
     fam = FAMILIES[r.version]
     gw = str(r.gateway)
-    # Traffic of the collector itself is never copied: no feedback loop.
-    exclude = [_match(_payload(fam, "saddr"), gw, "!="), _match(_payload(fam, "daddr"), gw, "!=")]
+    never = _value(exclusion_list(r))
+    exclude = [_match(_payload(fam, "saddr"), never, "!="),
+               _match(_payload(fam, "daddr"), never, "!=")]
     dup: dict[str, Any] = {"addr": gw}
     if r.device:
         dup["dev"] = r.device

@@ -267,6 +267,63 @@ def test_collector_is_never_captured(ns: str) -> None:
     ], exclude=(COLLECTOR, COLLECTOR6))
 
 
+# A second TZSP collector: another worker's datagrams go there.
+OTHER, OTHER6 = "198.51.100.140", "2001:db8:4::20"
+
+
+@needs_root
+@pytest.mark.integration
+@pytest.mark.parametrize("match", [Match(), Match(protocols=(17,))])
+def test_every_collector_is_never_captured_fragments_included(ns: str, match: Match) -> None:
+    """Another worker's datagrams, whole or fragmented, are never input to this one.
+
+    A later fragment has no UDP header (no port to test), but the addresses
+    are in every fragment: the exclusion is by address, before the match.
+    """
+    from scapy.all import ICMP, UDP, IPv6ExtHdrFragment
+
+    udp = match.protocols == (17,)
+    run_cases(ns, match, [
+        ("to-own", "out", v4(dst=COLLECTOR) / UDP(dport=37008), False),
+        ("to-other", "out", v4(dst=OTHER) / UDP(dport=37009), False),
+        ("first-fragment-to-other", "out",
+         v4(dst=OTHER, flags="MF") / UDP(dport=37009, len=3000), False),
+        ("later-fragment-to-other", "out", v4(dst=OTHER, frag=185, proto=17), False),
+        ("icmp-error-from-other", "in", v4(src=OTHER) / ICMP(type=3, code=3), False),
+        ("to-other6", "out", v6(dst=OTHER6) / UDP(dport=37009), False),
+        ("later-fragment-to-other6", "out",
+         v6(dst=OTHER6) / IPv6ExtHdrFragment(offset=185, nh=17), False),
+        # Positive controls: the same shapes elsewhere pass.
+        ("to-elsewhere", "out", v4() / UDP(dport=37009), True),
+        ("later-fragment-elsewhere", "out", v4(frag=185, proto=17), True),
+        ("icmp-elsewhere", "in", v4() / ICMP(type=3, code=3), not udp),
+        ("to-elsewhere6", "out", v6() / UDP(dport=37009), True),
+        ("later-fragment-elsewhere6", "out", v6() / IPv6ExtHdrFragment(offset=185, nh=17),
+         not udp),
+    ], exclude=(COLLECTOR, OTHER, COLLECTOR6, OTHER6))
+
+
+def test_worker_filter_excludes_the_jobs_exclusions() -> None:
+    from mirrord.tzsp_worker import TzspJob
+
+    own, other, other6 = (ipaddress.ip_address(a) for a in (COLLECTOR, OTHER, OTHER6))
+    job = TzspJob(mirror="m", interface="wan", ifindex=3, directions=("in", "out"),
+                  match=Match(protocols=(17,)), collector=own, port=37008, snaplen=65535,
+                  exclude=(own, other, other6))
+    back = TzspJob.from_json(job.to_json())
+    assert back == job
+    assert back.never_captured() == (own, other, other6)  # each once, own collector first
+    # An older job (no exclude key) still reads, and still excludes its collector.
+    old = TzspJob.from_json(job.to_json().replace('"exclude": ', '"unused": '))
+    assert old.exclude == () and old.never_captured() == (own,)
+    words = {k for code, _, _, k in compile_filter(job.match, back.never_captured())
+             if code & 0x07 == JMP}
+    assert {int(own), int(other)} <= words
+    assert int(other6) >> 96 in words and int(other6) & 0xFFFFFFFF in words
+    # Giving an address twice costs nothing.
+    assert compile_filter(job.match, (own, own, other)) == compile_filter(job.match, (own, other))
+
+
 @needs_root
 @pytest.mark.integration
 def test_non_ip_only_for_all_traffic(ns: str) -> None:

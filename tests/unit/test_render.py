@@ -239,12 +239,17 @@ def test_shared_interface_keeps_both_mirrors() -> None:
     assert [r["comment"] for r in chain_rules(objs, "in_guest")] == ["mirrord lan-dns in"] * 2
     assert vmap_of(objs, "prerouting") == {"br-lan": "in_br-lan", "guest": "in_guest"}
     text = (RENDER / "shared.iptables").read_text()
-    # One chain per collector, each starting with its own feedback exclusion.
+    # One chain per collector; the top chains first return every collector's
+    # traffic, so neither collector's traffic is copied to the other one.
     chains = collector_chains(text, "MIRRORD_PRE")
     assert len(chains) == 2 and len(collector_chains(text, "MIRRORD_POST")) == 1
-    for chain, gw in zip(chains, ("192.0.2.50", "192.0.2.60")):
-        assert f"-A {chain} -s {gw} -j RETURN\n-A {chain} -d {gw} -j RETURN\n" in text
+    for top in ("MIRRORD_PRE", "MIRRORD_POST"):
+        assert ("".join(f"-A {top} -s {gw} -j RETURN\n-A {top} -d {gw} -j RETURN\n"
+                        for gw in ("192.0.2.50", "192.0.2.60"))
+                + f"-A {top} -j {top}_A1\n") in text
+    for chain in chains:
         assert f"-A MIRRORD_PRE -j {chain}\n" in text
+        assert f"-A {chain} -s " not in text and f"-A {chain} -d " not in text
 
 
 def test_match_case_expressions() -> None:
@@ -262,6 +267,44 @@ def test_match_case_expressions() -> None:
     assert ipt.count("--dports 8080:8090 ") == 1
     assert ipt.count('"mirrord many-ports out"') == 2
     assert "-p icmp -s 203.0.113.0/24" in ipt
+
+
+def test_every_clone_rule_excludes_every_collector() -> None:
+    """Clones never copy what mirrord sends to a TZSP collector, nor any collector's traffic."""
+    p = build("loop", "nftables")
+    assert [str(a) for a in p.clones[0].exclude] == [
+        "192.0.2.50", "203.0.113.130", "2001:db8:3::10"]
+    assert all(r.exclude == p.clones[0].exclude for r in p.clones)
+    tables = nft_tables("loop")
+    assert list(tables) == ["ip"]  # the IPv6 TZSP collector adds no ip6 table
+    never = {"set": ["192.0.2.50", "203.0.113.130"]}
+    for chain in ("in_br-lan", "out_br-lan"):
+        (rule,) = chain_rules(tables["ip"], chain)
+        assert rule["expr"][:2] == [
+            {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                       "right": never}},
+            {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                       "right": never}},
+        ]
+    text = (RENDER / "loop.iptables").read_text()
+    lines = text.splitlines()
+    for top in ("MIRRORD_PRE", "MIRRORD_POST"):
+        returns = [f"-A {top} -{d} {a} -j RETURN" for a in ("192.0.2.50", "203.0.113.130")
+                   for d in "sd"]
+        first_jump = lines.index(f"-A {top} -j {top}_A1")
+        assert [lines.index(r) for r in returns] == list(range(first_jump - 4, first_jump))
+    assert "2001:db8" not in text
+
+
+def test_clone_exclusions_only_of_the_rules_family() -> None:
+    tables = nft_tables("both_families")
+    for fam, objs in tables.items():
+        for o in objs:
+            for e in o.get("rule", {}).get("expr", []):
+                if "match" in e and e["match"]["op"] == "!=" and "payload" in e["match"]["left"]:
+                    right = e["match"]["right"]
+                    values = right["set"] if isinstance(right, dict) else [right]
+                    assert all((":" in v) == (fam == "ip6") for v in values)
 
 
 # -- plan states -----------------------------------------------------------------------------
@@ -426,6 +469,68 @@ def test_plan_route_tee_cannot_clone_ipv6() -> None:
     p = plan.build(s, topo_for(s, reach), "route-tee", versions=create("route-tee").versions)
     (mp,) = p.mirrors
     assert mp.state == "error" and "IPv6" in mp.reason and p.clones == ()
+
+
+TZSP_BESIDE_CLONE = """\
+collectors:
+  ids:
+    address: 192.0.2.50
+  far:
+    address: 203.0.113.5
+    transport: tzsp
+  far6:
+    address: 2001:db8::5
+    transport: tzsp
+mirrors:
+  - name: lan
+    interfaces: [br-lan]
+    direction: in
+    collector: ids
+  - name: t
+    interfaces: [{ifaces}]
+    direction: both
+    collector: far
+"""
+
+
+def tzsp_beside_clone(ifaces: str, clone_oif: str = "eth2") -> plan.Plan:
+    s = spec.parse(TZSP_BESIDE_CLONE.format(ifaces=ifaces), "t.yaml")
+    lk = links("br-lan", "wan", "eth2", "lan1")
+    lk["lan1"] = Link("lan1", lk["lan1"].index, True, None, ARPHRD_ETHER, 1500,
+                      master=lk["eth2"].index)  # lan1 is a port of eth2 (a bridge here)
+    reach = {
+        (addr("192.0.2.50"), None): Reach(addr("192.0.2.50"), oif=clone_oif, neighbour="REACHABLE"),
+        (addr("203.0.113.5"), None): Reach(addr("203.0.113.5"), oif="wan", gateway="198.51.100.1"),
+        (addr("2001:db8::5"), None): Reach(addr("2001:db8::5"), oif="wan", gateway="fe80::1"),
+    }
+    return plan.build(s, Topology(lk, reach), "nftables")
+
+
+def test_plan_taps_exclude_every_collector_of_both_families() -> None:
+    p = tzsp_beside_clone("wan")
+    (tap,) = p.tzsp
+    assert [str(a) for a in tap.exclude] == ["192.0.2.50", "203.0.113.5", "2001:db8::5"]
+    assert tap.directions == ("in", "out") and p.mirror("t").state == "active"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("iface", ["eth2", "lan1"])
+def test_plan_tzsp_capture_of_clone_egress_is_an_error(iface: str) -> None:
+    """Clones carry the original addresses: only not capturing them keeps them out."""
+    p = tzsp_beside_clone(f"wan, {iface}")
+    assert p.clone_egress == frozenset({"eth2"})
+    mp = p.mirror("t")
+    assert mp is not None and mp.state == "degraded"
+    assert "kernel clones leave through eth2" in mp.reason
+    assert "mirrord's own clones" in mp.reason
+    states = {(t.interface, t.direction): t.state for t in mp.taps}
+    assert states == {("wan", "in"): "active", ("wan", "out"): "active",
+                      (iface, "in"): "active", (iface, "out"): "error"}
+    # The outgoing half is not captured at all; the incoming half still is.
+    assert {t.interface: t.directions for t in p.tzsp} == {"wan": ("in", "out"), iface: ("in",)}
+    # Without a clone leaving there, the same tap captures both ways.
+    p = tzsp_beside_clone(f"wan, {iface}", clone_oif="br-lan")
+    assert {t.interface: t.directions for t in p.tzsp} == {
+        "wan": ("in", "out"), iface: ("in", "out")}
 
 
 def test_iptables_render_text_includes_the_hook_jumps() -> None:
