@@ -375,8 +375,7 @@ class Nft:
         try:
             self.nft = open_nftables()
         except (ImportError, OSError) as e:
-            raise TraceError(f"libnftables cannot be loaded ({e}); install python3-nftables, "
-                             "pip-nftables, or the nftables-json package (OpenWrt)") from e
+            raise TraceError(str(e)) from e  # names the library's problem and the package
 
     def json(self, cmds: list[dict[str, Any]]) -> tuple[int, Any, str]:
         self.nft.set_json_output(True)
