@@ -30,11 +30,17 @@ def version(name: str) -> str:
     try:
         from importlib.metadata import version as dist_version
 
-        dist = {"yaml": "PyYAML", "systemd": "systemd-python", "nftables": "nftables"}.get(name, name)
-        return dist_version(dist)
-    except Exception:
-        mod = sys.modules.get(name)
-        return str(getattr(mod, "__version__", "?"))
+        names = {"yaml": ["PyYAML"], "systemd": ["systemd-python"],
+                 "nftables": ["pip-nftables", "nftables"]}.get(name, [name])
+    except ImportError:
+        names = []
+    for dist in names:
+        try:
+            return dist_version(dist)
+        except Exception:
+            continue
+    mod = sys.modules.get(name)
+    return str(getattr(mod, "__version__", "?"))
 
 
 def main() -> int:
