@@ -67,6 +67,8 @@ def main() -> int:
 
     in_venv = sys.prefix != sys.base_prefix
     if leg == "venv":
+        if not in_venv:
+            problems.append(f"{sys.executable} is not a venv's interpreter")
         problems += [f"{m} is missing" for m in mods if where[m] is None]
     elif leg == "debian":
         if os.path.realpath(sys.executable) != os.path.realpath("/usr/bin/python3") or in_venv:
