@@ -142,6 +142,8 @@ def run_status(args: argparse.Namespace) -> int:
 def run_flush(args: argparse.Namespace) -> int:
     """Remove what any mirrord left behind, in every backend, and nothing else."""
     rc = 0
+    looked: list[str] = []
+    found = False
     for name in ("nftables", "iptables", "iptables-legacy"):
         b = backends.create(name)
         try:
@@ -149,6 +151,8 @@ def run_flush(args: argparse.Namespace) -> int:
         except (ImportError, OSError) as e:
             log.debug("%s: not available (%s)", name, e)
             continue
+        looked.append(name)
+        found = found or bool(before)
         if args.dry_run:
             if before:
                 print(f"{name}: would remove mirrord's rules")
@@ -162,4 +166,9 @@ def run_flush(args: argparse.Namespace) -> int:
         except backends.BackendError as e:
             print(f"{name}: {e}", file=sys.stderr)
             rc = 1
+    if not looked:
+        print("mirrord flush: neither nftables nor iptables is usable here; nothing to remove",
+              file=sys.stderr)
+    elif not found and rc == 0:
+        print(f"nothing to remove: no mirrord rules in {', '.join(looked)}")
     return rc

@@ -3,19 +3,24 @@
 Debian/Ubuntu ship the bindings as python3-nftables (and PyPI as
 pip-nftables). OpenWrt ships libnftables.so.1 (package nftables-json) but no
 Python module, so fw4 routers would lose the nftables backend; the fallback
-below wraps the same four C calls the bindings use, with the same method
+below wraps the same few C calls the bindings use, with the same method
 names for what mirrord needs.
+
+OpenWrt also builds the library without JSON support (package
+nftables-nojson, the default on images without fw4's JSON needs); mirrord
+speaks only JSON to it, so that library is refused with its name.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-from typing import Any
+from typing import Any, Optional
 
 SONAME = "libnftables.so.1"
 NFT_CTX_DEFAULT = 0
 # Output flags of libnftables (nftables/libnftables.h).
+NFT_CTX_OUTPUT_STATELESS = 1 << 2
 NFT_CTX_OUTPUT_HANDLE = 1 << 3
 NFT_CTX_OUTPUT_JSON = 1 << 4
 
@@ -61,6 +66,9 @@ class _CtypesNftables:
     def set_handle_output(self, on: bool) -> None:
         self._flag(NFT_CTX_OUTPUT_HANDLE, on)
 
+    def set_stateless_output(self, on: bool) -> None:
+        self._flag(NFT_CTX_OUTPUT_STATELESS, on)
+
     def set_dry_run(self, on: bool) -> None:
         self._lib.nft_ctx_set_dry_run(self._ctx, on)
 
@@ -76,15 +84,53 @@ class _CtypesNftables:
         return rc, (json.loads(out) if out else None), err
 
 
+# What to install, by platform, when libnftables is missing or cannot speak JSON.
+INSTALL_HINT = ("install libnftables with JSON support: nftables-json on OpenWrt, "
+                "libnftables1 on Debian/Ubuntu")
+
+
+class LibnftablesUnavailable(ImportError):
+    """libnftables cannot be used by mirrord; the message says why and what to install."""
+
+
 def open_nftables() -> Any:
-    """An nftables context; raises ImportError/OSError when neither form is usable."""
+    """An nftables context: the Python bindings if importable, else the ctypes twin.
+
+    Raises LibnftablesUnavailable (an ImportError) when libnftables.so.1 is
+    missing or was built without JSON support.
+    """
+    # Load the library before the bindings try: their constructor fails half-way
+    # when it is missing, and their __del__ then prints a traceback on every run.
+    try:
+        ctypes.CDLL(SONAME)
+    except OSError as e:
+        raise LibnftablesUnavailable(f"{SONAME} cannot be loaded ({e}); {INSTALL_HINT}") from None
     try:
         import nftables
     except ImportError:
-        try:
-            return _CtypesNftables()
-        except OSError as e:
-            raise ImportError(
-                f"neither the nftables Python bindings nor {SONAME} are available ({e})"
-            ) from e
-    return nftables.Nftables()
+        nft: Any = _CtypesNftables()
+    else:
+        nft = nftables.Nftables()
+    why = json_unsupported(nft)
+    if why:
+        raise LibnftablesUnavailable(why)
+    return nft
+
+
+def json_unsupported(nft: Any) -> Optional[str]:
+    """Why this libnftables cannot take mirrord's JSON, or None when it can.
+
+    An empty JSON batch is parsed in userspace only (no netlink, no privilege
+    needed). A library built without JSON hands it to the nft-syntax parser,
+    which fails on the first '{'.
+    """
+    nft.set_json_output(True)
+    try:
+        rc, _, err = nft.cmd('{"nftables": []}')
+    finally:
+        nft.set_json_output(False)
+    if rc == 0:
+        return None
+    first = (str(err).strip().splitlines() or ["no error text"])[0]
+    return (f"{SONAME} was built without JSON support (it answered an empty JSON batch with "
+            f"'{first}'; OpenWrt's nftables-nojson is such a build); {INSTALL_HINT}")

@@ -375,8 +375,7 @@ class Nft:
         try:
             self.nft = open_nftables()
         except (ImportError, OSError) as e:
-            raise TraceError(f"libnftables cannot be loaded ({e}); install python3-nftables, "
-                             "pip-nftables, or the nftables-json package (OpenWrt)") from e
+            raise TraceError(str(e)) from e  # names the library's problem and the package
 
     def json(self, cmds: list[dict[str, Any]]) -> tuple[int, Any, str]:
         self.nft.set_json_output(True)
@@ -618,62 +617,79 @@ UPPER_LAYER = frozenset({1, 6, 17, 58, 132, 136})
 
 
 def decode_headers(network: bytes, transport: Optional[bytes]) -> Optional[Headers]:
-    """The packet's addresses, protocol and ports, from the trace's header copies."""
+    """The packet's addresses, protocol, ports and ICMP/TCP details, from the trace's copies.
+
+    Plain struct parsing: a router's image has no scapy, and the output must not
+    depend on whether it is installed (tests check it against scapy's dissection).
+    """
     if not network:
         return None
-    try:
-        return _decode_scapy(network, transport)
-    except ImportError:
-        return _decode_plain(network, transport)
-
-
-def _decode_scapy(network: bytes, transport: Optional[bytes]) -> Optional[Headers]:
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
-    from scapy.layers.inet6 import IPv6, icmp6types
-
     version = network[0] >> 4
     th = transport or b""
     if version == 4 and len(network) >= 20:
-        # Only a complete IP header is followed directly by the transport header.
-        whole = len(network) == (network[0] & 0x0F) * 4
-        ip = IP(network + th if whole else network)
-        h = Headers(4, ip.src, ip.dst, PROTOCOL_NAMES.get(ip.proto, str(ip.proto)),
-                    length=ip.len, ttl=ip.ttl)
-        if ip.flags.MF or ip.frag:
-            h.info = f"fragment offset={ip.frag * 8}"
+        proto = network[9]
+        h = Headers(4, str(ipaddress.IPv4Address(network[12:16])),
+                    str(ipaddress.IPv4Address(network[16:20])),
+                    PROTOCOL_NAMES.get(proto, str(proto)),
+                    length=struct.unpack(">H", network[2:4])[0], ttl=network[8])
+        flags_frag = struct.unpack(">H", network[6:8])[0]
+        if flags_frag & 0x2000 or flags_frag & 0x1FFF:
+            # Only the first fragment carries the transport header.
+            h.info = f"fragment offset={(flags_frag & 0x1FFF) * 8}"
             return h
-        proto = ip.proto
     elif version == 6 and len(network) >= 40:
-        ip6 = IPv6(network[:40] + th if network[6] in UPPER_LAYER else network[:40])
         proto = network[6]
-        h = Headers(6, ip6.src, ip6.dst, _v6_protocol(proto), length=ip6.plen + 40,
-                    ttl=ip6.hlim)
+        h = Headers(6, str(ipaddress.IPv6Address(network[8:24])),
+                    str(ipaddress.IPv6Address(network[24:40])), _v6_protocol(proto),
+                    length=struct.unpack(">H", network[4:6])[0] + 40, ttl=network[7])
         if proto not in UPPER_LAYER:
-            return h
+            return h  # behind an extension header: the transport header is out of sight
     else:
-        return _decode_plain(network, transport)
-    if not th:
-        return h
+        return None
     if proto == 6 and len(th) >= 14:
-        tcp = TCP(th)
-        h.sport, h.dport = tcp.sport, tcp.dport
-        h.info = f"[{tcp.flags}] seq={tcp.seq}" + (f" ack={tcp.ack}" if tcp.flags.A else "")
-    elif proto in (17, 136) and len(th) >= 8:
-        udp = UDP(th)
-        h.sport, h.dport = udp.sport, udp.dport
-    elif proto == 132 and len(th) >= 4:
+        h.sport, h.dport, seq, ack = struct.unpack(">HHII", th[:12])
+        flags = ((th[12] & 1) << 8) | th[13]
+        h.info = f"[{_tcp_flags(flags)}] seq={seq}" + (f" ack={ack}" if flags & 0x10 else "")
+    elif (proto in (17, 136) and len(th) >= 8) or (proto == 132 and len(th) >= 4):
         h.sport, h.dport = struct.unpack(">HH", th[:4])
     elif proto == 1 and len(th) >= 4:
-        icmp = ICMP(th)
-        h.info = icmp.sprintf("%ICMP.type%")
-        if icmp.type in (0, 8) and len(th) >= 8:
-            h.info += f" id={icmp.id} seq={icmp.seq}"
+        h.info = ICMP_TYPES.get(th[0], str(th[0]))
+        if th[0] in (0, 8) and len(th) >= 8:
+            ident, seq16 = struct.unpack(">HH", th[4:8])
+            h.info += f" id={ident} seq={seq16}"
     elif proto == 58 and len(th) >= 4:
-        h.info = icmp6types.get(th[0], f"type {th[0]}").lower().replace(" ", "-")
+        h.info = ICMPV6_TYPES.get(th[0], f"type {th[0]}")
         if th[0] in (128, 129) and len(th) >= 8:
-            ident, seq = struct.unpack(">HH", th[4:8])
-            h.info += f" id={ident} seq={seq}"
+            ident, seq16 = struct.unpack(">HH", th[4:8])
+            h.info += f" id={ident} seq={seq16}"
     return h
+
+
+TCP_FLAG_LETTERS = "FSRPAUECN"  # bit 0 upwards, as tcpdump/scapy print them
+
+
+def _tcp_flags(bits: int) -> str:
+    return "".join(c for i, c in enumerate(TCP_FLAG_LETTERS) if bits >> i & 1)
+
+
+# The names scapy and Wireshark users know (scapy's icmptypes / icmp6types).
+ICMP_TYPES = {
+    0: "echo-reply", 3: "dest-unreach", 4: "source-quench", 5: "redirect", 8: "echo-request",
+    9: "router-advertisement", 10: "router-solicitation", 11: "time-exceeded",
+    12: "parameter-problem", 13: "timestamp-request", 14: "timestamp-reply",
+    15: "information-request", 16: "information-response", 17: "address-mask-request",
+    18: "address-mask-reply", 30: "traceroute", 31: "datagram-conversion-error",
+    32: "mobile-host-redirect", 33: "ipv6-where-are-you", 34: "ipv6-i-am-here",
+    35: "mobile-registration-request", 36: "mobile-registration-reply",
+    37: "domain-name-request", 38: "domain-name-reply", 39: "skip", 40: "photuris",
+}
+ICMPV6_TYPES = {
+    1: "destination-unreachable", 2: "packet-too-big", 3: "time-exceeded",
+    4: "parameter-problem", 128: "echo-request", 129: "echo-reply", 130: "mld-query",
+    131: "mld-report", 132: "mld-done", 133: "router-solicitation", 134: "router-advertisement",
+    135: "neighbor-solicitation", 136: "neighbor-advertisement", 137: "redirect-message",
+    143: "mld-report-version-2",
+}
 
 
 # The kernel copies at most 40 bytes of network header, so behind an IPv6
@@ -685,27 +701,6 @@ def _v6_protocol(nh: int) -> str:
     if nh in IPV6_EXTENSIONS:
         return f"{IPV6_EXTENSIONS[nh]}-ext"
     return PROTOCOL_NAMES.get(nh, str(nh))
-
-
-def _decode_plain(network: bytes, transport: Optional[bytes]) -> Optional[Headers]:
-    """Without scapy (a small router image): addresses, protocol and ports only."""
-    version = network[0] >> 4
-    if version == 4 and len(network) >= 20:
-        h = Headers(4, str(ipaddress.IPv4Address(network[12:16])),
-                    str(ipaddress.IPv4Address(network[16:20])),
-                    PROTOCOL_NAMES.get(network[9], str(network[9])),
-                    length=struct.unpack(">H", network[2:4])[0], ttl=network[8])
-        proto = network[9]
-    elif version == 6 and len(network) >= 40:
-        proto = network[6]
-        h = Headers(6, str(ipaddress.IPv6Address(network[8:24])),
-                    str(ipaddress.IPv6Address(network[24:40])), _v6_protocol(proto),
-                    length=struct.unpack(">H", network[4:6])[0] + 40, ttl=network[7])
-    else:
-        return None
-    if transport and proto in PORT_PROTOCOLS and len(transport) >= 4:
-        h.sport, h.dport = struct.unpack(">HH", transport[:4])
-    return h
 
 
 def copy_key(network: Optional[bytes], transport: Optional[bytes]) -> Optional[bytes]:

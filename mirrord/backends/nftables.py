@@ -397,9 +397,7 @@ class NftablesBackend(Backend):
         try:
             self._lib()
         except (ImportError, OSError) as e:
-            return (f"the libnftables Python bindings are not importable ({e}); install "
-                    "python3-nftables (Debian/Ubuntu), python3-nftables (OpenWrt), or "
-                    "pip install pip-nftables")
+            return str(e)  # open_nftables names the library's problem and the package
         probe: dict[str, Any] = {"family": "ip", "table": "mirrord_probe"}
         cmds: list[dict[str, Any]] = [
             {"add": {"table": {"family": "ip", "name": "mirrord_probe"}}},

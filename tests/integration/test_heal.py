@@ -12,6 +12,7 @@ the daemon did (reapplies, last heal, state and reason).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -374,12 +375,45 @@ def add_lan2(lab: Lab, name: str = "lan2") -> None:
     lab.lan.run("ping", "-c1", "-W1", LAN2_RTR, check=False)
 
 
+BURST_COUNTER = f"""\
+table ip hxburst {{
+  counter arrived {{ }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    ip daddr {LAN2_RTR} udp dport {STREAM_PORT} counter name "arrived"
+  }}
+}}
+"""
+
+
 def burst(lab: Lab, n: int = 100) -> int:
-    """Send `n` packets LAN host -> router over lan2; how many copies arrived."""
+    """Send `n` packets LAN host -> router over lan2; how many copies arrived.
+
+    The positive control for "0 copies": the router counts the originals (a
+    table of the test's own, which mirrord never touches). A copy is made in
+    prerouting, before its original is delivered, so once all `n` arrived
+    the copies are on their way; a short grace covers the collector's side.
+    """
+    lab.rtr.run("nft", "delete", "table", "ip", "hxburst", check=False)
+    lab.rtr.run("nft", "-f", "-", input=BURST_COUNTER)
     lab.reset_collector_counts()
     lab.lan.python(SENDER, LAN2_RTR, str(STREAM_PORT), str(n), "1000")
-    time.sleep(0.2)
-    return lab.collector_counts()["s"]
+
+    def arrived() -> int:
+        out = lab.rtr.run("nft", "list", "counter", "ip", "hxburst", "arrived").stdout
+        m = re.search(r"packets (\d+)", out)
+        return int(m.group(1)) if m else -1
+
+    deadline = time.monotonic() + 10
+    while arrived() < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert arrived() == n, f"the burst itself did not arrive: {arrived()} of {n}"
+    grace = time.monotonic() + 0.5
+    copies = lab.collector_counts()["s"]
+    while copies < n and time.monotonic() < grace:
+        time.sleep(0.05)
+        copies = lab.collector_counts()["s"]
+    return copies
 
 
 def state_is(lab: Lab, state: str, reason: str = "") -> dict[str, Any]:

@@ -570,8 +570,9 @@ def netns() -> Iterator[Netns]:
 
 
 LOAD_JSON = """\
-import json, sys, nftables
-nft = nftables.Nftables()
+import json, sys
+from mirrord.libnft import open_nftables
+nft = open_nftables()  # the bindings, or mirrord's ctypes twin where there are none
 rc, out, err = nft.json_cmd(json.load(open(sys.argv[1])))
 sys.stderr.write(str(err))
 sys.exit(0 if rc == 0 else 1)

@@ -14,6 +14,7 @@ import ipaddress
 import struct
 import subprocess
 import sys
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -28,7 +29,6 @@ from mirrord.trace import (
     Selection,
     TraceError,
     Tracker,
-    _decode_plain,
     copy_key,
     create_commands,
     decode_headers,
@@ -285,15 +285,47 @@ def test_decode_ipv6() -> None:
     assert h is not None and (h.protocol, h.sport, h.dport) == ("hop-by-hop-ext", None, None)
 
 
-def test_decode_without_scapy_agrees() -> None:
-    from scapy.layers.inet import IP, UDP
+def test_decode_agrees_with_scapys_dissection() -> None:
+    """The decoder is plain struct code (routers have no scapy); scapy is the reference."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP, icmptypes
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6, icmp6types
 
-    p = bytes(IP(src="192.0.2.10", dst="198.51.100.10", ttl=9) / UDP(sport=1, dport=2))
-    a = decode_headers(*_kernel_copy(p, 20))
-    b = _decode_plain(*_kernel_copy(p, 20))
-    assert a is not None and b is not None
-    assert (a.src, a.dst, a.protocol, a.sport, a.dport, a.length, a.ttl) == (
-        b.src, b.dst, b.protocol, b.sport, b.dport, b.length, b.ttl)
+    v4 = IP(src="192.0.2.10", dst="198.51.100.10", ttl=9)
+    v6 = IPv6(src="2001:db8:1::10", dst="2001:db8:2::10", hlim=9)
+    for flags in ("S", "SA", "PA", "FA", "R", "FPAUECN"):
+        for ip, off in ((v4, 20), (v6, 40)):
+            pkt = ip / TCP(sport=1, dport=2, flags=flags, seq=77, ack=88)
+            h = decode_headers(*_kernel_copy(bytes(pkt), off))
+            tcp = pkt[TCP]
+            want = f"[{tcp.flags}] seq=77" + (" ack=88" if tcp.flags.A else "")
+            assert h is not None and h.info == want and (h.sport, h.dport) == (1, 2)
+    for t in (*sorted(icmptypes), 77):
+        pkt = v4 / ICMP(type=t, id=5, seq=6)
+        h = decode_headers(*_kernel_copy(bytes(pkt), 20))
+        want = pkt[ICMP].sprintf("%ICMP.type%") + (" id=5 seq=6" if t in (0, 8) else "")
+        assert h is not None and h.info == want, t
+    for pkt6 in (v6 / ICMPv6EchoReply(id=5, seq=6), v6 / ICMPv6ND_NS(tgt="2001:db8::1"),
+                 v6 / ICMPv6PacketTooBig()):
+        raw6 = bytes(pkt6)
+        h = decode_headers(*_kernel_copy(raw6, 40))
+        name = icmp6types[raw6[40]].lower().replace(" ", "-")
+        assert h is not None and h.info == name + (" id=5 seq=6" if raw6[40] == 129 else "")
+    frag = bytes(IP(src="192.0.2.1", dst="192.0.2.2", frag=3) / UDP(sport=1, dport=2))
+    h = decode_headers(*_kernel_copy(frag, 20))
+    assert h is not None and h.info == "fragment offset=24" and h.sport is None
+    p = bytes(v4 / UDP(sport=1, dport=2))
+    h = decode_headers(*_kernel_copy(p, 20))
+    assert h is not None and (h.src, h.dst, h.protocol, h.sport, h.dport, h.length, h.ttl) == (
+        "192.0.2.10", "198.51.100.10", "udp", 1, 2, 28, 9)
+
+
+def test_decode_does_not_import_scapy() -> None:
+    code = ("import sys\nfrom mirrord.trace import decode_headers\n"
+            "decode_headers(bytes.fromhex('450000540001000040010000c000020ac6336410'), bytes(8))\n"
+            "print('scapy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_copy_and_nat_keys() -> None:

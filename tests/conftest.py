@@ -1,0 +1,34 @@
+"""Settings shared by every leg of the test matrix (scripts/run-tests).
+
+A leg that models a platform without some optional module (the OpenWrt leg has
+no scapy) names it in MIRRORD_TEST_ABSENT (comma-separated). A test that fails
+only because it imports such a module is reported as skipped, with the module
+named, in that leg alone; in every other leg a missing module stays a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import pytest
+
+ABSENT = frozenset(m for m in os.environ.get("MIRRORD_TEST_ABSENT", "").split(",") if m)
+
+
+def _absent_module(excinfo: Any) -> str | None:
+    if excinfo is None or not isinstance(excinfo.value, ModuleNotFoundError):
+        return None
+    name = (excinfo.value.name or "").split(".")[0]
+    return name if name in ABSENT else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    module = _absent_module(call.excinfo)
+    if module and report.failed:
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0,
+                           f"Skipped: needs {module}, which this leg leaves out (MIRRORD_TEST_ABSENT)")

@@ -1,0 +1,57 @@
+"""What a person meets first: --help, and the commands run without root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.lab import have_root_netns
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mirrord(*args: str, pre: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([*pre, sys.executable, "-m", "mirrord", *args], capture_output=True,
+                          text=True, timeout=60, env=env, cwd="/")
+
+
+def test_status_help_gives_exit_codes_and_examples() -> None:
+    out = mirrord("status", "--help").stdout
+    assert "exit status:" in out
+    for code, meaning in (("0", "every mirror is active"), ("1", "not active"),
+                          ("2", "no daemon")):
+        assert any(line.strip().startswith(code) and meaning in line for line in out.splitlines()), out
+    assert "mirrord status --json" in out and "mirrord status --prometheus" in out
+
+
+def test_top_level_help_has_examples() -> None:
+    out = mirrord("--help").stdout
+    assert "examples:" in out
+    for command in ("check", "render", "run", "status", "flush", "trace", "receive"):
+        assert f"  mirrord {command} " in out, command
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(have_root_netns() is not None, reason=str(have_root_netns()))
+@pytest.mark.parametrize("command", [("run", "-c", "/nonexistent.yaml"), ("flush",),
+                                     ("flush", "--dry-run"), ("trace", "--protocol", "icmp")])
+def test_without_root_one_clear_line(command: tuple[str, ...]) -> None:
+    """As nobody, in a namespace of its own (nothing outside it could be touched anyway)."""
+    ns = f"mrdcli{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        pre = ("ip", "netns", "exec", ns, "setpriv", "--reuid=65534", "--regid=65534",
+               "--clear-groups")
+        p = mirrord(*command, pre=pre)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+    assert p.returncode == 1
+    assert p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"mirrord {command[0]}: needs root (CAP_NET_ADMIN)"), p.stderr
