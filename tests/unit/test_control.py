@@ -128,6 +128,29 @@ def test_clients_are_bounded_oldest_idle_dropped_first(path: str) -> None:
             s.close()
 
 
+def test_clients_holding_every_slot_cannot_lock_others_out(path: str) -> None:
+    server = ControlServer(path, lambda req: {"ok": True}, max_clients=4)
+    with Loop(server):
+        holders = []
+        for _ in range(4):  # each has started a request it never finishes
+            h = connect(path)
+            h.send(b"{")
+            holders.append(h)
+        deadline = time.monotonic() + 2
+        while sum(bool(c.inbuf) for c in list(server.conns.values())) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(3):  # answered at once, no slot needed for long
+            assert request(path, "status", timeout=2) == {"ok": True}
+        # A client slow to send its request: the oldest holder makes room for it.
+        slow = connect(path)
+        assert holders[0].recv(10) == b""
+        slow.sendall(b"{}\n")
+        assert json.loads(slow.makefile().readline()) == {"ok": True}
+        for h in (*holders, slow):
+            h.close()
+
+
 def test_deadline_closes_a_silent_client(path: str) -> None:
     server = ControlServer(path, lambda req: {"ok": True}, deadline=0.2)
     with Loop(server):
