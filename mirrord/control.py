@@ -170,6 +170,11 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return False
             if not chunk:  # the client is done writing: what it sent is the request
+                if not conn.inbuf:
+                    # Nothing at all: no answer is wanted, and a connect-and-close
+                    # flood must not cost a status build per connection.
+                    self._close(conn)
+                    return False
                 break
             conn.inbuf += chunk
             if b"\n" in chunk:

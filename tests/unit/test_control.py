@@ -58,7 +58,13 @@ def connect(path: str) -> socket.socket:
 
 
 def test_control_socket_roundtrip_and_mode(path: str) -> None:
-    server = ControlServer(path, lambda req: {"echo": req})
+    seen: list[dict[str, Any]] = []
+
+    def echo(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req)
+        return {"echo": req}
+
+    server = ControlServer(path, echo)
     assert (Path(path).stat().st_mode & 0o777) == 0o600
     with Loop(server):
         assert request(path, "status", x=1) == {"echo": {"cmd": "status", "x": 1}}
@@ -67,6 +73,12 @@ def test_control_socket_roundtrip_and_mode(path: str) -> None:
             s.sendall(b'{"cmd": "x"}')
             s.shutdown(socket.SHUT_WR)
             assert json.loads(s.makefile().readline()) == {"echo": {"cmd": "x"}}
+        # Connected and closed without a byte: nothing to answer, nothing computed.
+        calls = len(seen)
+        for _ in range(20):
+            connect(path).close()
+        assert request(path, "status") == {"echo": {"cmd": "status"}}
+        assert len(seen) == calls + 1
     reply, err = try_request(path, "status")
     assert reply is None and "no daemon socket" in err
 
