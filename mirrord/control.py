@@ -133,18 +133,20 @@ class ControlServer:
             self.conns[sock.fileno()] = conn
             if self.sel is not None:
                 self.sel.register(sock, selectors.EVENT_READ, self.data)
+            # `mirrord status` writes its request right after connect: it is
+            # usually there already, and answered before the bound is applied.
+            self._step(conn, now)
             while len(self.conns) > self.max_clients:
-                self._drop(self._victim())
-            if sock.fileno() in self.conns:
-                # `mirrord status` writes its request right after connect: it
-                # is usually there already, and answered without another trip.
-                self._step(conn, now)
+                self._drop(self._victim(conn))
 
-    def _victim(self) -> _Conn:
+    def _victim(self, newest: _Conn) -> _Conn:
+        """The oldest connection that has sent nothing, else the oldest: never
+        the one just accepted, so clients that hold slots cannot lock others out."""
         for conn in self.conns.values():
-            if not conn.inbuf and conn.request is None and conn.out is None:
+            if conn is not newest and not conn.inbuf and conn.request is None \
+                    and conn.out is None:
                 return conn
-        return next(iter(self.conns.values()))
+        return next(c for c in self.conns.values() if c is not newest)
 
     def _step(self, conn: _Conn, now: float) -> None:
         try:
@@ -168,6 +170,11 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return False
             if not chunk:  # the client is done writing: what it sent is the request
+                if not conn.inbuf:
+                    # Nothing at all: no answer is wanted, and a connect-and-close
+                    # flood must not cost a status build per connection.
+                    self._close(conn)
+                    return False
                 break
             conn.inbuf += chunk
             if b"\n" in chunk:
@@ -294,14 +301,21 @@ def _connect(path: str, timeout: float) -> socket.socket:
 
 
 def request(path: str, cmd: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
-    with _connect(path, timeout) as s:
-        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        data = b""
-        while True:
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                break
-            data += chunk
+    end = time.monotonic() + timeout
+    while True:
+        with _connect(path, max(0.1, end - time.monotonic())) as s:
+            s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            data = b""
+            while True:
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        # Closed without an answer: the daemon shed this connection under a
+        # flood of others (it keeps a bounded number); ask again.
+        if data or time.monotonic() + CONNECT_RETRY >= end:
+            break
+        time.sleep(CONNECT_RETRY)
     reply: dict[str, Any] = json.loads(data.decode())
     return reply
 

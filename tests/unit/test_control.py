@@ -58,7 +58,13 @@ def connect(path: str) -> socket.socket:
 
 
 def test_control_socket_roundtrip_and_mode(path: str) -> None:
-    server = ControlServer(path, lambda req: {"echo": req})
+    seen: list[dict[str, Any]] = []
+
+    def echo(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req)
+        return {"echo": req}
+
+    server = ControlServer(path, echo)
     assert (Path(path).stat().st_mode & 0o777) == 0o600
     with Loop(server):
         assert request(path, "status", x=1) == {"echo": {"cmd": "status", "x": 1}}
@@ -67,6 +73,12 @@ def test_control_socket_roundtrip_and_mode(path: str) -> None:
             s.sendall(b'{"cmd": "x"}')
             s.shutdown(socket.SHUT_WR)
             assert json.loads(s.makefile().readline()) == {"echo": {"cmd": "x"}}
+        # Connected and closed without a byte: nothing to answer, nothing computed.
+        calls = len(seen)
+        for _ in range(20):
+            connect(path).close()
+        assert request(path, "status") == {"echo": {"cmd": "status"}}
+        assert len(seen) == calls + 1
     reply, err = try_request(path, "status")
     assert reply is None and "no daemon socket" in err
 
@@ -126,6 +138,29 @@ def test_clients_are_bounded_oldest_idle_dropped_first(path: str) -> None:
         assert json.loads(started.makefile().readline()) == {"ok": True}
         for s in (started, *idle):
             s.close()
+
+
+def test_clients_holding_every_slot_cannot_lock_others_out(path: str) -> None:
+    server = ControlServer(path, lambda req: {"ok": True}, max_clients=4)
+    with Loop(server):
+        holders = []
+        for _ in range(4):  # each has started a request it never finishes
+            h = connect(path)
+            h.send(b"{")
+            holders.append(h)
+        deadline = time.monotonic() + 2
+        while sum(bool(c.inbuf) for c in list(server.conns.values())) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(3):  # answered at once, no slot needed for long
+            assert request(path, "status", timeout=2) == {"ok": True}
+        # A client slow to send its request: the oldest holder makes room for it.
+        slow = connect(path)
+        assert holders[0].recv(10) == b""
+        slow.sendall(b"{}\n")
+        assert json.loads(slow.makefile().readline()) == {"ok": True}
+        for h in (*holders, slow):
+            h.close()
 
 
 def test_deadline_closes_a_silent_client(path: str) -> None:
