@@ -21,7 +21,7 @@ import selectors
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import backends, plan, spec, topology
 from .backends.base import Backend, Counts, Rendered
@@ -54,6 +54,24 @@ def summarize(reasons: list[str], keep: int = 2) -> str:
     shown = sorted(reversed(unique), key=rank)[:keep]
     more = len(unique) - len(shown)
     return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _heap_trimmer() -> Callable[[], object]:
+    """glibc's malloc_trim(0), or nothing where there is none (musl on OpenWrt).
+
+    glibc keeps the heap that start-up, a reconcile or a status request freed
+    (imports, JSON, the kernel's answers): about 2 MiB of an idle daemon's 23
+    MiB. Giving it back after each piece of work costs some 15 us.
+    """
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL(None).malloc_trim
+    except (ImportError, OSError, AttributeError):
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,6 +170,7 @@ class Daemon:
         self.route_events: Optional[RouteEvents] = None
         self.nft_events: Optional[NftEvents] = None
         self.control: Optional[ControlServer] = None
+        self.trim_heap = _heap_trimmer()
         self.next_poll: Optional[float] = None
         self.next_watchdog: Optional[float] = None
 
@@ -249,6 +268,7 @@ class Daemon:
             self.next_watchdog = time.monotonic() + interval
         self.notifier.ready(self.summary())
         log.info("running: %s", self.summary(), extra={"ACTION": "ready"})
+        self.trim_heap()
         while not self.flags.term:
             for key, _ in self.sel.select(self._timeout()):
                 self._dispatch(key.data, key.fileobj, wake)
@@ -307,6 +327,7 @@ class Daemon:
                 self.pending.add(change, topology_changed=False)
         elif what == "control" and self.control is not None:
             self.control.serve_one()
+            self.trim_heap()
         elif what == "worker":
             self.sel.unregister(fileobj)
             for w in self.workers.values():
@@ -339,6 +360,7 @@ class Daemon:
                          extra={"ACTION": "apply-recovered"})
             self.apply_error = ""
             self.retry_delay = 0.0
+        self.trim_heap()
 
     def _read_topology(self, s: spec.Spec) -> topology.Topology:
         return self._remember_failures(topology.read(plan.collector_keys(s)))
@@ -558,6 +580,7 @@ class Daemon:
         self._open_nft_events()
         self._schedule_poll()
         self.notifier.ready(self.summary())
+        self.trim_heap()
         log.info("reloaded: %s", self.summary(), extra={"ACTION": "reloaded"})
 
     def _shutdown(self) -> int:

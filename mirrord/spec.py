@@ -6,12 +6,11 @@ error can name the file, line and column of the value at fault.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -143,6 +142,13 @@ def valid_ifname(name: str) -> Optional[str]:
     return None
 
 
+def _close_matches(word: str, choices: Sequence[str]) -> list[str]:
+    # difflib is imported for a mistake only: it stays out of a daemon's memory.
+    import difflib
+
+    return difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+
+
 _Node = yaml.Node
 
 
@@ -184,7 +190,7 @@ class _Validator:
                 self.err(k, f"{what}: keys must be plain names")
                 continue
             if key not in allowed:
-                near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                near = _close_matches(key, allowed)
                 hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(allowed)}"
                 self.err(k, f"{what}: unknown key '{key}'{hint}")
                 continue
@@ -421,7 +427,7 @@ class _Validator:
             ok = False  # its own errors were reported where it is defined
         elif cname is not None and collector is None:
             known = list(collectors)
-            near = difflib.get_close_matches(cname, known, n=1, cutoff=0.6)
+            near = _close_matches(cname, known)
             hint = f"; did you mean '{near[0]}'?" if near else (
                 f"; defined: {', '.join(known)}" if known else ""
             )
