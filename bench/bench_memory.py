@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests import openwrt_split
 from tests.lab import COLLECTOR, ROOT, Lab, have_root_netns
 
 TARGET_CLONE1_MIB = 22.0
@@ -124,32 +125,6 @@ print(before[0], before[1], after[0], after[1], statistics.median(times))
 RTNL_OPTIONS = ("raw", "pyroute2", "pyroute2-child")
 ROUTER_LIKE = "python -S, .pyc (as on a router)"
 
-# Standard library parts that OpenWrt's python3 packages split off python3-light
-# (openwrt/packages lang/python/python3/files/python3-package-*.mk), and the
-# feed packages of third-party modules.
-OPENWRT_SPLIT = {
-    "logging": "python3-logging", "ctypes": "python3-ctypes", "_ctypes": "python3-ctypes",
-    "asyncio": "python3-asyncio", "_asyncio": "python3-asyncio",
-    "unicodedata": "python3-codecs", "_codecs_cn": "python3-codecs",
-    "_codecs_hk": "python3-codecs", "_codecs_iso2022": "python3-codecs",
-    "_codecs_jp": "python3-codecs", "_codecs_kr": "python3-codecs", "_codecs_tw": "python3-codecs",
-    "dbm": "python3-dbm", "_dbm": "python3-dbm", "_gdbm": "python3-dbm",
-    "decimal": "python3-decimal", "_decimal": "python3-decimal",
-    "email": "python3-email", "urllib": "python3-urllib",
-    "lzma": "python3-lzma", "_lzma": "python3-lzma",
-    "multiprocessing": "python3-multiprocessing", "_multiprocessing": "python3-multiprocessing",
-    "curses": "python3-ncurses", "_curses": "python3-ncurses",
-    "_ssl": "python3-openssl", "ssl": "python3-openssl", "_hashlib": "python3-openssl",
-    "pydoc": "python3-pydoc", "doctest": "python3-pydoc", "readline": "python3-readline",
-    "sqlite3": "python3-sqlite3", "_sqlite3": "python3-sqlite3",
-    "unittest": "python3-unittest", "uuid": "python3-uuid", "_uuid": "python3-uuid",
-    "xml": "python3-xml", "pyexpat": "python3-xml", "cgi": "python3-cgi",
-    "lib2to3": "python3-lib2to3", "distutils": "python3-distutils", "venv": "python3-venv",
-    "webbrowser": "python3-webbrowser",
-    "yaml": "python3-yaml", "pyroute2": "python3-pyroute2",
-    "nftables": "(none: pip-nftables; OpenWrt uses the ctypes binding)",
-    "systemd": "(none: systemd-python)",
-}
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -304,23 +279,6 @@ def imported(log: str) -> list[tuple[str, int]]:
     return out
 
 
-# Tried by the standard library inside try/except ImportError: used when present.
-OPTIONAL = {"lzma": "shutil", "_lzma": "shutil", "bz2": "shutil", "_bz2": "shutil"}
-
-
-def openwrt_packages(modules: list[str]) -> dict[str, list[str]]:
-    """The OpenWrt packages beyond python3-light that these modules come from."""
-    need: dict[str, list[str]] = {}
-    for name in modules:
-        top = name.split(".")[0]
-        pkg = OPENWRT_SPLIT.get(top)
-        if pkg and top in OPTIONAL:
-            pkg += f" (optional: {OPTIONAL[top]} uses it if installed)"
-        if pkg:
-            need.setdefault(pkg, []).append(name)
-    return need
-
-
 def case_imports(pycache: str) -> None:
     print("\n== imports: the daemon (clone1) until active, PYTHONPROFILEIMPORTTIME")
     for label, env, flags in (("as run here", {}, ()),
@@ -332,10 +290,13 @@ def case_imports(pycache: str) -> None:
         names = [n for n, _ in rows]
         print(f"   {label}: {len(rows)} modules, {sum(t for _, t in rows) / 1000:.0f} ms self time")
         if flags:
-            need = openwrt_packages(names)
+            need = openwrt_split.packages(names)
             print("   OpenWrt packages beyond python3-light: " + (", ".join(
-                f"{pkg} ({' '.join(sorted(set(m.split('.')[0] for m in mods)))})"
-                for pkg, mods in sorted(need.items())) or "none"))
+                f"{pkg} ({' '.join(sorted(mods))})" for pkg, mods in sorted(need.items()))
+                or "none"))
+            extra = sorted({n.split(".")[0] for n in names} & (
+                openwrt_split.STDLIB_OPTIONAL | openwrt_split.NO_PACKAGE))
+            print(f"   also loaded here, optional: {' '.join(extra) or 'none'}")
             big = sorted(rows, key=lambda r: -r[1])[:8]
             print("   slowest: " + ", ".join(f"{n} {t / 1000:.1f} ms" for n, t in big))
 
