@@ -60,8 +60,9 @@ def _heap_trimmer() -> Callable[[], object]:
     """glibc's malloc_trim(0), or nothing where there is none (musl on OpenWrt).
 
     glibc keeps the heap that start-up, a reconcile or a status request freed
-    (imports, JSON, the kernel's answers): about 2 MiB of an idle daemon's 23
-    MiB. Giving it back after each piece of work costs some 15 us.
+    (imports, JSON, the kernel's answers): about 1.7 MiB of an idle daemon's
+    23 MiB (bench/bench_memory.py). Giving it back after each piece of work
+    costs some 15 us.
     """
     try:
         import ctypes
