@@ -1,6 +1,6 @@
 # mirrord: install on a systemd distribution (Debian, Ubuntu).
 #
-#   apt install python3-yaml python3-pyroute2 python3-nftables python3-systemd nftables python3-pip
+#   apt install python3-yaml python3-nftables python3-systemd nftables python3-pip
 #   make install                # to /usr/local, config in /etc/mirrord.yaml
 #   systemctl enable --now mirrord
 #
@@ -50,8 +50,8 @@ install: install-python install-systemd install-config
 		systemctl daemon-reload; \
 		systemd-tmpfiles --create $(TMPFILESDIR)/mirrord.conf || true; \
 	fi
-	@$(PYTHON) -c 'import yaml, pyroute2' 2>/dev/null || echo \
-		"note: mirrord needs: apt install python3-yaml python3-pyroute2 (and python3-nftables, python3-systemd)"
+	@$(PYTHON) -c 'import yaml' 2>/dev/null || echo \
+		"note: mirrord needs: apt install python3-yaml (and python3-nftables, python3-systemd)"
 	@echo "installed; start with: systemctl enable --now mirrord"
 
 install-python:

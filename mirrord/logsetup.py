@@ -14,7 +14,6 @@ MIRRORD_SYSLOG=0 forces stderr/journal even on OpenWrt.
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 from typing import Any, Mapping, Optional, TextIO
@@ -147,6 +146,10 @@ def choose_target(env: Optional[Mapping[str, str]] = None, stream: Optional[Text
 
 
 def _syslog_handler(address: str) -> logging.Handler:
+    # Imported here: logging.handlers brings pickle and queue (about 0.5 MiB
+    # resident) that only the syslog target needs.
+    import logging.handlers
+
     handler = logging.handlers.SysLogHandler(
         address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON
     )

@@ -6,12 +6,11 @@ error can name the file, line and column of the value at fault.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -368,6 +367,13 @@ def _not_a_host(address: Address, has_interface: bool, raw: str) -> str:
     return ""
 
 
+def _close_matches(word: str, choices: Sequence[str]) -> list[str]:
+    # difflib is imported for a mistake only: it stays out of a daemon's memory.
+    import difflib
+
+    return difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+
+
 _Node = yaml.Node
 _STR, _NULL, _BOOL, _INT, _FLOAT = (_STD + t for t in ("str", "null", "bool", "int", "float"))
 _SCALAR_TAGS = frozenset({_STR, _NULL, _BOOL, _INT, _FLOAT})
@@ -421,7 +427,7 @@ class _Validator:
                 self.err(k, f"{what}: keys must be plain names")
                 continue
             if key not in allowed:
-                near = difflib.get_close_matches(key[:64], allowed, n=1, cutoff=0.6)
+                near = _close_matches(key[:64], allowed)
                 hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(allowed)}"
                 self.err(k, f"{what}: unknown key '{show(key)}'{hint}")
                 continue
@@ -674,7 +680,7 @@ class _Validator:
             ok = False  # its own errors were reported where it is defined
         elif cname is not None and collector is None:
             known = list(collectors)
-            near = difflib.get_close_matches(cname[:64], known, n=1, cutoff=0.6)
+            near = _close_matches(cname[:64], known)
             hint = f"; did you mean '{near[0]}'?" if near else (
                 f"; defined: {', '.join(known)}" if known else ""
             )

@@ -1,16 +1,19 @@
 """Read-only questions to the kernel: which links exist, how is a collector reached.
 
-Everything here is a snapshot taken through rtnetlink (pyroute2); nothing is
-changed. The plan decides from it; the watcher tells when to ask again.
+Everything here is a snapshot taken through rtnetlink (rtnl.py, a plain
+netlink socket); nothing is changed. The plan decides from it; the watcher
+tells when to ask again.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
+from . import rtnl
 from .match import Address, Network
 
 IFF_UP = 0x1
@@ -85,93 +88,83 @@ class Topology:
         return None
 
 
-def _links(ipr: Any) -> dict[str, Link]:
+def _links(nl: rtnl.Rtnl) -> dict[str, Link]:
     out: dict[str, Link] = {}
-    for msg in ipr.get_links():
-        name = msg.get("ifname")
-        if not name:
+    for msg in nl.links():
+        if not msg.name:
             continue
-        flags = int(msg["flags"])
-        kind = None
-        info = msg.get("IFLA_LINKINFO")
-        if info is not None:
-            kind = info.get("IFLA_INFO_KIND")
-        out[name] = Link(
-            name=name,
-            index=int(msg["index"]),
-            up=bool(flags & IFF_UP) and msg.get("operstate") in ("UP", "UNKNOWN"),
-            kind=kind,
-            arphrd=int(msg["ifi_type"]),
-            mtu=int(msg.get("mtu") or 0),
-            master=msg.get("master") or None,
+        out[msg.name] = Link(
+            name=msg.name,
+            index=msg.index,
+            up=bool(msg.flags & IFF_UP) and msg.operstate in ("UP", "UNKNOWN"),
+            kind=msg.kind,
+            arphrd=msg.arphrd,
+            mtu=msg.mtu,
+            master=msg.master,
         )
     return out
 
 
-def _reach(ipr: Any, links: dict[str, Link], address: Address, oif: Optional[str]) -> Reach:
-    kwargs: dict[str, Any] = {"dst": str(address)}
+def _reach(nl: rtnl.Rtnl, links: dict[str, Link], address: Address, oif: Optional[str]) -> Reach:
+    oif_index = None
     if oif is not None:
         link = links.get(oif)
         if link is None:
             return Reach(address, oif=oif, error=f"collector interface {oif} does not exist")
-        kwargs["oif"] = link.index
+        oif_index = link.index
     try:
-        routes = ipr.route("get", **kwargs)
-    except Exception as e:  # pyroute2 raises NetlinkError; keep this module import-light
-        code = getattr(e, "code", None)
-        if code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        route = nl.route_get(address, oif_index)
+    except OSError as e:
+        if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
             return Reach(address, oif=oif, error=f"no route to collector {address}")
         return Reach(address, oif=oif, error=f"route lookup for {address} failed: {e}")
-    if not routes:
+    if route is None:
         return Reach(address, oif=oif, error=f"no route to collector {address}")
-    msg = routes[0]
-    if msg.get("type") == RTN_LOCAL:
+    if route.type == RTN_LOCAL:
         return Reach(address, local=True)
-    out_index = msg.get("oif")
-    out_link = next((lk for lk in links.values() if lk.index == out_index), None)
-    out_name = out_link.name if out_link else str(out_index)
-    gateway = msg.get("gateway")
+    out_link = next((lk for lk in links.values() if lk.index == route.oif), None)
+    out_name = out_link.name if out_link else str(route.oif)
+    gateway = str(route.gateway) if route.gateway is not None else None
     neighbour = None
     prefixes: tuple[Network, ...] = ()
     if gateway is None and out_link is not None:
-        neighbour = _neighbour_state(ipr, address, out_link.index)
-        prefixes = _prefixes(ipr, address, out_link.index)
+        neighbour = _neighbour_state(nl, address, out_link.index)
+        prefixes = _prefixes(nl, address, out_link.index)
     return Reach(address, oif=out_name, gateway=gateway, neighbour=neighbour, prefixes=prefixes)
 
 
-def _prefixes(ipr: Any, address: Address, ifindex: int) -> tuple[Network, ...]:
-    family = 2 if address.version == 4 else 10
-    out: list[Network] = []
+def _prefixes(nl: rtnl.Rtnl, address: Address, ifindex: int) -> tuple[Network, ...]:
+    """The router's own prefixes on the collector's link that hold the collector."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     try:
-        for msg in ipr.get_addr(family=family, index=ifindex):
-            local = msg.get("IFA_ADDRESS")
-            if local is None:
-                continue
-            net = ipaddress.ip_network(f"{local}/{int(msg['prefixlen'])}", strict=False)
-            if address in net and net not in out:
-                out.append(net)
-    except Exception:
+        entries = nl.addresses(family, ifindex)
+    except OSError:
         return ()
+    out: list[Network] = []
+    for a in entries:
+        if a.address is None:
+            continue
+        net = ipaddress.ip_network(f"{a.address}/{a.prefixlen}", strict=False)
+        if address in net and net not in out:
+            out.append(net)
     return tuple(out)
 
 
-def _neighbour_state(ipr: Any, address: Address, ifindex: int) -> Optional[str]:
-    family = 2 if address.version == 4 else 10
+def _neighbour_state(nl: rtnl.Rtnl, address: Address, ifindex: int) -> Optional[str]:
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     try:
-        for n in ipr.get_neighbours(family=family, ifindex=ifindex):
-            if n.get("dst") and ipaddress.ip_address(n.get("dst")) == address:
-                state = int(n["state"])
-                return NUD_STATES.get(state, hex(state))
-    except Exception:
+        entries = nl.neighbours(family, ifindex)
+    except OSError:
         return None
+    for n in entries:
+        if n.dst == address:
+            return NUD_STATES.get(n.state, hex(n.state))
     return None
 
 
 def read(collectors: Iterable[tuple[Address, Optional[str]]]) -> Topology:
     """One consistent-enough snapshot: links, then each collector's route."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        links = _links(ipr)
-        reach = {key: _reach(ipr, links, key[0], key[1]) for key in set(collectors)}
+    with rtnl.Rtnl() as nl:
+        links = _links(nl)
+        reach = {key: _reach(nl, links, key[0], key[1]) for key in set(collectors)}
     return Topology(links=links, reach=reach)

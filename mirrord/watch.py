@@ -1,10 +1,10 @@
 """Netlink event sources: what changed in links, addresses, routes, neighbours, nftables.
 
 These are plain non-blocking netlink sockets that the daemon's selector waits
-on. pyroute2 answers the daemon's questions (topology.py), but its 0.9
-synchronous sockets read ahead into an internal queue, so select() on their
-descriptor can miss events that were already read; an event source has to be
-a socket whose readiness is the truth.
+on; topology.py asks the questions (through rtnl.py). An event source has to
+be a socket whose readiness is the truth: pyroute2 0.9's synchronous sockets,
+for one, read ahead into an internal queue, so select() on their descriptor
+can miss events that were already read.
 
 A source only says *that* something relevant changed (with a short reason for
 the log); the daemon then re-reads the kernel and reconciles. ENOBUFS means
@@ -14,11 +14,15 @@ events were lost, which is reported as a change too: a full resync covers it.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
 from typing import Optional
+
+# The attribute parsing is rtnl.py's, which the topology queries share.
+from .rtnl import address as _address
+from .rtnl import attrs as _attrs
+from .rtnl import cstr as _cstr
 
 NETLINK_ROUTE = 0
 NETLINK_NETFILTER = 12
@@ -63,27 +67,6 @@ class Change:
     # on the next packet (INCOMPLETE, without an event), so a later read
     # would not show the failure: the event is the evidence.
     neighbour_failed: Optional[str] = None
-
-
-def _attrs(buf: bytes, offset: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while offset + 4 <= end:
-        length, kind = NLA_HDR.unpack_from(buf, offset)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = buf[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return out
-
-
-def _address(b: Optional[bytes]) -> str:
-    if b is None or len(b) not in (4, 16):
-        return "?"
-    return str(ipaddress.ip_address(b))
-
-
-def _cstr(b: Optional[bytes]) -> str:
-    return b.split(b"\0", 1)[0].decode(errors="replace") if b else ""
 
 
 class _Source:

@@ -286,7 +286,7 @@ class Booted:
         if p.returncode != 0:
             pytest.skip(f"make install with {RUNTIME_PYTHON} failed: {p.stderr.strip()[-300:]}")
         libdir = self.rootfs / "usr/local/lib/mirrord"
-        for module in ("yaml", "pyroute2", "nftables"):
+        for module in ("yaml", "nftables"):
             if subprocess.run([RUNTIME_PYTHON, "-c", f"import {module}"],
                               capture_output=True).returncode == 0:
                 continue

@@ -7,6 +7,8 @@ procd shim (tests/procd_shim) that records what it would ask procd to do.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import re
 import shutil
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+
+from tests import openwrt_split
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 UNIT = ROOT / "packaging/systemd/mirrord.service"
@@ -460,10 +464,11 @@ def test_openwrt_makefile() -> None:
     assert depends is not None
     deps = depends.group(1).replace("\\", " ").split()
     for dep in ("+python3-light", "+python3-logging", "+python3-ctypes", "+python3-yaml",
-                "+python3-pyroute2",
                 "+PACKAGE_firewall4:kmod-nft-dup-inet", "+PACKAGE_firewall:kmod-ipt-tee",
                 "+PACKAGE_firewall:iptables-mod-tee"):
         assert dep in deps
+    # Not the full python3 (python3-pyroute2 depends on it), only what is imported.
+    assert "+python3" not in deps and "+python3-pyroute2" not in deps
     conffiles = re.search(r"define Package/mirrord/conffiles\n(.*?)endef", text, re.S)
     assert conffiles is not None and conffiles.group(1).split() == ["/etc/mirrord.yaml"]
     # Every ./files/ source exists, and installs where the hooks expect it.
@@ -478,6 +483,79 @@ def test_openwrt_makefile() -> None:
                             text, re.S):
         for line in block.splitlines():
             assert not line or line.startswith("\t"), line
+
+
+def openwrt_python_depends() -> set[str]:
+    text = (OPENWRT / "Makefile").read_text()
+    depends = re.search(r"DEPENDS:=(.*?)\nendef", text, re.S)
+    assert depends is not None
+    return {d.lstrip("+") for d in depends.group(1).replace("\\", " ").split()
+            if d.startswith("+python3-") and d != "+python3-light"}
+
+
+def _optional(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    """An import inside `try: ... except ImportError` (or a broader catch): used if present."""
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.Try):
+            for h in node.handlers:
+                names = [h.type] if not isinstance(h.type, ast.Tuple) else h.type.elts
+                if h.type is None or any(isinstance(n, ast.Name) and n.id in (
+                        "ImportError", "ModuleNotFoundError", "Exception") for n in names):
+                    return True
+    return False
+
+
+def source_imports() -> dict[str, list[str]]:
+    """Top-level module -> where mirrord imports it unconditionally (function bodies too)."""
+    out: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "mirrord").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            if _optional(node, parents):
+                continue
+            for name in names:
+                out.setdefault(name.split(".")[0], []).append(
+                    f"{path.relative_to(ROOT)}:{node.lineno}")
+    return out
+
+
+def runtime_imports() -> set[str]:
+    """Every module loaded by importing all of mirrord, in `python -S` (no site's own imports)."""
+    modules = sorted(
+        "mirrord." + ".".join(p.relative_to(ROOT / "mirrord").with_suffix("").parts)
+        for p in (ROOT / "mirrord").rglob("*.py") if p.stem not in ("__init__", "__main__"))
+    paths = [str(ROOT)]
+    found = importlib.util.find_spec("yaml")
+    if found is not None and found.origin:
+        paths.append(str(Path(found.origin).parent.parent))
+    code = ("import sys\n"
+            f"for m in {modules!r}:\n    __import__(m)\n"
+            "print(' '.join(sorted(sys.modules)))")
+    p = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)})
+    assert p.returncode == 0, p.stderr
+    return set(p.stdout.split())
+
+
+def test_openwrt_depends_follow_the_imports() -> None:
+    """The recipe depends on exactly the python3-* packages that mirrord's imports need.
+
+    Both what the source imports (in any function, unless guarded as optional)
+    and what the standard library pulls in behind it, mapped through OpenWrt's
+    split of python3 (tests/openwrt_split.py).
+    """
+    # runtime_imports() also shows that every module imports without the ones
+    # OpenWrt has no package for (openwrt_split.NO_PACKAGE): `-S` leaves them out.
+    needed = openwrt_split.packages(set(source_imports()) | runtime_imports())
+    assert set(needed) == openwrt_python_depends(), needed
 
 
 # -- make install ---------------------------------------------------------------------
