@@ -371,6 +371,9 @@ def _not_a_host(address: Address, has_interface: bool, raw: str) -> str:
         return f"address {raw} is in the reserved range 240.0.0.0/4, which no host can use"
     if address.version == 6 and address.ipv4_mapped is not None:
         return f"address {raw} is an IPv4-mapped IPv6 address; write {address.ipv4_mapped}"
+    if address.version == 6 and address.scope_id:
+        return (f"address {raw} has a zone; write it as {str(address).split('%')[0]} with "
+                f"'interface: {address.scope_id}'")
     if address.version == 6 and address.is_link_local and not has_interface:
         return f"link-local address {raw} needs 'interface': it is valid only on one link"
     return ""
