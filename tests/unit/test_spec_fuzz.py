@@ -430,9 +430,10 @@ def test_fuzz(tmp_path: Path) -> None:
             data = text.encode("utf-8", "surrogateescape")
             file.write_bytes(data)
             label = f"seed {seed} case {n}: {data[:2000]!r}"
-            t0 = time.monotonic()
+            # CPU time: the test shares its machine, and the bound is on the work.
+            t0 = time.process_time()
             problems = check(lambda: spec.load(PATH), label)
-            assert time.monotonic() - t0 < 2, f"slow: {label}"
+            assert time.process_time() - t0 < 2, f"slow: {label}"
             if problems is None:
                 accepted += 1
             else:
