@@ -93,11 +93,14 @@ def default_path() -> str:
 
 # Bounds on what a spec may cost to read. A router's spec is a few KiB; these
 # are far above any real one and far below what hurts a small router.
-MAX_BYTES = 1 << 20
+MAX_BYTES = 256 << 10
 MAX_DEPTH = 64
 # Nodes reached through aliases, counted with everything below them: a
 # "billion laughs" spec of a few hundred bytes expands to billions of nodes.
 MAX_ALIAS_NODES = 10_000
+# Values in the file: a spec of hundreds of mirrors has a few thousand. Parsing
+# stops at the bound, so a 256 KiB file of values costs about a second, not ten.
+MAX_NODES = 20_000
 MAX_PROBLEMS = 100
 MAX_SHOWN = 60  # characters of a user's value quoted in a message
 MAX_LINE = 300  # characters in one problem line
@@ -107,7 +110,7 @@ INTERNAL_ERROR = "internal error in mirrord while reading this spec; please repo
 def load(path: str) -> Spec:
     try:
         with open(path, "rb") as f:
-            # Bounded: the path may name a FIFO or /dev/zero.
+            # Bounded: the path may name /dev/zero or a pipe that never ends.
             data = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise SpecError([f"{path}: cannot read: {e.strerror or e}"]) from e
@@ -182,6 +185,7 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.depth = 0
+        self.nodes = 0
         self.alias_nodes = 0
         # Size of every finished collection, aliases expanded. A collection
         # that is anchored but not in here is still open: an alias to it
@@ -208,6 +212,10 @@ class _Loader(yaml.SafeLoader):
                     raise _LimitError(None, None, "aliases expand to more than "
                                       f"{MAX_ALIAS_NODES} nodes; a spec needs far fewer", mark)
             return super().compose_node(parent, index)
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _LimitError(None, None, f"the spec has more than {MAX_NODES} values; "
+                              "this is not a mirror spec", mark)
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
@@ -362,6 +370,9 @@ def _not_a_host(address: Address, has_interface: bool, raw: str) -> str:
         return f"address {raw} is in the reserved range 240.0.0.0/4, which no host can use"
     if address.version == 6 and address.ipv4_mapped is not None:
         return f"address {raw} is an IPv4-mapped IPv6 address; write {address.ipv4_mapped}"
+    if address.version == 6 and address.scope_id:
+        return (f"address {raw} has a zone; write it as {str(address).split('%')[0]} with "
+                f"'interface: {address.scope_id}'")
     if address.version == 6 and address.is_link_local and not has_interface:
         return f"link-local address {raw} needs 'interface': it is valid only on one link"
     return ""
@@ -655,6 +666,7 @@ class _Validator:
         what = f"mirror '{name}'" if name else "mirror"
         ifnode = m["interfaces"][1] if "interfaces" in m else None
         interfaces: list[str] = []
+        seen: set[str] = set()  # a list of thousands must not cost its square
         if (isinstance(ifnode, yaml.SequenceNode) and not ifnode.value) or (
             isinstance(ifnode, yaml.ScalarNode) and self.scalar(ifnode) is None
         ):
@@ -665,11 +677,12 @@ class _Validator:
             i = self.ifname(n, f"{what}: interface")
             if i is None:
                 ok = False
-            elif i in interfaces:
+            elif i in seen:
                 self.err(n, f"{what}: interface '{show(i)}' is listed twice")
                 ok = False
             else:
                 interfaces.append(i)
+                seen.add(i)
         direction = "both"
         if "direction" in m:
             direction = self.choice(m["direction"][1], f"{what}: direction", DIRECTIONS) or ""
@@ -680,9 +693,13 @@ class _Validator:
             ok = False  # its own errors were reported where it is defined
         elif cname is not None and collector is None:
             known = list(collectors)
-            near = _close_matches(cname[:64], known)
+            # Bounded: difflib against thousands of names, for each of thousands
+            # of mirrors, takes minutes.
+            near = (_close_matches(cname[:64], known)
+                    if len(known) <= 100 else [])
             hint = f"; did you mean '{near[0]}'?" if near else (
-                f"; defined: {', '.join(known)}" if known else ""
+                f"; defined: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''}"
+                if known else ""
             )
             self.err(m["collector"][1],
                      f"{what}: collector '{show(cname)}' is not defined{hint}")

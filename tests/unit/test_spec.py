@@ -314,7 +314,8 @@ def test_plan_host_collector_in_its_prefix_is_active(address: str, prefix: str) 
 
 @pytest.mark.parametrize("address", ["255.255.255.255", "0.0.0.0", "::", "127.0.0.2", "::1",
                                      "239.1.1.1", "ff02::1", "240.0.0.1", "::ffff:192.0.2.50",
-                                     "192.0.2.255/24", "192.0.2.0/24", "192.0.2.50/24"])
+                                     "192.0.2.255/24", "192.0.2.0/24", "192.0.2.50/24",
+                                     "fe80::1%eth0"])
 def test_spec_collector_address_that_is_not_a_host(address: str) -> None:
     with pytest.raises(spec.SpecError) as info:
         _one_collector(address, "tzsp")
