@@ -92,15 +92,16 @@ def default_path() -> str:
 
 
 # Bounds on what a spec may cost to read. A router's spec is a few KiB; these
-# are far above any real one and far below what hurts a small router.
-MAX_BYTES = 256 << 10
+# are far above any real one (10,000 mirrors fit) and far below what hurts a
+# small router.
+MAX_BYTES = 2 << 20
 MAX_DEPTH = 64
 # Nodes reached through aliases, counted with everything below them: a
 # "billion laughs" spec of a few hundred bytes expands to billions of nodes.
 MAX_ALIAS_NODES = 10_000
-# Values in the file: a spec of hundreds of mirrors has a few thousand. Parsing
-# stops at the bound, so a 256 KiB file of values costs about a second, not ten.
-MAX_NODES = 20_000
+# Values in the file: a mirror has about eight. Parsing stops at the bound, so
+# a file of nothing but values costs seconds, not minutes, and tens of MiB.
+MAX_NODES = 100_000
 MAX_PROBLEMS = 100
 MAX_SHOWN = 60  # characters of a user's value quoted in a message
 MAX_LINE = 300  # characters in one problem line
