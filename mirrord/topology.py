@@ -82,25 +82,33 @@ class Topology:
         return None
 
 
+def _attr(msg: Any, name: str) -> Any:
+    """An NLA by its full name. Not `msg.get("ifname")`: the short-name lookup
+    exists only from pyroute2 0.7.3 on; 0.7.2 (Debian 12's python3-pyroute2)
+    walks the string's characters and answers None, so every link would look
+    missing. get_attr works the same on every version mirrord supports."""
+    return msg.get_attr(name)
+
+
 def _links(ipr: Any) -> dict[str, Link]:
     out: dict[str, Link] = {}
     for msg in ipr.get_links():
-        name = msg.get("ifname")
+        name = _attr(msg, "IFLA_IFNAME")
         if not name:
             continue
         flags = int(msg["flags"])
         kind = None
-        info = msg.get("IFLA_LINKINFO")
+        info = _attr(msg, "IFLA_LINKINFO")
         if info is not None:
-            kind = info.get("IFLA_INFO_KIND")
+            kind = _attr(info, "IFLA_INFO_KIND")
         out[name] = Link(
             name=name,
             index=int(msg["index"]),
-            up=bool(flags & IFF_UP) and msg.get("operstate") in ("UP", "UNKNOWN"),
+            up=bool(flags & IFF_UP) and _attr(msg, "IFLA_OPERSTATE") in ("UP", "UNKNOWN"),
             kind=kind,
             arphrd=int(msg["ifi_type"]),
-            mtu=int(msg.get("mtu") or 0),
-            master=msg.get("master") or None,
+            mtu=int(_attr(msg, "IFLA_MTU") or 0),
+            master=_attr(msg, "IFLA_MASTER") or None,
         )
     return out
 
@@ -122,12 +130,12 @@ def _reach(ipr: Any, links: dict[str, Link], address: Address, oif: Optional[str
     if not routes:
         return Reach(address, oif=oif, error=f"no route to collector {address}")
     msg = routes[0]
-    if msg.get("type") == RTN_LOCAL:
+    if msg["type"] == RTN_LOCAL:
         return Reach(address, local=True)
-    out_index = msg.get("oif")
+    out_index = _attr(msg, "RTA_OIF")
     out_link = next((lk for lk in links.values() if lk.index == out_index), None)
     out_name = out_link.name if out_link else str(out_index)
-    gateway = msg.get("gateway")
+    gateway = _attr(msg, "RTA_GATEWAY")
     neighbour = None
     if gateway is None and out_link is not None:
         neighbour = _neighbour_state(ipr, address, out_link.index)
@@ -138,7 +146,8 @@ def _neighbour_state(ipr: Any, address: Address, ifindex: int) -> Optional[str]:
     family = 2 if address.version == 4 else 10
     try:
         for n in ipr.get_neighbours(family=family, ifindex=ifindex):
-            if n.get("dst") and ipaddress.ip_address(n.get("dst")) == address:
+            dst = _attr(n, "NDA_DST")
+            if dst and ipaddress.ip_address(dst) == address:
                 state = int(n["state"])
                 return NUD_STATES.get(state, hex(state))
     except Exception:
