@@ -121,6 +121,9 @@ class Lab:
         for ns in self.spaces:
             self._ip("netns", "add", ns.name)
             ns.run("ip", "link", "set", "lo", "up")
+            # No router solicitations: a host sends them seconds after link-up
+            # (about 4s and 11s), into tests that count frames on its link.
+            ns.run("sysctl", "-qw", "net.ipv6.conf.default.router_solicitations=0")
             if ipv6:
                 ns.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")
                 ns.run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")

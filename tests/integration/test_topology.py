@@ -68,7 +68,8 @@ def read_in(ns: Netns) -> topology.Topology:
         "keys = [(ipaddress.ip_address(a), i) for a, i in json.loads(sys.argv[1])]\n"
         "t = topology.read(keys)\n"
         "print(json.dumps({'links': [dataclasses.asdict(l) for l in t.links.values()],\n"
-        "  'reach': [[str(k[0]), k[1], {**dataclasses.asdict(r), 'address': str(r.address)}]\n"
+        "  'reach': [[str(k[0]), k[1], {**dataclasses.asdict(r), 'address': str(r.address),\n"
+        "                                'prefixes': [str(p) for p in r.prefixes]}]\n"
         "            for k, r in t.reach.items()]}))\n"
     )
     out = json.loads(ns.python(code, json.dumps(COLLECTORS)))
@@ -76,6 +77,7 @@ def read_in(ns: Netns) -> topology.Topology:
     reach = {}
     for a, i, r in out["reach"]:
         r["address"] = ipaddress.ip_address(r["address"])
+        r["prefixes"] = tuple(ipaddress.ip_network(p) for p in r["prefixes"])
         reach[(ipaddress.ip_address(a), i)] = topology.Reach(**r)
     return topology.Topology(links=links, reach=reach)
 
@@ -148,6 +150,16 @@ def test_reach_matches_ip_route_get(lab: Lab) -> None:
     assert topo.reach[(ipaddress.ip_address(GW6_DST), None)].gateway == COLLECTOR6
     assert topo.reach[(ipaddress.ip_address(RTR_LAN), None)].local
     assert topo.reach[(ipaddress.ip_address(COLLECTOR), "wan")].oif == "wan"
+    # On-link collectors carry the router's own prefixes that hold them (for
+    # the broadcast and network-address checks); routed ones carry none.
+    for address in (COLLECTOR, COLLECTOR6):
+        reach = topo.reach[(ipaddress.ip_address(address), None)]
+        want = {ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False)
+                for i in ip_json(lab.rtr, "addr", "show", "dev", str(reach.oif))
+                for a in i["addr_info"]}
+        want = {n for n in want if ipaddress.ip_address(address) in n}
+        assert want and set(reach.prefixes) == want, (address, reach.prefixes, want)
+    assert topo.reach[(ipaddress.ip_address(GW_DST), None)].prefixes == ()
 
 
 def test_many_links_dump_spans_datagrams(lab: Lab) -> None:
