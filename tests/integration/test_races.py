@@ -15,7 +15,8 @@ netlink event, which lands inside the daemon's commit-to-listing window
 nearly every time.
 
 MIRRORD_RACE_SCALE multiplies the iteration counts (default 1: about a
-minute for the whole file); bench/races.sh runs a big round.
+minute for the whole file); a big round, with the figures printed:
+`MIRRORD_RACE_SCALE=5 python -m pytest -s tests/integration/test_races.py`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ mode, iterations, pid, backend = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 stuck_after, max_gap = float(sys.argv[6]), int(sys.argv[7])
 nft = open_nftables()
 nft.set_json_output(True)
+suffix = "-legacy" if backend == "iptables-legacy" else ""
 
 def strip(o):
     if isinstance(o, dict):
@@ -67,8 +69,9 @@ def state():
                 out += [o for o in strip(json.loads(text)["nftables"]) if "metainfo" not in o]
         return json.dumps(out, sort_keys=True)
     lines = []
-    for tool in ("iptables-save", "ip6tables-save"):
-        p = subprocess.run([tool, "-t", "mangle"], capture_output=True, text=True)
+    for tool in ("iptables", "ip6tables"):
+        p = subprocess.run([tool + suffix + "-save", "-t", "mangle"], capture_output=True,
+                           text=True)
         lines += sorted(re.sub(r"(MIRRORD_(?:PRE|POST))_[AB]", r"\1_", ln)
                         for ln in p.stdout.splitlines() if "MIRRORD_" in ln)
         lines.append("--")
@@ -81,7 +84,7 @@ def disturb():
     else:
         for args in (["-F"], ["-X"]):
             # -X fails when the daemon re-added a jump in between: that is the race.
-            subprocess.run(["iptables", "-w", "-t", "mangle", *args],
+            subprocess.run(["iptables" + suffix, "-w", "-t", "mangle", *args],
                            capture_output=True)
 
 tables = {("ip", "mirrord"), ("ip6", "mirrord")} if backend == "nftables" else {("ip", "mangle")}
@@ -138,7 +141,9 @@ print(json.dumps({"iterations": iterations, "stuck": len(stuck), "stuck_gaps_ms"
 
 
 def spec(backend: str) -> str:
-    return (f"backend: {backend}\ncollectors:\n  ids:\n    address: {COLLECTOR}\n"
+    # iptables-legacy sends no events: only the poll sees its changes.
+    poll = "poll_interval: 0.2\n" if backend == "iptables-legacy" else ""
+    return (f"{poll}backend: {backend}\ncollectors:\n  ids:\n    address: {COLLECTOR}\n"
             "    transport: clone\nmirrors:\n  - name: lan\n    interfaces: [br-lan, wan]\n"
             "    direction: both\n    collector: ids\n")
 
@@ -180,4 +185,12 @@ def test_iptables_flush_racing_the_daemon_never_leaves_the_rules_gone(mode: str,
         pytest.skip("`iptables` here is not iptables-nft (no events to react to)")
     with Lab(ipv6=False) as lab:
         result = race(lab, "iptables", mode, iterations)
+        assert result["stuck"] == 0, (result, lab.daemon_log()[-4000:])
+
+
+def test_iptables_legacy_flush_racing_the_daemon_never_leaves_the_rules_gone() -> None:
+    with Lab(ipv6=False) as lab:
+        if lab.rtr.run("iptables-legacy", "-t", "mangle", "-S", check=False).returncode != 0:
+            pytest.skip("iptables-legacy cannot use the mangle table in this kernel")
+        result = race(lab, "iptables-legacy", "twice", 30)
         assert result["stuck"] == 0, (result, lab.daemon_log()[-4000:])
