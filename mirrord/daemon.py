@@ -231,6 +231,8 @@ class Daemon:
         # what was rendered; None: not verified, so the next reconcile applies.
         self.applied_snapshot: Optional[str] = ""
         self.verify_failures = 0
+        self.repeated_failures = 0  # ... with the very same listing each time
+        self.unverified_listing = ""
         self.apply_error = ""
         self.applies = 0
         self.reapplies = 0
@@ -545,19 +547,27 @@ class Daemon:
         problem = backend.verify(rendered, after)
         if problem is None:
             self.applied_snapshot = after
-            self.verify_failures = 0
+            self.verify_failures = self.repeated_failures = 0
+            self.unverified_listing = ""
             return
         self.applied_snapshot = None
         self.verify_failures += 1
-        # Immediately at first; backing off if it keeps failing, so that a
-        # listing this code misreads cannot turn into a busy loop.
-        delay = min(RETRY_MAX, DEBOUNCE * 2 ** min(self.verify_failures - 1, 12))
-        level = logging.WARNING if self.verify_failures in (5, 10) else logging.INFO
+        # Someone else's change shows as a listing with pieces missing, and
+        # the answer is to apply again right away, however often it lands in
+        # the window. The same non-empty listing failing again and again is
+        # more likely this code misreading the kernel: back off, so that it
+        # cannot turn into a busy loop of applies.
+        repeated = bool(after) and after == self.unverified_listing
+        self.unverified_listing = after
+        self.repeated_failures = self.repeated_failures + 1 if repeated else 0
+        delay = min(RETRY_MAX, DEBOUNCE * 2 ** min(self.repeated_failures, 12))
+        level = logging.WARNING if self.repeated_failures in (4, 9) else logging.INFO
         log.log(level, "rules changed right after the apply (%s); applying again%s", problem,
                  f" ({self.verify_failures} times in a row)" if self.verify_failures > 1 else "",
                  extra={"ACTION": "apply-unverified"})
         self.pending.add(Change("rules changed during the apply"), topology_changed=False)
-        self.pending.due = max(self.pending.due or 0.0, time.monotonic() + delay)
+        if self.repeated_failures:
+            self.pending.due = max(self.pending.due or 0.0, time.monotonic() + delay)
 
     def _notify_summary(self) -> None:
         summary = self.summary()

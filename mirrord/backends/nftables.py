@@ -432,7 +432,7 @@ class NftablesBackend(Backend):
             rc, _, err = self._json(cmds)
             if rc == 0:
                 return
-            if self._existing() == existing:
+            if _strip_volatile(self._existing()) == _strip_volatile(existing):
                 break
         raise ApplyError(
             f"nftables refused the ruleset: {err.strip()}\n"

@@ -5,8 +5,10 @@ drift. A second change landing between its commit and that listing (two
 `nft flush ruleset` 10 ms apart, a flush right after a SIGHUP, iptables
 `-F; -X` twice) must never be adopted as "what mirrord applied": the rules
 must always come back. A driver inside the router namespace disturbs the
-rules, then polls the kernel until they are back exactly as before, and
-counts the iterations where they were not back within STUCK_AFTER seconds.
+rules, then polls the kernel until they are back exactly as before: an
+iteration where they are not back within STUCK_AFTER seconds is late if they
+come back by themselves within 5 x STUCK_AFTER (a loaded machine), stuck
+otherwise (what the old code did: only a SIGHUP brought them back).
 
 Two kinds of disturbance: a sweep of gaps from 0 to 60 ms between the two
 changes (what an unlucky firewall script does), and a reacting one that
@@ -15,7 +17,8 @@ netlink event, which lands inside the daemon's commit-to-listing window
 nearly every time.
 
 MIRRORD_RACE_SCALE multiplies the iteration counts (default 1: about a
-minute for the whole file); bench/races.sh runs a big round.
+minute for the whole file); a big round, with the figures printed:
+`MIRRORD_RACE_SCALE=5 python -m pytest -s tests/integration/test_races.py`.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ mode, iterations, pid, backend = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 stuck_after, max_gap = float(sys.argv[6]), int(sys.argv[7])
 nft = open_nftables()
 nft.set_json_output(True)
+suffix = "-legacy" if backend == "iptables-legacy" else ""
 
 def strip(o):
     if isinstance(o, dict):
@@ -67,8 +71,9 @@ def state():
                 out += [o for o in strip(json.loads(text)["nftables"]) if "metainfo" not in o]
         return json.dumps(out, sort_keys=True)
     lines = []
-    for tool in ("iptables-save", "ip6tables-save"):
-        p = subprocess.run([tool, "-t", "mangle"], capture_output=True, text=True)
+    for tool in ("iptables", "ip6tables"):
+        p = subprocess.run([tool + suffix + "-save", "-t", "mangle"], capture_output=True,
+                           text=True)
         lines += sorted(re.sub(r"(MIRRORD_(?:PRE|POST))_[AB]", r"\1_", ln)
                         for ln in p.stdout.splitlines() if "MIRRORD_" in ln)
         lines.append("--")
@@ -81,7 +86,7 @@ def disturb():
     else:
         for args in (["-F"], ["-X"]):
             # -X fails when the daemon re-added a jump in between: that is the race.
-            subprocess.run(["iptables", "-w", "-t", "mangle", *args],
+            subprocess.run(["iptables" + suffix, "-w", "-t", "mangle", *args],
                            capture_output=True)
 
 tables = {("ip", "mirrord"), ("ip6", "mirrord")} if backend == "nftables" else {("ip", "mangle")}
@@ -101,7 +106,8 @@ def wait_event(timeout):
 
 baseline = state()
 assert baseline.strip("-\n"), "no rules to start with"
-stuck, worst, missed = [], 0.0, 0
+stuck, late, worst, missed = [], [], 0.0, 0
+give_up = 5 * stuck_after  # back later than stuck_after but by itself: late, not stuck
 for i in range(iterations):
     gap = (i * 7 % (max_gap + 1)) / 1000.0  # every ms from 0 to max_gap, spread out
     if mode == "twice":
@@ -119,26 +125,30 @@ for i in range(iterations):
             missed += 1
         disturb()
     t0 = time.monotonic()
-    while state() != baseline:
-        if time.monotonic() - t0 > stuck_after:
-            stuck.append(round(gap * 1000))
-            # Only a reload recovered the old code; the next iteration must
-            # start from the rules in place.
-            os.kill(pid, signal.SIGHUP)
-            t1 = time.monotonic()
-            while state() != baseline and time.monotonic() - t1 < 5:
-                time.sleep(0.01)
-            break
+    while state() != baseline and time.monotonic() - t0 < give_up:
         time.sleep(0.005)
+    took = time.monotonic() - t0
+    if took >= give_up:
+        stuck.append(round(gap * 1000))
+        # Only a reload recovered the old code; the next iteration must
+        # start from the rules in place.
+        os.kill(pid, signal.SIGHUP)
+        t1 = time.monotonic()
+        while state() != baseline and time.monotonic() - t1 < 5:
+            time.sleep(0.01)
+    elif took > stuck_after:
+        late.append([round(gap * 1000), round(took, 2)])
     else:
-        worst = max(worst, time.monotonic() - t0)
+        worst = max(worst, took)
 print(json.dumps({"iterations": iterations, "stuck": len(stuck), "stuck_gaps_ms": stuck,
-                  "slowest_heal_s": round(worst, 3), "no_event": missed}))
+                  "late": late, "slowest_heal_s": round(worst, 3), "no_event": missed}))
 """
 
 
 def spec(backend: str) -> str:
-    return (f"backend: {backend}\ncollectors:\n  ids:\n    address: {COLLECTOR}\n"
+    # iptables-legacy sends no events: only the poll sees its changes.
+    poll = "poll_interval: 0.2\n" if backend == "iptables-legacy" else ""
+    return (f"{poll}backend: {backend}\ncollectors:\n  ids:\n    address: {COLLECTOR}\n"
             "    transport: clone\nmirrors:\n  - name: lan\n    interfaces: [br-lan, wan]\n"
             "    direction: both\n    collector: ids\n")
 
@@ -157,6 +167,14 @@ def race(lab: Lab, backend: str, mode: str, iterations: int) -> dict[str, Any]:
     return result
 
 
+def check(lab: Lab, result: dict[str, Any]) -> None:
+    """None stuck (never back by itself); a few late ones are a loaded machine's."""
+    notes = [ln for ln in lab.daemon_log().splitlines()
+             if "failed" in ln or "right after" in ln][-20:]
+    assert result["stuck"] == 0, (result, notes)
+    assert len(result["late"]) <= max(1, result["iterations"] // 50), (result, notes)
+
+
 def iptables_is_nft() -> bool:
     try:
         out = subprocess.run(["iptables", "--version"], capture_output=True, text=True).stdout
@@ -170,7 +188,7 @@ def iptables_is_nft() -> bool:
 def test_nft_flush_racing_the_daemon_never_leaves_the_rules_gone(mode: str, iterations: int) -> None:
     with Lab(ipv6=False) as lab:
         result = race(lab, "nftables", mode, iterations)
-        assert result["stuck"] == 0, (result, lab.daemon_log()[-4000:])
+        check(lab, result)
 
 
 @pytest.mark.parametrize(("mode", "iterations"), [("twice", 50), ("twice-react", 25)])
@@ -180,4 +198,12 @@ def test_iptables_flush_racing_the_daemon_never_leaves_the_rules_gone(mode: str,
         pytest.skip("`iptables` here is not iptables-nft (no events to react to)")
     with Lab(ipv6=False) as lab:
         result = race(lab, "iptables", mode, iterations)
-        assert result["stuck"] == 0, (result, lab.daemon_log()[-4000:])
+        check(lab, result)
+
+
+def test_iptables_legacy_flush_racing_the_daemon_never_leaves_the_rules_gone() -> None:
+    with Lab(ipv6=False) as lab:
+        if lab.rtr.run("iptables-legacy", "-t", "mangle", "-S", check=False).returncode != 0:
+            pytest.skip("iptables-legacy cannot use the mangle table in this kernel")
+        result = race(lab, "iptables-legacy", "twice", 30)
+        check(lab, result)
