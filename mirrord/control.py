@@ -106,6 +106,14 @@ class ControlServer:
         self.sel, self.data = sel, data
         sel.register(self.sock, selectors.EVENT_READ, data)
 
+    def next_deadline(self) -> Optional[float]:
+        """When the oldest connection runs out of time: the loop wakes for it,
+        so a lone silent client does not keep its slot until someone else comes."""
+        return min((c.deadline for c in self.conns.values()), default=None)
+
+    def expire(self) -> None:
+        self._expire(time.monotonic())
+
     def ready(self, fileobj: Any) -> None:
         """One event on the listener or a connection; never blocks."""
         now = time.monotonic()

@@ -363,6 +363,8 @@ class Daemon:
                 self.flags.hup = False
                 self.reload()
             now = time.monotonic()
+            if self.control is not None:
+                self.control.expire()
             if self.pending.due is not None and now >= self.pending.due:
                 p, self.pending = self.pending, Pending()
                 self._reconcile_logged(p.reasons, p.topology)
@@ -382,8 +384,9 @@ class Daemon:
         return self._shutdown()
 
     def _timeout(self) -> Optional[float]:
+        control = self.control.next_deadline() if self.control is not None else None
         deadlines = [d for d in (self.pending.due, self.next_poll, self.next_watchdog,
-                                 self.retry_at) if d]
+                                 self.retry_at, control) if d]
         deadlines += [w.restart_at for w in self.workers.values() if w.exited and w.restart_at]
         if not deadlines:
             return None

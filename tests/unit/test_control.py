@@ -175,6 +175,28 @@ def test_deadline_closes_a_silent_client(path: str) -> None:
         silent.close()
 
 
+def test_the_next_deadline_lets_the_loop_expire_a_lone_silent_client(path: str) -> None:
+    server = ControlServer(path, lambda req: {"ok": True}, deadline=0.2)
+    sel = selectors.DefaultSelector()
+    server.attach(sel, "control")
+    try:
+        assert server.next_deadline() is None  # nothing to wake for: zero wake-ups at idle
+        silent = connect(path)
+        for key, _ in sel.select(5):
+            server.ready(key.fileobj)  # the accept
+        due = server.next_deadline()
+        assert len(server.conns) == 1 and due is not None
+        # No other client comes: the loop's timer alone (what the daemon does) expires it.
+        assert sel.select(max(0.0, due - time.monotonic())) == []
+        server.expire()
+        assert silent.recv(10) == b""
+        assert server.dropped == 1 and server.next_deadline() is None
+        silent.close()
+    finally:
+        server.close()
+        sel.close()
+
+
 def test_a_client_that_never_reads_a_big_answer_does_not_block(path: str) -> None:
     big: dict[str, Any] = {"blob": "x" * (8 << 20)}
 
