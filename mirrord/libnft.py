@@ -16,6 +16,7 @@ from typing import Any
 SONAME = "libnftables.so.1"
 NFT_CTX_DEFAULT = 0
 # Output flags of libnftables (nftables/libnftables.h).
+NFT_CTX_OUTPUT_STATELESS = 1 << 2
 NFT_CTX_OUTPUT_HANDLE = 1 << 3
 NFT_CTX_OUTPUT_JSON = 1 << 4
 
@@ -60,6 +61,9 @@ class _CtypesNftables:
 
     def set_handle_output(self, on: bool) -> None:
         self._flag(NFT_CTX_OUTPUT_HANDLE, on)
+
+    def set_stateless_output(self, on: bool) -> None:
+        self._flag(NFT_CTX_OUTPUT_STATELESS, on)
 
     def set_dry_run(self, on: bool) -> None:
         self._lib.nft_ctx_set_dry_run(self._ctx, on)

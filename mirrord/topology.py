@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
+import socket
+import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable, Optional
 
 from .match import Address
@@ -76,36 +80,128 @@ class Topology:
         return self.links.get(name)
 
     def by_index(self, index: int) -> Optional[Link]:
-        for link in self.links.values():
-            if link.index == index:
-                return link
-        return None
+        return self._by_index.get(index)
+
+    @cached_property
+    def _by_index(self) -> dict[int, Link]:
+        # Built once per snapshot: a scan per lookup is quadratic over many bridge ports.
+        return {link.index: link for link in self.links.values()}
 
 
-def _links(ipr: Any) -> dict[str, Link]:
-    out: dict[str, Link] = {}
-    for msg in ipr.get_links():
-        name = msg.get("ifname")
-        if not name:
-            continue
-        flags = int(msg["flags"])
-        kind = None
-        info = msg.get("IFLA_LINKINFO")
-        if info is not None:
-            kind = info.get("IFLA_INFO_KIND")
-        out[name] = Link(
-            name=name,
-            index=int(msg["index"]),
-            up=bool(flags & IFF_UP) and msg.get("operstate") in ("UP", "UNKNOWN"),
-            kind=kind,
-            arphrd=int(msg["ifi_type"]),
-            mtu=int(msg.get("mtu") or 0),
-            master=msg.get("master") or None,
-        )
+# rtnetlink, for the link dump (see _dump_links)
+NETLINK_ROUTE = 0
+RTM_NEWLINK = 16
+RTM_GETLINK = 18
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLM_F_DUMP_INTR = 0x10
+IFLA_IFNAME = 3
+IFLA_MTU = 4
+IFLA_MASTER = 10
+IFLA_OPERSTATE = 16
+IFLA_LINKINFO = 18
+IFLA_EXT_MASK = 29
+IFLA_INFO_KIND = 1
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+IF_OPER_UNKNOWN = 0
+IF_OPER_UP = 6
+_NLMSG = struct.Struct("=IHHII")
+_IFINFO = struct.Struct("=BxHiII")
+_NLA = struct.Struct("=HH")
+
+
+def _nla(buf: bytes, offset: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while offset + 4 <= end:
+        length, kind = _NLA.unpack_from(buf, offset)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = buf[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
     return out
 
 
-def _reach(ipr: Any, links: dict[str, Link], address: Address, oif: Optional[str]) -> Reach:
+def _cstr(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _dump_links() -> dict[str, Link]:
+    """Every link, from one RTM_GETLINK dump parsed here.
+
+    pyroute2 decodes every attribute of every link (statistics, AF_SPEC, ...)
+    into Python objects: with thousands of interfaces that took seconds per
+    read, and the daemon reads the links on every link event.
+    """
+    for _ in range(5):
+        links, interrupted = _dump_links_once()
+        if not interrupted:
+            return links
+    return links  # still changing under us: the next event re-reads
+
+
+def _dump_links_once() -> tuple[dict[str, Link], bool]:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        seq = 1
+        # Statistics are most of a link message and nothing here needs them.
+        ext = struct.pack("=HHI", 8, IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
+        body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + ext
+        sock.send(_NLMSG.pack(_NLMSG.size + len(body), RTM_GETLINK,
+                              NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        out: dict[str, Link] = {}
+        interrupted = False
+        while True:
+            buf = sock.recv(1 << 20)
+            offset = 0
+            while offset + _NLMSG.size <= len(buf):
+                length, kind, flags, mseq, _pid = _NLMSG.unpack_from(buf, offset)
+                if length < _NLMSG.size:
+                    return out, True
+                start, end = offset + _NLMSG.size, offset + length
+                offset += (length + 3) & ~3
+                if mseq != seq:
+                    continue
+                interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+                if kind == NLMSG_DONE:
+                    return out, interrupted
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", buf, start)[0]
+                    if code:
+                        raise OSError(code, f"link dump: {os.strerror(code)}")
+                    continue
+                if kind != RTM_NEWLINK or end - start < _IFINFO.size:
+                    continue
+                _fam, arphrd, index, ifflags, _change = _IFINFO.unpack_from(buf, start)
+                attrs = _nla(buf, start + _IFINFO.size, end)
+                name = _cstr(attrs.get(IFLA_IFNAME, b""))
+                if not name:
+                    continue
+                oper = attrs.get(IFLA_OPERSTATE)
+                operstate = oper[0] if oper else IF_OPER_UNKNOWN
+                kind_name = None
+                info = attrs.get(IFLA_LINKINFO)
+                if info is not None:
+                    k = _nla(info, 0, len(info)).get(IFLA_INFO_KIND)
+                    kind_name = _cstr(k) if k is not None else None
+                mtu = attrs.get(IFLA_MTU)
+                master = attrs.get(IFLA_MASTER)
+                out[name] = Link(
+                    name=name,
+                    index=index,
+                    up=bool(ifflags & IFF_UP) and operstate in (IF_OPER_UP, IF_OPER_UNKNOWN),
+                    kind=kind_name,
+                    arphrd=arphrd,
+                    mtu=struct.unpack("=I", mtu)[0] if mtu and len(mtu) >= 4 else 0,
+                    master=(struct.unpack("=I", master)[0] or None)
+                    if master and len(master) >= 4 else None,
+                )
+
+
+def _reach(ipr: Any, links: dict[str, Link], address: Address, oif: Optional[str],
+           by_index: dict[int, Link]) -> Reach:
     kwargs: dict[str, Any] = {"dst": str(address)}
     if oif is not None:
         link = links.get(oif)
@@ -125,7 +221,7 @@ def _reach(ipr: Any, links: dict[str, Link], address: Address, oif: Optional[str
     if msg.get("type") == RTN_LOCAL:
         return Reach(address, local=True)
     out_index = msg.get("oif")
-    out_link = next((lk for lk in links.values() if lk.index == out_index), None)
+    out_link = by_index.get(out_index) if isinstance(out_index, int) else None
     out_name = out_link.name if out_link else str(out_index)
     gateway = msg.get("gateway")
     neighbour = None
@@ -148,9 +244,13 @@ def _neighbour_state(ipr: Any, address: Address, ifindex: int) -> Optional[str]:
 
 def read(collectors: Iterable[tuple[Address, Optional[str]]]) -> Topology:
     """One consistent-enough snapshot: links, then each collector's route."""
-    from pyroute2 import IPRoute
+    links = _dump_links()
+    keys = set(collectors)
+    reach: dict[tuple[Address, Optional[str]], Reach] = {}
+    if keys:
+        from pyroute2 import IPRoute
 
-    with IPRoute() as ipr:
-        links = _links(ipr)
-        reach = {key: _reach(ipr, links, key[0], key[1]) for key in set(collectors)}
+        by_index = {lk.index: lk for lk in links.values()}
+        with IPRoute() as ipr:
+            reach = {key: _reach(ipr, links, key[0], key[1], by_index) for key in keys}
     return Topology(links=links, reach=reach)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import struct
 from collections import defaultdict
 from typing import Any, Optional
 
@@ -280,6 +282,7 @@ def to_text(tables: dict[str, list[dict[str, Any]]]) -> str:
     out: list[str] = []
     for fam, objs in tables.items():
         chains = [o["chain"] for o in objs if "chain" in o]
+        rules = _rules_by_chain(objs)
         out.append(f"table {fam} {TABLE} {{")
         for o in objs:
             if "counter" in o:
@@ -289,16 +292,24 @@ def to_text(tables: dict[str, list[dict[str, Any]]]) -> str:
             if "hook" in c:
                 out.append(f"\t\ttype {c['type']} hook {c['hook']} priority {c['prio']}; "
                            f"policy {c['policy']};")
-            for o in objs:
-                r = o.get("rule")
-                if r and r["chain"] == c["name"]:
-                    line = " ".join(_text_expr(e) for e in r["expr"])
-                    if "comment" in r:
-                        line += f' comment "{r["comment"]}"'
-                    out.append(f"\t\t{line}")
+            for r in rules.get(c["name"], ()):
+                line = " ".join(_text_expr(e) for e in r["expr"])
+                if "comment" in r:
+                    line += f' comment "{r["comment"]}"'
+                out.append(f"\t\t{line}")
             out.append("\t}")
         out.append("}")
     return "\n".join(out) + ("\n" if out else "")
+
+
+def _rules_by_chain(objs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """chain -> its rules in order: one pass, not one scan of every rule per chain."""
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for o in objs:
+        r = o.get("rule")
+        if r:
+            out[r["chain"]].append(r)
+    return out
 
 
 # -- the kernel ----------------------------------------------------------------
@@ -307,6 +318,9 @@ class NftablesBackend(Backend):
 
     def __init__(self) -> None:
         self._nft: Any = None
+        # (generation, snapshot) of the last listing: unchanged generation,
+        # unchanged tables (counts aside, which a snapshot leaves out).
+        self._snapshot_at: Optional[tuple[int, str]] = None
 
     def _lib(self) -> Any:
         if self._nft is None:
@@ -374,16 +388,39 @@ class NftablesBackend(Backend):
         return [o for o in data.get("nftables", []) if "metainfo" not in o]
 
     def snapshot(self) -> str:
-        objs: list[Any] = []
-        for fam in FAMILIES.values():
-            for o in self._list(fam):
-                objs.append(_strip_volatile(o))
-        return json.dumps(objs, sort_keys=True) if objs else ""
+        gen = ruleset_generation()
+        if gen is not None and self._snapshot_at is not None and self._snapshot_at[0] == gen:
+            return self._snapshot_at[1]
+        snap = "".join(self._stateless_text(fam) for fam in FAMILIES.values())
+        # Only a listing that no commit overlapped stands for its generation.
+        self._snapshot_at = (gen, snap) if gen is not None and gen == ruleset_generation() else None
+        return snap
+
+    def _stateless_text(self, fam: str) -> str:
+        """The table as nft prints it without counts: canonical, and a fifth of
+        the cost of the JSON listing (which the Python side must then parse)."""
+        nft = self._lib()
+        nft.set_json_output(False)
+        nft.set_stateless_output(True)
+        try:
+            rc, out, _ = nft.cmd(f"list table {fam} {TABLE}")
+        finally:
+            nft.set_stateless_output(False)
+            nft.set_json_output(True)
+        return str(out) if rc == 0 and out else ""
+
+    def _list_counters(self, fam: str) -> list[dict[str, Any]]:
+        """The named counters alone: listing whole tables for them costs seconds."""
+        rc, out, _ = self._json([{"list": {"counters": {"family": fam, "table": TABLE}}}])
+        if rc != 0 or not out:
+            return []
+        data = out if isinstance(out, dict) else json.loads(out)
+        return [o for o in data.get("nftables", []) if "metainfo" not in o]
 
     def counters(self) -> Counts:
         out: Counts = {}
         for fam in FAMILIES.values():
-            for o in self._list(fam):
+            for o in self._list_counters(fam):
                 c = o.get("counter")
                 if c:
                     key = _counter_key(c["name"])
@@ -402,6 +439,53 @@ class NftablesBackend(Backend):
             raise ApplyError(f"nftables refused to remove mirrord's tables: {err.strip()}")
 
 
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 15
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
+NLMSG_ERROR = 2
+
+
+def ruleset_generation() -> Optional[int]:
+    """The kernel's nftables generation: it changes with every committed change.
+
+    One small netlink round trip, where listing mirrord's tables costs
+    seconds with thousands of mirrors. None when it cannot be read.
+    """
+    hdr = struct.Struct("=IHHII")
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                           NETLINK_NETFILTER) as sock:
+            sock.settimeout(1.0)
+            sock.bind((0, 0))
+            body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)  # nfgenmsg, NFNETLINK_V0
+            sock.send(hdr.pack(hdr.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+                               1, 1, 0) + body)  # NLM_F_REQUEST, seq 1
+            buf = sock.recv(4096)
+    except OSError:
+        return None
+    offset = 0
+    while offset + hdr.size <= len(buf):
+        length, kind, _flags, seq, _pid = hdr.unpack_from(buf, offset)
+        if length < hdr.size:
+            return None
+        if seq == 1 and kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+            pos, end = offset + hdr.size + 4, offset + length  # after nfgenmsg
+            while pos + 4 <= end:
+                alen, akind = struct.unpack_from("=HH", buf, pos)
+                if alen < 4:
+                    break
+                if akind & 0x3FFF == NFTA_GEN_ID and alen >= 8:
+                    return int(struct.unpack_from("!I", buf, pos + 4)[0])
+                pos += (alen + 3) & ~3
+            return None
+        if kind == NLMSG_ERROR:
+            return None
+        offset += (length + 3) & ~3
+    return None
+
+
 def _set_dry_run(nft: Any, on: bool) -> None:
     """Check-only mode: the kernel validates the batch, then it is aborted."""
     if hasattr(nft, "set_dry_run"):
@@ -413,16 +497,3 @@ def _set_dry_run(nft: Any, on: bool) -> None:
     lib = ctypes.CDLL("libnftables.so.1")
     lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
     lib.nft_ctx_set_dry_run(nft._Nftables__ctx, on)
-
-
-def _strip_volatile(o: Any) -> Any:
-    """Drop what changes without anyone changing the rules: handles, counts."""
-    if isinstance(o, dict):
-        return {
-            k: _strip_volatile(v)
-            for k, v in o.items()
-            if k not in ("handle", "packets", "bytes")
-        }
-    if isinstance(o, list):
-        return [_strip_volatile(v) for v in o]
-    return o
