@@ -187,6 +187,7 @@ def run_case(case: str, n: int, flood: int, timeout: float, profile: Optional[st
                 print(f"status never answered; daemon log:\n{log_path.read_text()[-3000:]}")
                 return res
             pid = daemon.pid
+            res["start_cpu"] = cpu_seconds(pid)
             t = time.monotonic()
             st = request(sock, "status", timeout=timeout)
             res["status"] = time.monotonic() - t
@@ -196,12 +197,15 @@ def run_case(case: str, n: int, flood: int, timeout: float, profile: Optional[st
             wait_quiet(pid, timeout)
 
             # heal after a flush: three trials, the worst one counts
-            heals = []
+            heals, heal_cpu = [], []
             for _ in range(3):
+                c0 = cpu_seconds(pid)
                 lab.rtr.run("nft", "flush", "ruleset")
                 heals.append(wait_until(lambda: table_present(lab.rtr), timeout))
+                heal_cpu.append(cpu_seconds(pid) - c0)
                 wait_quiet(pid, timeout)
             res["heal"] = heals
+            res["heal_cpu"] = heal_cpu
 
             # a flood of link events, then a flush: the heal must not queue behind the flood
             # MTU flips: each is one RTM_NEWLINK like a down/up, without the
@@ -227,10 +231,14 @@ def run_case(case: str, n: int, flood: int, timeout: float, profile: Optional[st
             res["rss_end"] = proc_status(pid)
         # render --offline, a process of its own
         t = time.monotonic()
+        before = os.times()
         subprocess.run([sys.executable, "-m", "mirrord", "render", "--offline", "-c",
                         str(spec_path)], capture_output=True, text=True, env=env, cwd=str(ROOT),
                        timeout=timeout * 4, check=True)
         res["render_offline"] = time.monotonic() - t
+        after = os.times()
+        res["render_cpu"] = (after.children_user - before.children_user
+                             + after.children_system - before.children_system)
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
@@ -259,23 +267,26 @@ def report(res: dict[str, Any]) -> None:
     print(f"\n== {res['case']} (N = {res['n']}); lab built in {res['lab_build']:.1f} s")
     for key, label in (
         ("start", "start until status answers"),
+        ("start_cpu", "daemon CPU until status answered (s)"),
         ("status", "one status query"),
         ("mirrors_active", "mirrors active after start"),
         ("rss_start", "RSS after start"),
         ("heal", "heal after nft flush ruleset (3 trials)"),
+        ("heal_cpu", "daemon CPU until the table was back (s)"),
         ("flood_events", "link events in the flood"),
         ("flood_cmd", "ip -batch of the flood took"),
         ("flood_heal", "flood + flush: table back after the flush"),
         ("flood_quiet", "flood + flush: daemon quiet after the flood began"),
-        ("flood_cpu", "daemon CPU during flood + flush"),
+        ("flood_cpu", "daemon CPU during flood + flush (s)"),
         ("mirrors_active_after", "mirrors active after the flood"),
         ("applies", "applies in all"),
         ("rss_end", "RSS at the end"),
         ("render_offline", "render --offline"),
+        ("render_cpu", "render --offline CPU (s)"),
     ):
         if key in res:
             v = res[key]
-            print(f"  {label:<50} {fmt(v) if key != 'flood_cpu' else f'{v:.2f} s CPU'}")
+            print(f"  {label:<50} {fmt(v)}")
     heals = [h for h in res.get("heal", []) if h is not None]
     ok_heal = len(heals) == 3 and max(heals) < TARGET_HEAL and (
         res.get("flood_heal") or 99) < TARGET_HEAL

@@ -85,7 +85,10 @@ class ControlServer:
                     except Exception as e:  # a status bug must not stop the daemon
                         log.exception("control request failed")
                         reply = {"error": f"internal error: {e}"}
-                conn.settimeout(max(0.05, deadline - time.monotonic()))
+                # The answer's own time to be taken, counted from now: a status
+                # of thousands of mirrors (megabytes) takes longer to build
+                # than the request deadline, and was cut off mid-send.
+                conn.settimeout(REQUEST_DEADLINE)
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             except OSError:
                 pass  # a client that went away or stalled is its own problem

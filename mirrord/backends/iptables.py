@@ -193,12 +193,12 @@ class IptablesBackend(Backend):
         their final counts can be banked before they are deleted.
         """
         collectors = list(dict.fromkeys((str(r.gateway), r.device) for r in rules))
+        grouped = _by_collector(rules)
         lines = ["*mangle", f":{PRE} - [0:0]", f":{POST} - [0:0]"]
         body: list[str] = []
         for direction, (_, top, _flag) in HOOKS.items():
             for i, (gw, dev) in enumerate(collectors, 1):
-                mine = [r for r in rules
-                        if r.direction == direction and (str(r.gateway), r.device) == (gw, dev)]
+                mine = grouped.get((direction, gw, dev), [])
                 if not mine:
                     continue
                 chain = f"{top}_{generation}{i}"
@@ -417,6 +417,14 @@ class _Switch:
 
 _COUNTED_RULE = re.compile(
     r'^\[(\d+):(\d+)\] -A (MIRRORD_\S+) .*--comment (?:"([^"]+)"|(\S+))')
+
+
+def _by_collector(rules: list[CloneRule]) -> dict[tuple[str, str, Optional[str]], list[CloneRule]]:
+    """(direction, gateway, device) -> its rules in order: one pass, not one per collector."""
+    out: dict[tuple[str, str, Optional[str]], list[CloneRule]] = {}
+    for r in rules:
+        out.setdefault((r.direction, str(r.gateway), r.device), []).append(r)
+    return out
 
 
 def _our_chains(lines: list[str]) -> list[str]:
