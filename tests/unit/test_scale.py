@@ -192,3 +192,102 @@ def test_libyaml_tree_of_a_large_spec_matches() -> None:
     text = text.replace("    direction: both", "    direction: both\n    match:\n"
                         "      port: [53, 20:21, \"1000-2000\"]\n      protocol: udp")
     assert _tree(spec._compose(text)) == _tree(yaml.compose(text, Loader=yaml.SafeLoader))
+
+
+COUNTERS_IN_NS = """
+import json, sys
+from mirrord.backends import nftables as N
+from mirrord.libnft import open_nftables
+nft = open_nftables()
+for cmd in ("add table ip mirrord", "add table ip6 mirrord", "add table ip other",
+            "add counter ip other m1.in { packets 3 bytes 4 }",
+            "add counter ip mirrord big.in { packets 12345678901 bytes 98765432109876 }",
+            "add counter ip6 mirrord m9.out { packets 5 bytes 77 }"):
+    rc, _, err = nft.cmd(cmd)
+    assert rc == 0, err
+for i in range(300):  # more than one netlink message of answers
+    nft.cmd(f"add counter ip mirrord m{i}.out {{ packets {i} bytes {7 * i} }}")
+b = N.NftablesBackend()
+out = {}
+for fam in ("ip", "ip6"):
+    raw = sorted(N.dump_counters(fam))
+    lib = sorted((o["counter"]["name"], o["counter"]["packets"], o["counter"]["bytes"])
+                 for o in b._list_counters(fam))
+    out[fam] = [raw == lib, len(raw)]
+nft.cmd("delete table ip6 mirrord")
+out["gone"] = N.dump_counters("ip6")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.integration
+def test_counter_dump_agrees_with_libnftables() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.lab import have_root_netns
+
+    if have_root_netns() is not None:
+        pytest.skip(str(have_root_netns()))
+    ns = f"mrdscalecnt{__import__('os').getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
+    try:
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", COUNTERS_IN_NS],
+                           capture_output=True, text=True, timeout=120,
+                           cwd=str(Path(__file__).resolve().parents[2]))
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout) == {"ip": [True, 301], "ip6": [True, 1], "gone": []}
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
+
+
+LINKS_IN_NS = """
+import json
+from pyroute2 import IPRoute
+from mirrord import topology
+ref = {}
+with IPRoute() as ipr:
+    for msg in ipr.get_links():
+        info = msg.get("IFLA_LINKINFO")
+        ref[msg.get("ifname")] = [
+            int(msg["index"]),
+            bool(int(msg["flags"]) & 1) and msg.get("operstate") in ("UP", "UNKNOWN"),
+            info.get("IFLA_INFO_KIND") if info is not None else None,
+            int(msg["ifi_type"]), int(msg.get("mtu") or 0), msg.get("master") or None]
+mine = {n: [l.index, l.up, l.kind, l.arphrd, l.mtu, l.master]
+        for n, l in topology._dump_links().items()}
+print(json.dumps([mine == ref, sorted(mine), mine.get("p0")]))
+"""
+
+
+@pytest.mark.integration
+def test_link_dump_agrees_with_pyroute2() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.lab import have_root_netns
+
+    if have_root_netns() is not None:
+        pytest.skip(str(have_root_netns()))
+    ns = f"mrdscalelnk{__import__('os').getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
+    try:
+        batch = "".join(f"{c}\n" for c in (
+            "link set lo up", "link add br0 type bridge", "link set br0 up",
+            "link add p0 type veth peer name p1", "link set p0 master br0", "link set p0 up",
+            "link set p1 up mtu 1400", "link add q0 type veth peer name q1",  # q0 down
+            "link add i0 type ifb", "link set i0 up"))
+        subprocess.run(["ip", "-n", ns, "-batch", "-"], input=batch, text=True, check=True,
+                       timeout=60)
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", LINKS_IN_NS],
+                           capture_output=True, text=True, timeout=120,
+                           cwd=str(Path(__file__).resolve().parents[2]))
+        assert p.returncode == 0, p.stderr
+        same, names, port = json.loads(p.stdout)
+        assert names == ["br0", "i0", "lo", "p0", "p1", "q0", "q1"]
+        assert port[1] is True and port[2] == "veth" and port[5] is not None  # a bridge port
+        assert same
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
