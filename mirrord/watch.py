@@ -76,6 +76,18 @@ def _attrs(buf: bytes, offset: int, end: int) -> dict[int, bytes]:
     return out
 
 
+def _attr(buf: bytes, offset: int, end: int, wanted: int) -> Optional[bytes]:
+    """One attribute, without decoding the rest (a rule's expressions follow its table)."""
+    while offset + 4 <= end:
+        length, kind = NLA_HDR.unpack_from(buf, offset)
+        if length < 4:
+            break
+        if kind & 0x3FFF == wanted:
+            return buf[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    return None
+
+
 def _address(b: Optional[bytes]) -> str:
     if b is None or len(b) not in (4, 16):
         return "?"
@@ -174,6 +186,7 @@ class NftEvents(_Source):
     def __init__(self, tables: frozenset[tuple[str, str]]) -> None:
         super().__init__(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))
         self.tables = tables  # (family, name) pairs whose changes matter
+        self._changes: dict[tuple[int, str, str], Change] = {}
 
     def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
         if kind >> 8 != NFNL_SUBSYS_NFTABLES:
@@ -184,7 +197,13 @@ class NftEvents(_Source):
             return None
         family = NFPROTO_NAMES.get(buf[start], str(buf[start]))
         # Attribute 1 names the table in every table/chain/rule/set/object message.
-        table = _cstr(_attrs(buf, start + 4, end).get(1))
+        table = _cstr(_attr(buf, start + 4, end, 1))
         if (family, table) not in self.tables:
             return None
-        return Change(f"{name}: {family} {table}")
+        # A flush of thousands of mirrors' rules is tens of thousands of
+        # messages alike: one Change each kind, not one per message.
+        key = (msg, family, table)
+        change = self._changes.get(key)
+        if change is None:
+            change = self._changes[key] = Change(f"{name}: {family} {table}")
+        return change
