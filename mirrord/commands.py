@@ -97,8 +97,9 @@ def run_render(args: argparse.Namespace) -> int:
     backend = backends.create(name)
     topo = offline_topology(s) if args.offline else topology.read(plan.collector_keys(s))
     p = plan.build(s, topo, backend.name, versions=backend.versions)
+    with_rules = {r.mirror for r in p.clones}  # a scan of every rule per mirror was quadratic
     for mp in p.mirrors:
-        if not any(r.mirror == mp.mirror.name for r in p.clones):
+        if mp.mirror.name not in with_rules:
             what = "TZSP capture, no kernel rule" if mp.transport == "tzsp" else "no rule"
             print(f"# mirror {mp.mirror.name}: {mp.state}, {what}"
                   f"{': ' + mp.reason if mp.reason else ''}")

@@ -166,6 +166,10 @@ class ControlServer:
                     return
                 conn.out = memoryview(self._answer(conn.request or b""))
                 conn.request = None
+                # The answer's own time to be taken, counted from now: a status
+                # of thousands of mirrors (megabytes) takes longer to build
+                # than the request deadline, and was cut off mid-send.
+                conn.deadline = time.monotonic() + self.deadline
             self._write(conn)
         except OSError:
             self._close(conn)  # a client that went away is its own problem

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import gc
 import ipaddress
 import logging
 import os
@@ -39,6 +40,7 @@ log = logging.getLogger("mirrord")
 # Long enough to fold one firewall reload's burst of netlink messages into a
 # single reconcile, short enough that healing stays in the tens of ms.
 DEBOUNCE = 0.01
+GC_THRESHOLDS = (50_000, 50, 100)
 WORKER_RESTART_DELAY = 1.0
 WORKER_STEADY = 30.0  # a worker that ran this long before exiting was not crash-looping
 RETRY_MAX = 30.0  # seconds between attempts to re-apply rules the kernel refused
@@ -150,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
     from .logsetup import setup_logging
 
     setup_logging(args.verbose)
+    # A reconcile of thousands of mirrors allocates hundreds of thousands of
+    # short-lived containers (none cyclic); at the default thresholds the
+    # collector scanned the live heap over and over, doubling the work.
+    gc.set_threshold(*GC_THRESHOLDS)
     path = args.config or spec.default_path()
     try:
         initial = spec.load(path)
@@ -168,6 +174,20 @@ def run(args: argparse.Namespace) -> int:
         return 1
     daemon = Daemon(initial, args.socket, Notifier.from_env(), lock=lock)
     return daemon.run()
+
+
+# What a mirror's plan says for status only; everything else may shape the rules.
+_STATE_ONLY = frozenset({"state", "reason", "taps"})
+
+
+def _render_key(p: plan.Plan) -> tuple[Any, ...]:
+    """What a backend's rendering of `p` can depend on: the plan without the
+    mirrors' states. Generic over the fields, so a field added later counts."""
+    names = [f.name for f in dataclasses.fields(plan.MirrorPlan) if f.name not in _STATE_ONLY]
+    return (
+        tuple(getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "mirrors"),
+        tuple(tuple(getattr(mp, n) for n in names) for mp in p.mirrors),
+    )
 
 
 @dataclass
@@ -205,11 +225,15 @@ class Pending:
     due: Optional[float] = None
     reasons: list[str] = field(default_factory=list)
     topology: bool = False
+    # What `reasons` holds: a flood of events has thousands of distinct
+    # reasons, and a list search per event made reading them quadratic.
+    seen: set[str] = field(default_factory=set)
 
     def add(self, change: Change, topology_changed: bool) -> None:
         if self.due is None:
             self.due = time.monotonic() + DEBOUNCE
-        if change.what not in self.reasons:
+        if change.what not in self.seen:
+            self.seen.add(change.what)
             self.reasons.append(change.what)
         self.topology = self.topology or topology_changed or change.resync
 
@@ -233,6 +257,7 @@ class Daemon:
         self.verify_failures = 0
         self.repeated_failures = 0  # ... with the very same listing each time
         self.unverified_listing = ""
+        self._render_cache: Optional[tuple[Backend, tuple[Any, ...], Rendered]] = None
         self.apply_error = ""
         self.applies = 0
         self.reapplies = 0
@@ -491,15 +516,14 @@ class Daemon:
         backend, backend_error = (self.backend, self.backend_error)
         if new_spec is not None:
             backend, backend_error = self._choose_backend(new_spec)
-        p = plan.build(s, topo, backend.name if backend else None, backend_error,
-                       backend.versions if backend else frozenset({4, 6}))
+        p = self._build_plan(s, topo, backend, backend_error)
         if new_spec is not None and backend is None and p.clones == () and any(
             m.transport == "clone" for m in p.mirrors
         ) and self.backend is not None and self.applies:
             # The new spec asks for a backend this kernel cannot use: keep the
             # running one rather than leave mirrors without rules.
             raise backends.ApplyError(backend_error or "no usable backend for the new spec")
-        rendered = backend.render(p) if backend is not None else None
+        rendered = self._render(backend, p) if backend is not None else None
         snapshot = backend.snapshot() if backend is not None else ""
         changed_rules = rendered is not None and (
             self.rendered is None or rendered.text != self.rendered.text or backend is not self.backend
@@ -572,6 +596,31 @@ class Daemon:
         if self.repeated_failures:
             self.pending.due = max(self.pending.due or 0.0, time.monotonic() + delay)
 
+    def _build_plan(self, s: spec.Spec, topo: topology.Topology, backend: Optional[Backend],
+                    backend_error: str) -> plan.Plan:
+        """plan.build, skipped when none of its inputs changed (a reconcile on nft
+        events alone): with thousands of mirrors a plan costs a good part of a heal."""
+        if (self.plan is not None and s is self.spec and topo is self.topo
+                and backend is self.backend and backend_error == self.backend_error):
+            return self.plan
+        return plan.build(s, topo, backend.name if backend else None, backend_error,
+                          backend.versions if backend else frozenset({4, 6}))
+
+    def _render(self, backend: Backend, p: plan.Plan) -> Rendered:
+        """backend.render(p), or the last rendering when it cannot differ.
+
+        Rendering thousands of mirrors costs far more than comparing plans;
+        link events change mirrors' states (what status shows), rarely the
+        rules. Everything of the plan but those states is compared.
+        """
+        key = _render_key(p)
+        cached = self._render_cache
+        if cached is not None and cached[0] is backend and cached[1] == key:
+            return cached[2]
+        rendered = backend.render(p)
+        self._render_cache = (backend, key, rendered)
+        return rendered
+
     def _notify_summary(self) -> None:
         summary = self.summary()
         if summary != self.last_summary:
@@ -615,8 +664,9 @@ class Daemon:
             elif healed_drift and mp.transport == "clone":
                 rec.last_change = Heal(now, f"rules restored after: {why}")
             rec.last_state = state
+        planned = {mp.mirror.name for mp in p.mirrors}
         for name in list(self.records):
-            if p.mirror(name) is None:
+            if name not in planned:
                 del self.records[name]
 
     # -- TZSP workers --------------------------------------------------------

@@ -99,19 +99,48 @@ def _bridge_port_findings(p: Plan, topo: Topology) -> list[Finding]:
     return out
 
 
+# Tables a flow offload rule never lives in: mirrord's own, which hold
+# thousands of rules with many mirrors and would make every status slow.
+OWN_TABLES = frozenset({("ip", "mirrord"), ("ip6", "mirrord"), ("inet", "mirrord_trace")})
+_ruleset_at: Optional[tuple[int, Optional[dict[str, Any]]]] = None
+
+
 def _nft_ruleset() -> Optional[dict[str, Any]]:
+    """The ruleset but mirrord's tables, read again only when it changed."""
+    global _ruleset_at
+    from .backends.nftables import ruleset_generation
+
+    gen = ruleset_generation()
+    if gen is not None and _ruleset_at is not None and _ruleset_at[0] == gen:
+        return _ruleset_at[1]
+    data = _read_nft_ruleset()
+    _ruleset_at = (gen, data) if gen is not None and gen == ruleset_generation() else None
+    return data
+
+
+def _read_nft_ruleset() -> Optional[dict[str, Any]]:
     try:
         from .libnft import open_nftables
 
         nft = open_nftables()
         nft.set_json_output(True)
-        rc, out, _ = nft.cmd("list ruleset")
+        rc, out, _ = nft.cmd("list tables")
+        if rc != 0 or not out:
+            return None
+        listing: dict[str, Any] = json.loads(out) if isinstance(out, str) else out
+        objs: list[Any] = []
+        for o in listing.get("nftables", []):
+            t = o.get("table")
+            if not t or (t.get("family"), t.get("name")) in OWN_TABLES:
+                continue
+            rc, out, _ = nft.json_cmd(
+                {"nftables": [{"list": {"table": {"family": t["family"], "name": t["name"]}}}]})
+            if rc == 0 and out:
+                data = json.loads(out) if isinstance(out, str) else out
+                objs += data.get("nftables", [])
     except (ImportError, OSError):
         return None
-    if rc != 0 or not out:
-        return None
-    data: dict[str, Any] = json.loads(out) if isinstance(out, str) else out
-    return data
+    return {"nftables": objs}
 
 
 def _has_flow_add(o: Any) -> bool:

@@ -7,6 +7,7 @@ decided once here and never re-derived per backend.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
@@ -109,6 +110,9 @@ class Match:
 
     def for_version(self, version: Literal[4, 6]) -> Optional[FamilyMatch]:
         """The part of this match that can apply to IPv`version`, or None."""
+        return _for_version(self, version)
+
+    def _for_version(self, version: Literal[4, 6]) -> Optional[FamilyMatch]:
         if self.family == "ipv4" and version != 4:
             return None
         if self.family == "ipv6" and version != 6:
@@ -171,3 +175,10 @@ def merge_ranges(ranges: list[PortRange]) -> tuple[PortRange, ...]:
         else:
             out.append(r)
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _for_version(m: Match, version: Literal[4, 6]) -> Optional[FamilyMatch]:
+    # Every plan asks this of every mirror (thousands, mostly with equal
+    # matches); the answer depends on the frozen match alone.
+    return m._for_version(version)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Literal, Optional
 
 from .match import Address, FamilyMatch, Match
@@ -85,7 +86,12 @@ class Plan:
     clone_egress: frozenset[str] = field(default_factory=frozenset)
 
     def mirror(self, name: str) -> Optional[MirrorPlan]:
-        return next((m for m in self.mirrors if m.mirror.name == name), None)
+        return self._by_name.get(name)
+
+    @cached_property
+    def _by_name(self) -> dict[str, MirrorPlan]:
+        # Built on first use: a scan per lookup is quadratic over thousands of mirrors.
+        return {m.mirror.name: m for m in reversed(self.mirrors)}
 
 
 def collector_keys(spec: Spec) -> list[tuple[Address, Optional[str]]]:

@@ -113,6 +113,18 @@ def attrs(buf: bytes, offset: int, end: int) -> dict[int, bytes]:
     return out
 
 
+def attr(buf: bytes, offset: int, end: int, wanted: int) -> Optional[bytes]:
+    """One attribute, without decoding the rest (a rule's expressions follow its table)."""
+    while offset + 4 <= end:
+        length, kind = NLA_HDR.unpack_from(buf, offset)
+        if length < 4:
+            break
+        if kind & NLA_TYPE_MASK == wanted:
+            return buf[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    return None
+
+
 def cstr(b: Optional[bytes]) -> str:
     """A NUL-terminated string attribute (IFLA_IFNAME, IFLA_INFO_KIND)."""
     return b.split(b"\0", 1)[0].decode(errors="replace") if b else ""

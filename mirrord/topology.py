@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import socket
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Optional
 
 from . import rtnl
@@ -82,10 +83,12 @@ class Topology:
         return self.links.get(name)
 
     def by_index(self, index: int) -> Optional[Link]:
-        for link in self.links.values():
-            if link.index == index:
-                return link
-        return None
+        return self._by_index.get(index)
+
+    @cached_property
+    def _by_index(self) -> dict[int, Link]:
+        # Built once per snapshot: a scan per lookup is quadratic over many bridge ports.
+        return {link.index: link for link in self.links.values()}
 
 
 def _links(nl: rtnl.Rtnl) -> dict[str, Link]:
@@ -105,7 +108,8 @@ def _links(nl: rtnl.Rtnl) -> dict[str, Link]:
     return out
 
 
-def _reach(nl: rtnl.Rtnl, links: dict[str, Link], address: Address, oif: Optional[str]) -> Reach:
+def _reach(nl: rtnl.Rtnl, links: dict[str, Link], address: Address, oif: Optional[str],
+           by_index: dict[int, Link]) -> Reach:
     oif_index = None
     if oif is not None:
         link = links.get(oif)
@@ -122,7 +126,7 @@ def _reach(nl: rtnl.Rtnl, links: dict[str, Link], address: Address, oif: Optiona
         return Reach(address, oif=oif, error=f"no route to collector {address}")
     if route.type == RTN_LOCAL:
         return Reach(address, local=True)
-    out_link = next((lk for lk in links.values() if lk.index == route.oif), None)
+    out_link = by_index.get(route.oif) if route.oif is not None else None
     out_name = out_link.name if out_link else str(route.oif)
     gateway = str(route.gateway) if route.gateway is not None else None
     neighbour = None
@@ -166,5 +170,6 @@ def read(collectors: Iterable[tuple[Address, Optional[str]]]) -> Topology:
     """One consistent-enough snapshot: links, then each collector's route."""
     with rtnl.Rtnl() as nl:
         links = _links(nl)
-        reach = {key: _reach(nl, links, key[0], key[1]) for key in set(collectors)}
+        by_index = {lk.index: lk for lk in links.values()}
+        reach = {key: _reach(nl, links, key[0], key[1], by_index) for key in set(collectors)}
     return Topology(links=links, reach=reach)

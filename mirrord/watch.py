@@ -21,6 +21,7 @@ from typing import Optional
 
 # The attribute parsing is rtnl.py's, which the topology queries share.
 from .rtnl import address as _address
+from .rtnl import attr as _attr
 from .rtnl import attrs as _attrs
 from .rtnl import cstr as _cstr
 
@@ -56,7 +57,6 @@ NFT_MSG_NAMES = {
 NFT_MSG_NEWGEN = 15
 NFPROTO_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 NLMSG_HDR = struct.Struct("=IHHII")
-NLA_HDR = struct.Struct("=HH")
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,7 @@ class NftEvents(_Source):
     def __init__(self, tables: frozenset[tuple[str, str]]) -> None:
         super().__init__(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))
         self.tables = tables  # (family, name) pairs whose changes matter
+        self._changes: dict[tuple[int, str, str], Change] = {}
 
     def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
         if kind >> 8 != NFNL_SUBSYS_NFTABLES:
@@ -167,7 +168,13 @@ class NftEvents(_Source):
             return None
         family = NFPROTO_NAMES.get(buf[start], str(buf[start]))
         # Attribute 1 names the table in every table/chain/rule/set/object message.
-        table = _cstr(_attrs(buf, start + 4, end).get(1))
+        table = _cstr(_attr(buf, start + 4, end, 1))
         if (family, table) not in self.tables:
             return None
-        return Change(f"{name}: {family} {table}")
+        # A flush of thousands of mirrors' rules is tens of thousands of
+        # messages alike: one Change each kind, not one per message.
+        key = (msg, family, table)
+        change = self._changes.get(key)
+        if change is None:
+            change = self._changes[key] = Change(f"{name}: {family} {table}")
+        return change

@@ -198,6 +198,7 @@ class IptablesBackend(Backend):
         collectors = list(dict.fromkeys((str(r.gateway), r.device) for r in rules))
         excluded = sorted({a for r in rules for a in (r.gateway, *r.exclude)
                            if a.version == r.version}, key=int)
+        grouped = _by_collector(rules)
         lines = ["*mangle", f":{PRE} - [0:0]", f":{POST} - [0:0]"]
         body: list[str] = []
         for direction, (_, top, _flag) in HOOKS.items():
@@ -206,8 +207,7 @@ class IptablesBackend(Backend):
                     body.append(f"-A {top} -s {addr} -j RETURN")
                     body.append(f"-A {top} -d {addr} -j RETURN")
             for i, (gw, dev) in enumerate(collectors, 1):
-                mine = [r for r in rules
-                        if r.direction == direction and (str(r.gateway), r.device) == (gw, dev)]
+                mine = grouped.get((direction, gw, dev), [])
                 if not mine:
                     continue
                 chain = f"{top}_{generation}{i}"
@@ -494,6 +494,14 @@ def _fingerprint(version: int, text: str) -> Counter[tuple[str, ...]]:
                 gateway = gw.group(1)
         out["rule", v, _generic(chain), _generic(target.group(1)) if target else "",
             gateway, (note.group(1) or note.group(2) or "") if note else ""] += 1
+    return out
+
+
+def _by_collector(rules: list[CloneRule]) -> dict[tuple[str, str, Optional[str]], list[CloneRule]]:
+    """(direction, gateway, device) -> its rules in order: one pass, not one per collector."""
+    out: dict[tuple[str, str, Optional[str]], list[CloneRule]] = {}
+    for r in rules:
+        out.setdefault((r.direction, str(r.gateway), r.device), []).append(r)
     return out
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import struct
 from collections import Counter, defaultdict
 from typing import Any, Optional
 
@@ -292,6 +294,7 @@ def to_text(tables: dict[str, list[dict[str, Any]]]) -> str:
     out: list[str] = []
     for fam, objs in tables.items():
         chains = [o["chain"] for o in objs if "chain" in o]
+        rules = _rules_by_chain(objs)
         out.append(f"table {fam} {TABLE} {{")
         for o in objs:
             if "counter" in o:
@@ -301,13 +304,11 @@ def to_text(tables: dict[str, list[dict[str, Any]]]) -> str:
             if "hook" in c:
                 out.append(f"\t\ttype {c['type']} hook {c['hook']} priority {c['prio']}; "
                            f"policy {c['policy']};")
-            for o in objs:
-                r = o.get("rule")
-                if r and r["chain"] == c["name"]:
-                    line = " ".join(_text_expr(e) for e in r["expr"])
-                    if "comment" in r:
-                        line += f' comment "{r["comment"]}"'
-                    out.append(f"\t\t{line}")
+            for r in rules.get(c["name"], ()):
+                line = " ".join(_text_expr(e) for e in r["expr"])
+                if "comment" in r:
+                    line += f' comment "{r["comment"]}"'
+                out.append(f"\t\t{line}")
             out.append("\t}")
         out.append("}")
     return "\n".join(out) + ("\n" if out else "")
@@ -369,6 +370,29 @@ def _difference(want: Counter[tuple[Any, ...]], have: Counter[tuple[Any, ...]]) 
     return f"{missing} object(s) missing, {extra} unexpected (e.g. {' '.join(map(str, first[:4]))})"
 
 
+def _rules_by_chain(objs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """chain -> its rules in order: one pass, not one scan of every rule per chain."""
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for o in objs:
+        r = o.get("rule")
+        if r:
+            out[r["chain"]].append(r)
+    return out
+
+
+def _strip_volatile(o: Any) -> Any:
+    """Drop what changes without anyone changing the rules: handles, counts."""
+    if isinstance(o, dict):
+        return {
+            k: _strip_volatile(v)
+            for k, v in o.items()
+            if k not in ("handle", "packets", "bytes")
+        }
+    if isinstance(o, list):
+        return [_strip_volatile(v) for v in o]
+    return o
+
+
 # -- the kernel ----------------------------------------------------------------
 APPLY_ATTEMPTS = 3
 
@@ -378,6 +402,9 @@ class NftablesBackend(Backend):
 
     def __init__(self) -> None:
         self._nft: Any = None
+        # (generation, snapshot) of the last listing: unchanged generation,
+        # unchanged tables (counts aside, which a snapshot leaves out).
+        self._snapshot_at: Optional[tuple[int, str]] = None
 
     def _lib(self) -> Any:
         if self._nft is None:
@@ -455,11 +482,26 @@ class NftablesBackend(Backend):
         return [o for o in data.get("nftables", []) if "metainfo" not in o]
 
     def snapshot(self) -> str:
+        gen = ruleset_generation()
+        if gen is not None and self._snapshot_at is not None and self._snapshot_at[0] == gen:
+            return self._snapshot_at[1]
         objs: list[Any] = []
         for fam in FAMILIES.values():
             for o in self._list(fam):
                 objs.append(_strip_volatile(o))
-        return json.dumps(objs, sort_keys=True) if objs else ""
+        snap = json.dumps(objs, sort_keys=True) if objs else ""
+        # Only a listing that no commit overlapped stands for its generation:
+        # listing thousands of mirrors costs seconds, asking the generation not.
+        self._snapshot_at = (gen, snap) if gen is not None and gen == ruleset_generation() else None
+        return snap
+
+    def _list_counters(self, fam: str) -> list[dict[str, Any]]:
+        """The named counters alone: listing whole tables for them costs seconds."""
+        rc, out, _ = self._json([{"list": {"counters": {"family": fam, "table": TABLE}}}])
+        if rc != 0 or not out:
+            return []
+        data = out if isinstance(out, dict) else json.loads(out)
+        return [o for o in data.get("nftables", []) if "metainfo" not in o]
 
     def verify(self, rendered: Rendered, snapshot: str) -> Optional[str]:
         want = fingerprint(o for objs in rendered.payload.values() for o in objs)
@@ -469,7 +511,15 @@ class NftablesBackend(Backend):
     def counters(self) -> Counts:
         out: Counts = {}
         for fam in FAMILIES.values():
-            for o in self._list(fam):
+            dumped = dump_counters(fam)
+            if dumped is not None:
+                for name, packets, nbytes in dumped:
+                    key = _counter_key(name)
+                    if key:
+                        p, b = out.get(key, (0, 0))
+                        out[key] = (p + packets, b + nbytes)
+                continue
+            for o in self._list_counters(fam):
                 c = o.get("counter")
                 if c:
                     key = _counter_key(c["name"])
@@ -488,6 +538,136 @@ class NftablesBackend(Backend):
             raise ApplyError(f"nftables refused to remove mirrord's tables: {err.strip()}")
 
 
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 15
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+
+
+def ruleset_generation() -> Optional[int]:
+    """The kernel's nftables generation: it changes with every committed change.
+
+    One small netlink round trip, where listing mirrord's tables costs
+    seconds with thousands of mirrors. None when it cannot be read.
+    """
+    hdr = struct.Struct("=IHHII")
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                           NETLINK_NETFILTER) as sock:
+            sock.settimeout(1.0)
+            sock.bind((0, 0))
+            body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)  # nfgenmsg, NFNETLINK_V0
+            sock.send(hdr.pack(hdr.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+                               1, 1, 0) + body)  # NLM_F_REQUEST, seq 1
+            buf = sock.recv(4096)
+    except OSError:
+        return None
+    offset = 0
+    while offset + hdr.size <= len(buf):
+        length, kind, _flags, seq, _pid = hdr.unpack_from(buf, offset)
+        if length < hdr.size:
+            return None
+        if seq == 1 and kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+            pos, end = offset + hdr.size + 4, offset + length  # after nfgenmsg
+            while pos + 4 <= end:
+                alen, akind = struct.unpack_from("=HH", buf, pos)
+                if alen < 4:
+                    break
+                if akind & 0x3FFF == NFTA_GEN_ID and alen >= 8:
+                    return int(struct.unpack_from("!I", buf, pos + 4)[0])
+                pos += (alen + 3) & ~3
+            return None
+        if kind == NLMSG_ERROR:
+            return None
+        offset += (length + 3) & ~3
+    return None
+
+
+NFT_MSG_NEWOBJ = 18
+NFT_MSG_GETOBJ = 19
+NFTA_OBJ_TABLE = 1
+NFTA_OBJ_NAME = 2
+NFTA_OBJ_TYPE = 3
+NFTA_OBJ_DATA = 4
+NFT_OBJECT_COUNTER = 1
+NFTA_COUNTER_BYTES = 1
+NFTA_COUNTER_PACKETS = 2
+NFPROTO = {"ip": 2, "ip6": 10}
+
+
+def _nlattrs(buf: bytes, pos: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while pos + 4 <= end:
+        alen, akind = struct.unpack_from("=HH", buf, pos)
+        if alen < 4:
+            break
+        out[akind & 0x3FFF] = buf[pos + 4 : pos + alen]
+        pos += (alen + 3) & ~3
+    return out
+
+
+def dump_counters(fam: str) -> Optional[list[tuple[str, int, int]]]:
+    """(name, packets, bytes) of every named counter in mirrord's `fam` table.
+
+    One netlink dump of the counter objects: libnftables fetches and prints
+    the whole table for `list counters`, seconds with thousands of mirrors,
+    and every status asks. None when the dump cannot be made (the caller
+    asks libnftables instead); [] when there is no such table.
+    """
+    hdr = struct.Struct("=IHHII")
+    table = TABLE.encode() + b"\0"
+    attrs = (struct.pack("=HH", 4 + len(table), NFTA_OBJ_TABLE) + table
+             + b"\0" * (-len(table) % 4)
+             + struct.pack("=HH", 8, NFTA_OBJ_TYPE) + struct.pack("!I", NFT_OBJECT_COUNTER))
+    body = struct.pack("=BBH", NFPROTO[fam], 0, 0) + attrs
+    out: list[tuple[str, int, int]] = []
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                           NETLINK_NETFILTER) as sock:
+            sock.settimeout(5.0)
+            sock.bind((0, 0))
+            sock.send(hdr.pack(hdr.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ,
+                               0x301, 1, 0) + body)  # NLM_F_REQUEST | NLM_F_DUMP, seq 1
+            while True:
+                buf = sock.recv(1 << 20)
+                pos = 0
+                while pos + hdr.size <= len(buf):
+                    length, kind, _flags, seq, _pid = hdr.unpack_from(buf, pos)
+                    if length < hdr.size:
+                        return None
+                    start, end = pos + hdr.size, pos + length
+                    pos += (length + 3) & ~3
+                    if seq != 1:
+                        continue
+                    if kind == NLMSG_DONE:
+                        return out
+                    if kind == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", buf, start)[0]
+                        if code:
+                            return None
+                        continue
+                    if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
+                        continue
+                    a = _nlattrs(buf, start + 4, end)  # after nfgenmsg
+                    if a.get(NFTA_OBJ_TABLE, b"").rstrip(b"\0") != TABLE.encode():
+                        continue
+                    data = a.get(NFTA_OBJ_DATA)
+                    name = a.get(NFTA_OBJ_NAME, b"").split(b"\0", 1)[0].decode(errors="replace")
+                    if data is None or not name:
+                        continue
+                    d = _nlattrs(data, 0, len(data))
+                    nbytes = d.get(NFTA_COUNTER_BYTES, b"")
+                    packets = d.get(NFTA_COUNTER_PACKETS, b"")
+                    out.append((name,
+                                struct.unpack("!Q", packets)[0] if len(packets) == 8 else 0,
+                                struct.unpack("!Q", nbytes)[0] if len(nbytes) == 8 else 0))
+    except OSError:
+        return None
+
+
 def _set_dry_run(nft: Any, on: bool) -> None:
     """Check-only mode: the kernel validates the batch, then it is aborted."""
     if hasattr(nft, "set_dry_run"):
@@ -499,16 +679,3 @@ def _set_dry_run(nft: Any, on: bool) -> None:
     lib = ctypes.CDLL("libnftables.so.1")
     lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
     lib.nft_ctx_set_dry_run(nft._Nftables__ctx, on)
-
-
-def _strip_volatile(o: Any) -> Any:
-    """Drop what changes without anyone changing the rules: handles, counts."""
-    if isinstance(o, dict):
-        return {
-            k: _strip_volatile(v)
-            for k, v in o.items()
-            if k not in ("handle", "packets", "bytes")
-        }
-    if isinstance(o, list):
-        return [_strip_volatile(v) for v in o]
-    return o
