@@ -196,8 +196,11 @@ class IptablesBackend(Backend):
         their final counts can be banked before they are deleted.
         """
         collectors = list(dict.fromkeys((str(r.gateway), r.device) for r in rules))
-        excluded = sorted({a for r in rules for a in (r.gateway, *r.exclude)
-                           if a.version == r.version}, key=int)
+        # Every rule carries the same exclusions (one tuple, shared by the
+        # plan): walk each distinct tuple once, not once per rule.
+        lists = {id(r.exclude): (r.version, r.exclude) for r in rules}.values()
+        excluded = sorted({r.gateway for r in rules}
+                          | {a for v, ex in lists for a in ex if a.version == v}, key=int)
         grouped = _by_collector(rules)
         lines = ["*mangle", f":{PRE} - [0:0]", f":{POST} - [0:0]"]
         body: list[str] = []
