@@ -244,6 +244,7 @@ class Daemon:
         self.records: dict[str, MirrorRecord] = {}
         self.workers: dict[plan.TzspTap, Worker] = {}
         self.worker_failures: dict[plan.TzspTap, int] = {}
+        self.capture: Any = None  # tzsp_worker.CaptureProcess, once a TZSP tap exists
         self.pending = Pending()
         self.started = time.time()
         self.sel = selectors.DefaultSelector()
@@ -413,16 +414,7 @@ class Daemon:
         elif what == "lock" and self.lock is not None:
             self._answer_lock_probe()
         elif what == "worker":
-            self.sel.unregister(fileobj)
-            for w in self.workers.values():
-                if w.handle.sentinel == fileobj and w.exited is None:
-                    w.exited = w.handle.poll() or "exited"
-                    w.restart_at = time.monotonic() + self._restart_delay(w)
-                    log.warning("TZSP worker for %s on %s stopped: %s", w.tap.mirror,
-                                w.tap.interface, w.exited,
-                                extra={"MIRROR": w.tap.mirror, "ACTION": "worker-exit"})
-                    # The interface may be gone or changed: look again.
-                    self.pending.add(Change(f"worker exited: {w.exited}"), topology_changed=True)
+            self._capture_events()
 
     def _answer_lock_probe(self) -> None:
         """A second instance connected to learn our PID (it has it): let it go."""
@@ -606,7 +598,10 @@ class Daemon:
             if p.mirror(name) is None:
                 del self.records[name]
 
-    # -- TZSP workers --------------------------------------------------------
+    # -- TZSP workers ----------------------------------------------------------
+    # Every tap runs in one capture process (tzsp_worker.CaptureProcess); a
+    # Worker is one tap's supervision: restarted with backoff when it ends,
+    # its totals banked once its counters are final.
     def _sync_workers(self, p: plan.Plan) -> None:
         wanted = set(p.tzsp)
         for tap in list(self.workers):
@@ -615,9 +610,52 @@ class Daemon:
         for tap in wanted:
             if tap not in self.workers:
                 self._start_worker(tap)
+        self._stop_capture_if_idle()
+
+    def _stop_capture_if_idle(self) -> None:
+        """No TZSP tap left: no capture process either (it costs its interpreter)."""
+        if self.capture is not None and not self.workers:
+            self.capture.stop()
+
+    def _capture_process(self) -> Any:
+        if self.capture is None:
+            from .tzsp_worker import CaptureProcess
+
+            self.capture = CaptureProcess(watch=self._watch_capture)
+        return self.capture
+
+    def _watch_capture(self, fd: int, on: bool) -> None:
+        if on:
+            self.sel.register(fd, selectors.EVENT_READ, "worker")
+        else:
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def _capture_events(self) -> None:
+        """Taps that ended, or the whole process gone: each is restarted after its delay."""
+        if self.capture is None:
+            return
+        ended, gone = self.capture.read_events()
+        if not ended and not gone:
+            return
+        for w in self.workers.values():
+            if w.exited is not None or not (gone or w.handle.slot_index in ended):
+                continue
+            reason = w.handle.poll()
+            if reason is None:
+                continue  # an event of the slot's previous tap
+            w.exited = reason
+            w.restart_at = time.monotonic() + self._restart_delay(w)
+            log.warning("TZSP capture for %s on %s stopped: %s", w.tap.mirror,
+                        w.tap.interface, w.exited,
+                        extra={"MIRROR": w.tap.mirror, "ACTION": "worker-exit"})
+            # The interface may be gone or changed: look again.
+            self.pending.add(Change(f"worker exited: {w.exited}"), topology_changed=True)
 
     def _start_worker(self, tap: plan.TzspTap) -> None:
-        from .tzsp_worker import TzspJob, TzspWorker
+        from .tzsp_worker import TapHandle, TzspJob
 
         job = TzspJob(
             mirror=tap.mirror, interface=tap.interface, ifindex=tap.ifindex,
@@ -625,7 +663,7 @@ class Daemon:
             port=tap.collector.port, snaplen=tap.collector.snaplen,
             ring_bytes=tap.collector.ring_mib << 20, exclude=tap.exclude,
         )
-        handle = TzspWorker(job)
+        handle = TapHandle(self._capture_process(), job)
         w = Worker(tap, handle)
         self.workers[tap] = w
         try:
@@ -636,7 +674,6 @@ class Daemon:
             log.error("TZSP worker for %s on %s: %s", tap.mirror, tap.interface, w.exited,
                       extra={"MIRROR": tap.mirror, "ACTION": "worker-start"})
             return
-        self.sel.register(handle.sentinel, selectors.EVENT_READ, "worker")
         log.info("TZSP capture on %s (%s) -> %s:%d", tap.interface, "+".join(tap.directions),
                  tap.collector.address, tap.collector.port,
                  extra={"MIRROR": tap.mirror, "ACTION": "worker-start"})
@@ -651,16 +688,12 @@ class Daemon:
 
     def _stop_worker(self, tap: plan.TzspTap) -> None:
         w = self.workers.pop(tap)
+        w.handle.stop()  # returns once the tap is closed: its counters are final
         self._bank_worker(w)
-        if w.exited is None:
-            try:
-                self.sel.unregister(w.handle.sentinel)
-            except (KeyError, ValueError):
-                pass
-        w.handle.stop()
 
     def _bank_worker(self, w: Worker) -> None:
-        """Keep a stopped worker's totals so they survive its replacement."""
+        """Keep a stopped worker's final totals so they survive its replacement.
+        Only after handle.stop(): before it, frames still being sent are lost."""
         c = w.handle.counters()
         p, b = self.tzsp_banked.get(w.tap.mirror, (0, 0))
         self.tzsp_banked[w.tap.mirror] = (p + c.sent, b + c.bytes)
@@ -668,11 +701,13 @@ class Daemon:
     def _tend_workers(self, now: float) -> None:
         for tap, w in list(self.workers.items()):
             if w.exited and w.restart_at and now >= w.restart_at:
-                self._bank_worker(w)
                 w.handle.stop()
+                self._bank_worker(w)
                 del self.workers[tap]
                 if self.plan is not None and tap in self.plan.tzsp:
                     self._start_worker(tap)
+                else:
+                    self._stop_capture_if_idle()
 
     # -- reload, stop --------------------------------------------------------
     def reload(self) -> None:
@@ -723,6 +758,7 @@ class Daemon:
         rc = 0
         for tap in list(self.workers):
             self._stop_worker(tap)
+        self._stop_capture_if_idle()
         if self.backend is not None and self.applies:
             try:
                 self.backend.flush()

@@ -533,7 +533,7 @@ mirrors:
                             capture_output=True, text=True, timeout=10, check=True).stdout
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\0", b" ").decode()
-        assert "mirrord.tzsp_worker" in cmdline and "mirrord.tzsp_worker" in ps  # the right one
+        assert "mirrord.tzsp_capture" in cmdline and "mirrord.tzsp_capture" in ps  # the right one
         for secret in (lab.collector, str(port), "br-lan", WAN_HOST, "icmp", "hiddenmirror",
                        "secretcol", "collector", "interface"):
             assert secret not in cmdline and secret not in ps, (secret, cmdline)
