@@ -100,6 +100,9 @@ class Forwarder:
         self.scratch = memoryview(sender.scratch).cast("B")
         self.captured = self.sent = self.bytes = self.send_errors = self.truncated = 0
         self.max_held = max(1, ring.block_nr // 4)
+        # Blocks per pump() at most: under sustained load on one tap the loop
+        # still comes round to the others (and to the daemon's messages).
+        self.budget = max(2, ring.block_nr // 2)
         self._stats_due = 0.0
         self._eth_cache: dict[tuple[int, bool], bytes] = {}
 
@@ -125,7 +128,7 @@ class Forwarder:
         self.publish()
 
     def pump(self) -> int:
-        """Forward every frame of every ready block; returns the frames handled."""
+        """Forward the frames of the ready blocks (`budget` at most); returns how many."""
         ring = self.ring
         m = ring.map
         assert m is not None
@@ -138,7 +141,8 @@ class Forwarder:
         unpack = PKT_HDR.unpack_from
         hdr_addr, hdr_len = self.header_addr, tzsp.HEADER_LEN
         special = self._special
-        slot = nbytes = handled = 0
+        slot = nbytes = handled = blocks = 0
+        budget = self.budget
         held: list[int] = []
         stop = self.stop
         while not stop.set:
@@ -164,9 +168,12 @@ class Forwarder:
             handled += num
             held.append(b)
             ring.cursor = (b + 1) % nblocks
+            blocks += 1
             if len(held) >= self.max_held:
                 self._send_and_release(slot, nbytes, held)
                 slot = nbytes = 0
+            if blocks >= budget:
+                break
         self._send_and_release(slot, nbytes, held)
         return handled
 
@@ -211,7 +218,8 @@ class Forwarder:
         assert m is not None
         base, bs, nblocks = ring.address, ring.block_size, ring.block_nr
         cap = self.sender.capacity
-        slot = nbytes = handled = 0
+        slot = nbytes = handled = blocks = 0
+        budget = self.budget
         held: list[int] = []
         while not self.stop.set:
             b = ring.cursor
@@ -252,9 +260,12 @@ class Forwarder:
             handled += num
             held.append(b)
             ring.cursor = (b + 1) % nblocks
+            blocks += 1
             if len(held) >= self.max_held:
                 self._send_and_release(slot, nbytes, held)
                 slot = nbytes = 0
+            if blocks >= budget:
+                break
         self._send_and_release(slot, nbytes, held)
         return handled
 
