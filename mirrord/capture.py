@@ -73,6 +73,16 @@ MIN_BLOCK_SIZE = 1 << 17  # a 64 KiB frame and its headers fit
 # small frames or 340 full-size ones (README's limits; bench/README.md).
 DEFAULT_RING_BYTES = 1 << 19
 DEFAULT_RETIRE_MS = 10
+# At low rates a block is handed over when its retire timer fires, part full:
+# the ring then holds block_nr x retire time of traffic, whatever its size. A
+# small ring (4 blocks by default) gets a longer timer, so that it still rides
+# out about 200 ms without the capture process (a busy CPU); a copy then waits
+# up to that timer (50 ms in the default ring) before it is sent.
+RING_HOLD_MS = 200
+
+
+def retire_ms_for(block_nr: int) -> int:
+    return max(DEFAULT_RETIRE_MS, RING_HOLD_MS // max(1, block_nr))
 SO_ATTACH_FILTER = 26
 
 
@@ -153,7 +163,7 @@ class RxRing:
         ignore_outgoing: bool = False,
         block_size: int = 0,
         ring_bytes: int = DEFAULT_RING_BYTES,
-        retire_ms: int = DEFAULT_RETIRE_MS,
+        retire_ms: int = 0,
     ) -> None:
         """`programs`: the packed filter for each link type (see bpf.pack)."""
         self.ifindex = ifindex
@@ -164,7 +174,7 @@ class RxRing:
         self._addr_holder: Optional[ctypes.c_char] = None
         self._poller: Optional[tuple[tuple[int, ...], select.poll]] = None
         try:
-            self._open(programs, ignore_outgoing, retire_ms)
+            self._open(programs, ignore_outgoing, retire_ms or retire_ms_for(self.block_nr))
         except BaseException:
             self.close()
             raise
