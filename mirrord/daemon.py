@@ -194,7 +194,7 @@ class Flags:
 @dataclass
 class Worker:
     tap: plan.TzspTap
-    handle: Any  # tzsp_worker.TzspWorker; imported only when a TZSP mirror exists
+    handle: Any  # tzsp_worker.TapHandle; imported only when a TZSP mirror exists
     exited: Optional[str] = None
     restart_at: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -637,11 +637,17 @@ class Daemon:
         """Taps that ended, or the whole process gone: each is restarted after its delay."""
         if self.capture is None:
             return
-        ended, gone = self.capture.read_events()
-        if not ended and not gone:
+        ended, _gone = self.capture.read_events()
+        self._taps_ended(ended)
+
+    def _taps_ended(self, slots: list[int]) -> None:
+        """Mark the taps in `slots`, and those whose process went away, exited."""
+        orphans = set(map(id, self.capture.take_orphans())) if self.capture is not None else set()
+        if not slots and not orphans:
             return
         for w in self.workers.values():
-            if w.exited is not None or not (gone or w.handle.slot_index in ended):
+            if w.exited is not None or not (
+                    id(w.handle) in orphans or w.handle.slot_index in slots):
                 continue
             reason = w.handle.poll()
             if reason is None:
@@ -699,6 +705,7 @@ class Daemon:
         self.tzsp_banked[w.tap.mirror] = (p + c.sent, b + c.bytes)
 
     def _tend_workers(self, now: float) -> None:
+        self._taps_ended([])  # a start may have found the process dead before its EOF was read
         for tap, w in list(self.workers.items()):
             if w.exited and w.restart_at and now >= w.restart_at:
                 w.handle.stop()

@@ -297,6 +297,8 @@ class CaptureProcess:
         self.events = -1
         self._inbuf = b""
         self.taps: dict[int, TapHandle] = {}  # slot -> the tap there, in the running set
+        # Taps that ended with their process, until the daemon took note (take_orphans).
+        self.orphans: list[TapHandle] = []
         self._free = list(range(MAX_TAPS - 1, -1, -1))
         self.starts = 0
 
@@ -317,6 +319,10 @@ class CaptureProcess:
         """Give `handle` a slot and put it in the set (starting the process if needed)."""
         if not self._free:
             raise OSError(errno.ENOSPC, f"more than {MAX_TAPS} TZSP taps")
+        if self._proc is not None and not self.running():
+            # Dead, and its EOF not read yet: its taps end now, not in the new process
+            # (which would count their slots from zero again).
+            self.read_events()
         index = self._free.pop()
         slot = self.slot(index)
         slot.reset()
@@ -437,7 +443,12 @@ class CaptureProcess:
         reason = _describe_exit(rc) if rc is not None else "capture process gone"
         for h in list(self.taps.values()):
             h._orphan(reason)
+            self.orphans.append(h)
         self.taps.clear()
+
+    def take_orphans(self) -> list[TapHandle]:
+        out, self.orphans = self.orphans, []
+        return out
 
     def _retire_events(self) -> None:
         if self.events >= 0:

@@ -686,6 +686,22 @@ def _capture_children(daemon_pid: int) -> list[int]:
     return out
 
 
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0])
+    return out
+
+
+def _switches(pid: int) -> int:
+    st = _proc_status(pid)
+    return st["voluntary_ctxt_switches"] + st["nonvoluntary_ctxt_switches"]
+
+
 def _wait_counts(lab: Lab, want: dict[str, int], timeout: float = 10) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     got = lab.collector_counts()
@@ -716,6 +732,16 @@ def test_four_taps_one_process_all_deliver_and_survive_a_kill(lab: Lab) -> None:
             assert all(r["sent"] == n for r in _rows(st).values())
 
             (old,) = pids
+            # Memory: one interpreter and four default rings (26 MiB per tap before).
+            assert _proc_status(old)["VmRSS"] <= 16 * 1024, _proc_status(old)
+            # Idle: no wake-up in 2 s; positive control: one frame wakes it.
+            before = _switches(old)
+            time.sleep(2)
+            assert _switches(old) == before
+            _send(lab, "tp1", 1, 1, start=n)
+            assert _wait_counts(lab, {"t1": n + 1})["t1"] == n + 1
+            assert _switches(old) > before
+            n_tp1 = n + 1
             os.kill(old, 9)
             totals = [_total(st)]
             deadline = time.monotonic() + 20
@@ -730,15 +756,16 @@ def test_four_taps_one_process_all_deliver_and_survive_a_kill(lab: Lab) -> None:
                 time.sleep(0.05)
             else:
                 raise AssertionError(f"taps did not come back: {lab.status()}")
-            assert totals == sorted(totals) and totals[-1] == 4 * n, totals
+            assert totals == sorted(totals) and totals[-1] == 4 * n + 1, totals
             assert len(_capture_children(daemon.pid)) == 1
             # Every tap is back, and its copies count on top of the old ones.
             for i, t in enumerate(TAPS, 1):
-                _send(lab, t, i, n, start=n)
+                _send(lab, t, i, n, start=2 * n)
             want = {f"t{i}": 2 * n for i in range(1, 5)}
+            want["t1"] = n_tp1 + n
             assert _wait_counts(lab, want) == want
-            st = lab.wait_for_status(lambda s: _total(s) >= 8 * n)
-            assert _total(st) == 8 * n
+            st = lab.wait_for_status(lambda s: _total(s) >= 8 * n + 1)
+            assert _total(st) == 8 * n + 1
         finally:
             lab.stop_daemon(daemon)
         assert "TZSP capture for ports on tp1 stopped: capture process killed by SIGKILL" \
