@@ -72,7 +72,8 @@ def build_status(d: Daemon) -> dict[str, Any]:
             c = w.handle.counters()
             # pid: the capture process every tap shares; state: this tap's own.
             workers.append({
-                "interface": w.tap.interface, "pid": getattr(w.handle, "pid", None),
+                "interface": w.tap.interface, "id": getattr(w.handle, "serial", None),
+                "pid": getattr(w.handle, "pid", None),
                 "state": "exited" if w.exited is not None else w.handle.state(),
                 "running": w.exited is None, "exit_reason": w.exited,
                 **{k: getattr(c, k) for k in

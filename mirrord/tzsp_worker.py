@@ -28,6 +28,7 @@ import errno
 import fcntl
 import functools
 import ipaddress
+import itertools
 import json
 import logging
 import mmap
@@ -510,9 +511,14 @@ class TapHandle:
     """One tap in the shared capture process: what the daemon's supervision
     holds per tap. Counters add up across restarts of the same handle."""
 
+    _serials = itertools.count(1)
+
     def __init__(self, process: CaptureProcess, job: TzspJob) -> None:
         self.process = process
         self.job = job
+        # Which tap this is, across the daemon's life: status shows it, so that a
+        # replaced tap (same interface, new match) can be told from the old one.
+        self.serial = next(TapHandle._serials)
         self.slot_index = -1
         self.line = ""
         self._slot: Optional[SharedCounters] = None
