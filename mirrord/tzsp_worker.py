@@ -389,6 +389,7 @@ class CaptureProcess:
             os.close(ctl_r)
             os.close(ev_w)
         os.set_blocking(ev_r, False)
+        os.set_blocking(ctl_w, False)  # _send_set waits, bounded, when the pipe is full
         self._control, self.events, self._inbuf = ctl_w, ev_r, b""
         self.starts += 1
         log.debug("started TZSP capture process pid %d", self._proc.pid)
@@ -415,7 +416,6 @@ class CaptureProcess:
                 select.select([], [self._control], [], 0.05)
             except BrokenPipeError:
                 return  # it died: its events pipe says so
-        os.set_blocking(self._control, False)
 
     def _kill(self) -> None:
         p = self._proc
