@@ -8,8 +8,8 @@ idle for `--settle` seconds and its /proc/PID/status and smaps_rollup are read.
 Cases:
   clone1   one kernel-clone mirror (br-lan -> the on-link collector)
   tzsp4    one TZSP mirror on four interfaces (veth lan1..lan4): the daemon
-           plus every process it started (its TZSP workers), each counted
-           whole (RSS), and shared pages split between them (PSS)
+           plus every process it started (its one TZSP capture process),
+           each counted whole (RSS), and shared pages split between them (PSS)
 
 Also printed:
   imports  the modules the daemon loaded by the time it was active (a second
@@ -145,7 +145,7 @@ def pss_kib(pid: int) -> int:
 
 
 def children(pid: int) -> list[int]:
-    """Every descendant of pid (TZSP workers and anything they start)."""
+    """Every descendant of pid (the TZSP capture process and anything else)."""
     parent: dict[int, int] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():

@@ -21,6 +21,9 @@ The "lossless rate" of an implementation is the highest offered rate it
 delivered at >= 99.99 %; the ratio compares both in the same run.
 
     sudo python3 bench/bench_tzsp.py [--seconds 3] [--rates 50000,200000,400000,max]
+
+With --two-taps: two mirrored links (m0, m1) both busy, their taps in one
+capture process or in one process each (the choice docs/DESIGN.md records).
 """
 
 from __future__ import annotations
@@ -143,9 +146,14 @@ class Bench:
                         "name", "tzbm0", "netns", self.rtr], check=True)
         subprocess.run(["ip", "link", "add", "tzbc0", "netns", self.rtr, "type", "veth", "peer",
                         "name", "tzbe0", "netns", self.col], check=True)
-        sh(self.gen, "ip link set tzbg0 name g0; ip link set g0 up")
+        # A second mirrored link (g1 -> m1) for the two-tap cases.
+        subprocess.run(["ip", "link", "add", "tzbg1", "netns", self.gen, "type", "veth", "peer",
+                        "name", "tzbm1", "netns", self.rtr], check=True)
+        sh(self.gen, "ip link set tzbg0 name g0; ip link set g0 up; "
+                     "ip link set tzbg1 name g1; ip link set g1 up")
         sh(self.rtr, f"ip link set tzbm0 name m0; ip link set m0 up; ip link set tzbc0 name c0;"
-                     f" ip link set c0 up; ip addr add {ROUTER}/24 dev c0")
+                     f" ip link set c0 up; ip addr add {ROUTER}/24 dev c0; "
+                     f"ip link set tzbm1 name m1; ip link set m1 up")
         sh(self.col, f"ip link set tzbe0 name eth0; ip link set eth0 up;"
                      f" ip addr add {COLLECTOR}/24 dev eth0")
         # Copies are counted by the device and dropped at once, so the
@@ -160,10 +168,13 @@ class Bench:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def start_worker(self) -> subprocess.Popen[str]:
-        argv = ["ip", "netns", "exec", self.rtr, "taskset", "-c", "1", sys.executable, "-m",
-                "mirrord.tzsp_worker", "--interface", "m0", "--direction", "in",
+    def start_worker(self, interfaces: tuple[str, ...] = ("m0",),
+                     cpus: str = "1") -> subprocess.Popen[str]:
+        argv = ["ip", "netns", "exec", self.rtr, "taskset", "-c", cpus, sys.executable, "-m",
+                "mirrord.tzsp_worker", "--direction", "in",
                 "--collector", COLLECTOR, "--port", str(PORT), "--log-level", "WARNING"]
+        for name in interfaces:
+            argv += ["--interface", name]
         if self.ring_mib:
             argv += ["--ring-mib", str(self.ring_mib)]
         p = subprocess.Popen(argv, env=self.env, cwd=str(ROOT), text=True,
@@ -183,12 +194,37 @@ class Bench:
             raise RuntimeError(f"naive loop failed: {p.communicate()[1]}")
         return p
 
-    def trafgen(self, size: int, rate: Optional[int]) -> float:
+    def trafgen(self, size: int, rate: Optional[int], dev: str = "g0",
+                also: tuple[str, ...] = ()) -> float:
+        """trafgen on `dev` (and, at the same time and rate, on each of `also`)."""
         cfg = Path(self.tmp, f"frame{size}.cfg")
         if not cfg.exists():
             data = frame_bytes(size)
             cfg.write_text("{ " + ", ".join(f"0x{b:02x}" for b in data) + " }\n")
-        argv = ["ip", "netns", "exec", self.gen, "taskset", "-c", "0", "trafgen", "-o", "g0",
+        others = []
+        for other in also:
+            argv = ["ip", "netns", "exec", self.gen, "taskset", "-c", "0", "trafgen", "-o", other,
+                    "-i", str(cfg), "-P", "1", "--no-sock-mem", "-Q", "-C"]
+            argv += (["-n", str(int(rate * self.seconds)), "-b", f"{rate}pps"] if rate
+                     else ["-n", "1000000000"])
+            others.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, start_new_session=True))
+        try:
+            return self._trafgen(cfg, dev, rate)
+        finally:
+            for p in others:
+                try:
+                    p.wait(5 if rate else 0.1)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGINT)
+                    try:
+                        p.wait(5)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(p.pid, signal.SIGKILL)
+                        p.wait()
+
+    def _trafgen(self, cfg: Path, dev: str, rate: Optional[int]) -> float:
+        argv = ["ip", "netns", "exec", self.gen, "taskset", "-c", "0", "trafgen", "-o", dev,
                 "-i", str(cfg), "-P", "1", "--no-sock-mem", "-Q", "-C"]
         if rate:
             argv += ["-n", str(int(rate * self.seconds)), "-b", f"{rate}pps"]
@@ -221,6 +257,35 @@ class Bench:
         copies = counter(self.col, "eth0") - col
         cpu = 100.0 * (cpu1 - cpu0) / os.sysconf("SC_CLK_TCK") / seconds
         return Result(impl, size, f"{rate // 1000}k" if rate else "max", offered, copies,
+                      seconds, cpu)
+
+    def two_taps(self, mode: str, size: int, rate: Optional[int]) -> Result:
+        """Two busy taps (m0, m1): in one process, or one process each; the capture is
+        not pinned (either CPU), trafgen on CPU 0 for both links."""
+        if mode == "1 proc":
+            procs = [self.start_worker(("m0", "m1"), cpus="0,1")]
+        else:
+            procs = [self.start_worker(("m0",), cpus="0,1"), self.start_worker(("m1",), cpus="0,1")]
+        try:
+            time.sleep(0.3)
+            rx0 = counter(self.rtr, "m0") + counter(self.rtr, "m1")
+            col0 = counter(self.col, "eth0")
+            cpu0 = sum(cpu_ticks(p.pid) for p in procs)
+            seconds = self.trafgen(size, rate, "g0", also=("g1",))
+            time.sleep(0.5)
+            cpu1 = sum(cpu_ticks(p.pid) for p in procs)
+            offered = counter(self.rtr, "m0") + counter(self.rtr, "m1") - rx0
+            copies = counter(self.col, "eth0") - col0
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.communicate()
+        cpu = 100.0 * (cpu1 - cpu0) / os.sysconf("SC_CLK_TCK") / seconds
+        return Result(mode, size, f"{rate // 1000}k" if rate else "max", offered, copies,
                       seconds, cpu)
 
     def run(self, impl: str, sizes: list[int], rates: list[Optional[int]]) -> list[Result]:
@@ -283,8 +348,9 @@ def print_row(r: Result) -> None:
           f"{r.copies:9d} {r.delivery:8.2f}% {r.cpu:6.1f}", flush=True)
 
 
-def lossless(results: list[Result], size: int) -> float:
-    ok = [r.offered_pps for r in results if r.size == size and r.delivery >= LOSSLESS]
+def lossless(results: list[Result], size: int, impl: Optional[str] = None) -> float:
+    ok = [r.offered_pps for r in results if r.size == size and r.delivery >= LOSSLESS
+          and (impl is None or r.impl == impl)]
     return max(ok) if ok else 0.0
 
 
@@ -294,8 +360,11 @@ def main() -> int:
     p.add_argument("--rates", default="50000,200000,400000,max",
                    help="comma-separated pps, 'max' = trafgen's maximum")
     p.add_argument("--sizes", default="64,1400")
-    p.add_argument("--ring-mib", type=int, default=0, help="worker ring size (default 8)")
+    p.add_argument("--ring-mib", type=int, default=0,
+                   help="worker ring size (default: mirrord's, 512 KiB)")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--two-taps", action="store_true",
+                   help="instead: two busy taps, in one process vs one process each")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -308,6 +377,8 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"{args.seconds:g} s per case; trafgen on CPU 0, mirroring process on CPU 1")
+    if args.two_taps:
+        return two_taps_main(args.seconds, args.ring_mib, sizes, rates)
     with Bench(args.seconds, args.ring_mib) as b:
         print(send_floor(b), flush=True)
         print_header()
@@ -325,6 +396,31 @@ def main() -> int:
     print()
     for size in sizes:
         summarize(size, ours, naive)
+    return 0
+
+
+def two_taps_main(seconds: float, ring_mib: int, sizes: list[int],
+                  rates: list[Optional[int]]) -> int:
+    """Does a process per tap buy throughput? Rates are per link (two links)."""
+    print(f"# two taps: m0 and m1 each offered the rate; trafgen for both on CPU 0; the "
+          f"capture on either CPU; {seconds:g} s per case")
+    print_header()
+    results = []
+    with Bench(seconds, ring_mib) as b:
+        for size in sizes:
+            for rate in rates:
+                for mode in ("1 proc", "2 procs"):
+                    r = b.two_taps(mode, size, rate)
+                    print_row(r)
+                    results.append(r)
+    print()
+    for size in sizes:
+        for mode in ("1 proc", "2 procs"):
+            rs = [r for r in results if r.size == size and r.impl == mode]
+            best = max((r.copies / r.seconds for r in rs), default=0.0)
+            print(f"{size}-byte frames, {mode}: lossless up to "
+                  f"{lossless(results, size, mode):,.0f} pps offered (both links), "
+                  f"most copies/s {best:,.0f}")
     return 0
 
 

@@ -19,7 +19,6 @@ ethertype comes from the skb protocol (an ancillary load).
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import itertools
 import socket
@@ -370,6 +369,8 @@ def pack(program: Sequence[Insn]) -> bytes:
 
 def attach(sock: socket.socket, program: Sequence[Insn]) -> None:
     """SO_ATTACH_FILTER; the kernel copies the program, so the buffer may go."""
+    import ctypes  # here: the daemon only compiles and packs programs
+
     buf = ctypes.create_string_buffer(pack(program))
     fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)

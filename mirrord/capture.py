@@ -9,22 +9,24 @@ by the kernel, from the ring into the outgoing datagram.
 
 from __future__ import annotations
 
+# _socket, not socket: the wrapper module pulls in enum and selectors (about
+# 1.3 MiB of a capture process that needs none of them); typing only for mypy.
+import _socket
 import ctypes
 import errno
-import logging
 import mmap
 import os
 import select
-import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
-from typing import Callable, Optional
 
-from .bpf import Insn, Link, attach
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Literal, Optional
 
-log = logging.getLogger(__name__)
+    Link = Literal["ethernet", "raw"]
 
 SOL_PACKET = 263
 PACKET_RX_RING = 5
@@ -65,8 +67,39 @@ SLL_PROTOCOL = struct.Struct("!H")  # at SLL_OFF + 2
 SLL_PKTTYPE_OFF = SLL_OFF + 10
 
 DEFAULT_BLOCK_SIZE = 1 << 18
-DEFAULT_RING_BYTES = 8 << 20
+MIN_BLOCK_SIZE = 1 << 17  # a 64 KiB frame and its headers fit
+# The whole ring is resident from the mmap on (the kernel maps every page at
+# once), so it is the largest part of a tap's memory: 512 KiB holds about 4000
+# small frames or 340 full-size ones (README's limits; bench/README.md).
+DEFAULT_RING_BYTES = 1 << 19
 DEFAULT_RETIRE_MS = 10
+# At low rates a block is handed over when its retire timer fires, part full:
+# the ring then holds block_nr x retire time of traffic, whatever its size. A
+# small ring (4 blocks by default) gets a longer timer, so that it still rides
+# out about 200 ms without the capture process (a busy CPU); a copy then waits
+# up to that timer (50 ms in the default ring) before it is sent.
+RING_HOLD_MS = 200
+
+
+def retire_ms_for(block_nr: int) -> int:
+    return max(DEFAULT_RETIRE_MS, RING_HOLD_MS // max(1, block_nr))
+SO_ATTACH_FILTER = 26
+
+
+def block_size_for(ring_bytes: int) -> int:
+    """Eight blocks where the minimum block size allows (four in the default
+    ring): a block is handed back whole, so small rings want small blocks."""
+    size = DEFAULT_BLOCK_SIZE
+    while size > MIN_BLOCK_SIZE and ring_bytes // size < 8:
+        size >>= 1
+    return size
+
+
+def attach_packed(sock: _socket.socket, packed: bytes) -> None:
+    """SO_ATTACH_FILTER with a program already packed as struct sock_filter[]."""
+    buf = ctypes.create_string_buffer(packed, len(packed))
+    fprog = struct.pack("HL", len(packed) // 8, ctypes.addressof(buf))
+    sock.setsockopt(_socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 class CaptureError(OSError):
@@ -83,10 +116,10 @@ def libc() -> ctypes.CDLL:
     return _libc
 
 
-def _bind_ifindex(sock: socket.socket, ifindex: int, protocol: int) -> None:
+def _bind_ifindex(sock: _socket.socket, ifindex: int, protocol: int) -> None:
     """bind(2) to an interface by index; Python's AF_PACKET bind only takes a name,
     and a name can point at a re-created device with another index."""
-    sll = struct.pack("=HHiHBB8s", socket.AF_PACKET, socket.htons(protocol), ifindex, 0, 0, 0,
+    sll = struct.pack("=HHiHBB8s", _socket.AF_PACKET, _socket.htons(protocol), ifindex, 0, 0, 0,
                       b"")
     buf = ctypes.create_string_buffer(sll, len(sll))
     if libc().bind(sock.fileno(), buf, len(sll)) != 0:
@@ -125,22 +158,23 @@ class RxRing:
     def __init__(
         self,
         ifindex: int,
-        program: Callable[[Link], Sequence[Insn]],
+        programs: dict[str, bytes],
         *,
         ignore_outgoing: bool = False,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int = 0,
         ring_bytes: int = DEFAULT_RING_BYTES,
-        retire_ms: int = DEFAULT_RETIRE_MS,
+        retire_ms: int = 0,
     ) -> None:
+        """`programs`: the packed filter for each link type (see bpf.pack)."""
         self.ifindex = ifindex
-        self.block_size = block_size
-        self.block_nr = max(2, ring_bytes // block_size)
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.block_size = block_size or block_size_for(ring_bytes)
+        self.block_nr = max(2, ring_bytes // self.block_size)
+        self.sock = _socket.socket(_socket.AF_PACKET, _socket.SOCK_RAW, 0)
         self.map: Optional[mmap.mmap] = None
         self._addr_holder: Optional[ctypes.c_char] = None
         self._poller: Optional[tuple[tuple[int, ...], select.poll]] = None
         try:
-            self._open(program, ignore_outgoing, retire_ms)
+            self._open(programs, ignore_outgoing, retire_ms or retire_ms_for(self.block_nr))
         except BaseException:
             self.close()
             raise
@@ -148,13 +182,14 @@ class RxRing:
         self.drops = 0
         self.kernel_packets = 0
 
-    def _open(self, program: Callable[[Link], Sequence[Insn]], ignore_outgoing: bool,
-              retire_ms: int) -> None:
+    def _open(self, programs: dict[str, bytes], ignore_outgoing: bool, retire_ms: int) -> None:
         s = self.sock
         _bind_ifindex(s, self.ifindex, 0)
         self.hatype: int = s.getsockname()[3]
         self.link: Link = link_kind(self.hatype)
-        attach(s, program(self.link))
+        if self.link not in programs:
+            raise CaptureError(errno.EPROTONOSUPPORT, f"no filter for a {self.link} link")
+        attach_packed(s, programs[self.link])
         s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
         self.ignore_outgoing = False
         if ignore_outgoing:
@@ -180,7 +215,7 @@ class RxRing:
 
     def check_error(self) -> None:
         """Raise the socket's pending error (ENETDOWN when the device went down)."""
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
 
@@ -272,17 +307,17 @@ class UdpBatchSender:
     def __init__(self, collector: str, port: int, source: Optional[str] = None,
                  capacity: int = UIO_MAXIOV, sndbuf: int = 4 << 20) -> None:
         self.collector, self.port, self.source = collector, port, source
-        self.family = socket.AF_INET6 if ":" in collector else socket.AF_INET
+        self.family = _socket.AF_INET6 if ":" in collector else _socket.AF_INET
         self.capacity = capacity
-        self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        self.sock = _socket.socket(self.family, _socket.SOCK_DGRAM)
         try:
             # A send buffer that holds a whole batch, so sendmmsg does not
             # sleep (with the ring filling) while the device drains; FORCE
             # goes past net.core.wmem_max, which needs CAP_NET_ADMIN.
             try:
-                self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
+                self.sock.setsockopt(_socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
             except OSError:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, sndbuf)
             if source:
                 self.sock.bind((source, 0))
         except BaseException:
@@ -291,6 +326,7 @@ class UdpBatchSender:
         self.connected = False
         self._next_connect = 0.0
         self.last_error: Optional[str] = None
+        self.unexpected = 0
         self.msgs = (_Mmsghdr * capacity)()
         self.iov = (_Iovec * (2 * capacity))()
         self.scratch = ctypes.create_string_buffer(SCRATCH_SLOT * capacity)
@@ -359,7 +395,7 @@ class UdpBatchSender:
                 retried = True
                 continue
             if err not in SEND_ERRORS:
-                log.warning("sendmmsg: %s", self.last_error)
+                self.unexpected += 1  # reported by the caller, which has a logger
             # The destination is the same for every slot: the rest would fail too.
             errors += n - sent
             break

@@ -214,7 +214,7 @@ class Flags:
 @dataclass
 class Worker:
     tap: plan.TzspTap
-    handle: Any  # tzsp_worker.TzspWorker; imported only when a TZSP mirror exists
+    handle: Any  # tzsp_worker.TapHandle; imported only when a TZSP mirror exists
     exited: Optional[str] = None
     restart_at: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -271,6 +271,7 @@ class Daemon:
         self.records: dict[str, MirrorRecord] = {}
         self.workers: dict[plan.TzspTap, Worker] = {}
         self.worker_failures: dict[plan.TzspTap, int] = {}
+        self.capture: Any = None  # tzsp_worker.CaptureProcess, once a TZSP tap exists
         self.pending = Pending()
         self.started = time.time()
         self.sel = selectors.DefaultSelector()
@@ -443,16 +444,7 @@ class Daemon:
         elif what == "lock" and self.lock is not None:
             self._answer_lock_probe()
         elif what == "worker":
-            self.sel.unregister(fileobj)
-            for w in self.workers.values():
-                if w.handle.sentinel == fileobj and w.exited is None:
-                    w.exited = w.handle.poll() or "exited"
-                    w.restart_at = time.monotonic() + self._restart_delay(w)
-                    log.warning("TZSP worker for %s on %s stopped: %s", w.tap.mirror,
-                                w.tap.interface, w.exited,
-                                extra={"MIRROR": w.tap.mirror, "ACTION": "worker-exit"})
-                    # The interface may be gone or changed: look again.
-                    self.pending.add(Change(f"worker exited: {w.exited}"), topology_changed=True)
+            self._capture_events()
 
     def _answer_lock_probe(self) -> None:
         """A second instance connected to learn our PID (it has it): let it go."""
@@ -669,7 +661,10 @@ class Daemon:
             if name not in planned:
                 del self.records[name]
 
-    # -- TZSP workers --------------------------------------------------------
+    # -- TZSP workers ----------------------------------------------------------
+    # Every tap runs in one capture process (tzsp_worker.CaptureProcess); a
+    # Worker is one tap's supervision: restarted with backoff when it ends,
+    # its totals banked once its counters are final.
     def _sync_workers(self, p: plan.Plan) -> None:
         wanted = set(p.tzsp)
         for tap in list(self.workers):
@@ -678,9 +673,58 @@ class Daemon:
         for tap in wanted:
             if tap not in self.workers:
                 self._start_worker(tap)
+        self._stop_capture_if_idle()
+
+    def _stop_capture_if_idle(self) -> None:
+        """No TZSP tap left: no capture process either (it costs its interpreter)."""
+        if self.capture is not None and not self.workers:
+            self.capture.stop()
+
+    def _capture_process(self) -> Any:
+        if self.capture is None:
+            from .tzsp_worker import CaptureProcess
+
+            self.capture = CaptureProcess(watch=self._watch_capture)
+        return self.capture
+
+    def _watch_capture(self, fd: int, on: bool) -> None:
+        if on:
+            self.sel.register(fd, selectors.EVENT_READ, "worker")
+        else:
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def _capture_events(self) -> None:
+        """Taps that ended, or the whole process gone: each is restarted after its delay."""
+        if self.capture is None:
+            return
+        ended, _gone = self.capture.read_events()
+        self._taps_ended(ended)
+
+    def _taps_ended(self, slots: list[int]) -> None:
+        """Mark the taps in `slots`, and those whose process went away, exited."""
+        orphans = set(map(id, self.capture.take_orphans())) if self.capture is not None else set()
+        if not slots and not orphans:
+            return
+        for w in self.workers.values():
+            if w.exited is not None or not (
+                    id(w.handle) in orphans or w.handle.slot_index in slots):
+                continue
+            reason = w.handle.poll()
+            if reason is None:
+                continue  # an event of the slot's previous tap
+            w.exited = reason
+            w.restart_at = time.monotonic() + self._restart_delay(w)
+            log.warning("TZSP capture for %s on %s stopped: %s", w.tap.mirror,
+                        w.tap.interface, w.exited,
+                        extra={"MIRROR": w.tap.mirror, "ACTION": "worker-exit"})
+            # The interface may be gone or changed: look again.
+            self.pending.add(Change(f"worker exited: {w.exited}"), topology_changed=True)
 
     def _start_worker(self, tap: plan.TzspTap) -> None:
-        from .tzsp_worker import TzspJob, TzspWorker
+        from .tzsp_worker import TapHandle, TzspJob
 
         job = TzspJob(
             mirror=tap.mirror, interface=tap.interface, ifindex=tap.ifindex,
@@ -688,7 +732,7 @@ class Daemon:
             port=tap.collector.port, snaplen=tap.collector.snaplen,
             ring_bytes=tap.collector.ring_mib << 20, exclude=tap.exclude,
         )
-        handle = TzspWorker(job)
+        handle = TapHandle(self._capture_process(), job)
         w = Worker(tap, handle)
         self.workers[tap] = w
         try:
@@ -699,7 +743,6 @@ class Daemon:
             log.error("TZSP worker for %s on %s: %s", tap.mirror, tap.interface, w.exited,
                       extra={"MIRROR": tap.mirror, "ACTION": "worker-start"})
             return
-        self.sel.register(handle.sentinel, selectors.EVENT_READ, "worker")
         log.info("TZSP capture on %s (%s) -> %s:%d", tap.interface, "+".join(tap.directions),
                  tap.collector.address, tap.collector.port,
                  extra={"MIRROR": tap.mirror, "ACTION": "worker-start"})
@@ -714,28 +757,27 @@ class Daemon:
 
     def _stop_worker(self, tap: plan.TzspTap) -> None:
         w = self.workers.pop(tap)
+        w.handle.stop()  # returns once the tap is closed: its counters are final
         self._bank_worker(w)
-        if w.exited is None:
-            try:
-                self.sel.unregister(w.handle.sentinel)
-            except (KeyError, ValueError):
-                pass
-        w.handle.stop()
 
     def _bank_worker(self, w: Worker) -> None:
-        """Keep a stopped worker's totals so they survive its replacement."""
+        """Keep a stopped worker's final totals so they survive its replacement.
+        Only after handle.stop(): before it, frames still being sent are lost."""
         c = w.handle.counters()
         p, b = self.tzsp_banked.get(w.tap.mirror, (0, 0))
         self.tzsp_banked[w.tap.mirror] = (p + c.sent, b + c.bytes)
 
     def _tend_workers(self, now: float) -> None:
+        self._taps_ended([])  # a start may have found the process dead before its EOF was read
         for tap, w in list(self.workers.items()):
             if w.exited and w.restart_at and now >= w.restart_at:
-                self._bank_worker(w)
                 w.handle.stop()
+                self._bank_worker(w)
                 del self.workers[tap]
                 if self.plan is not None and tap in self.plan.tzsp:
                     self._start_worker(tap)
+                else:
+                    self._stop_capture_if_idle()
 
     # -- reload, stop --------------------------------------------------------
     def reload(self) -> None:
@@ -786,6 +828,7 @@ class Daemon:
         rc = 0
         for tap in list(self.workers):
             self._stop_worker(tap)
+        self._stop_capture_if_idle()
         if self.backend is not None and self.applies:
             try:
                 self.backend.flush()

@@ -49,7 +49,9 @@ class Collector:
     transport: Transport = "auto"
     port: int = TZSP_PORT
     snaplen: int = 65535
-    ring_mib: int = 8  # TZSP capture ring per interface; bursts of large frames want more
+    # TZSP capture ring per interface, all of it resident; bursts want more (README,
+    # limits). 0: not set, the capture's default (512 KiB).
+    ring_mib: int = 0
 
 
 @dataclass(frozen=True)
@@ -704,7 +706,7 @@ class _Validator:
             s = self.integer(m["snaplen"][1], f"{what}: snaplen", 64, 65535)
             ok = ok and s is not None
             snaplen = s or snaplen
-        ring_mib = 8
+        ring_mib = Collector.ring_mib
         if "ring_mib" in m:
             r = self.integer(m["ring_mib"][1], f"{what}: ring_mib", 1, 1024)
             ok = ok and r is not None

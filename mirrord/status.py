@@ -70,8 +70,11 @@ def build_status(d: Daemon) -> dict[str, Any]:
             if w.tap.mirror != m.name:
                 continue
             c = w.handle.counters()
+            # pid: the capture process every tap shares; state: this tap's own.
             workers.append({
-                "interface": w.tap.interface, "pid": getattr(w.handle, "pid", None),
+                "interface": w.tap.interface, "id": getattr(w.handle, "serial", None),
+                "pid": getattr(w.handle, "pid", None),
+                "state": "exited" if w.exited is not None else w.handle.state(),
                 "running": w.exited is None, "exit_reason": w.exited,
                 **{k: getattr(c, k) for k in
                    ("captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
@@ -176,7 +179,10 @@ def format_table(status: dict[str, Any]) -> str:
         if rate:
             extra.append(f"{rate['pps']} pkt/s over {rate['interval']}s")
         for w in m.get("tzsp", []):
-            extra.append(f"tzsp {w['interface']}: " + ", ".join(
+            state = w.get("state")
+            shown = f" ({state}: {w.get('exit_reason')})" if state == "exited" else (
+                f" ({state})" if state not in (None, "running") else "")
+            extra.append(f"tzsp {w['interface']}{shown}: " + ", ".join(
                 f"{k.replace('_', ' ')} {w[k]}" for k in
                 ("captured", "sent", "ring_drops", "send_errors", "truncated") if k in w))
         if extra:

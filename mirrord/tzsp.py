@@ -9,7 +9,12 @@ such as tzsp2pcap skip tags they do not know, so the only tag we add is 41
 from __future__ import annotations
 
 import struct
-from typing import Optional, Union
+
+# Not imported at run time: the capture process (which uses header()) stays
+# without the typing module's half MiB.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Union
 
 PORT = 37008
 VERSION = 1

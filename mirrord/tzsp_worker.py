@@ -1,32 +1,34 @@
-"""The TZSP data path: one worker process per mirrored interface.
+"""The daemon's side of the TZSP data path: jobs, the capture process, per-tap handles.
 
-The daemon builds a `TzspJob`, wraps it in a `TzspWorker` and starts it; the
-worker is a separate `python -m mirrord.tzsp_worker` process (spawned, not
-forked: the daemon holds netlink sockets and a selector we do not want to
-duplicate), so packet work never delays the control loop. The worker:
+Every TZSP tap (one per mirror and interface) runs in one capture process
+(mirrord.tzsp_capture), not one process each: an interpreter costs far more
+memory than a tap (docs/DESIGN.md, "TZSP: one capture process"). The daemon
+builds a `TzspJob` per tap and hands it to a `TapHandle`; the handles share
+one `CaptureProcess`, which
 
-- opens an AF_PACKET socket on the job's ifindex with the job's match
-  compiled to classic BPF (direction, match, and "never the collector"),
-  attached before any packet can be queued, and a TPACKET_V3 ring;
-- wraps each frame in TZSP (VLAN tags re-inserted, snap length honoured,
-  tag 41 when cut) and sends batches with sendmmsg to the collector; the
-  kernel routes them, through any interface;
-- publishes its counters in a shared memory block the daemon reads without
-  a round trip, and a one-line reason when it exits.
+- compiles each job's match to classic BPF here, in the daemon (the capture
+  process then needs neither the match nor the compiler), and sends the whole
+  set of taps over the process's stdin whenever it changes: taps in both sets
+  keep capturing, untouched;
+- starts the process when the first tap is added and stops it when the last
+  one goes, so no TZSP mirror means no process;
+- reads each tap's counters, state and exit reason from its slot of a shared
+  memory block, and the process's events (a tap ended, log lines) from a pipe
+  whose EOF also says the process is gone.
 
-Collector trouble (ICMP errors, no route) is counted and survived; the
-interface going down or away ends the worker with a reason (ENETDOWN /
-ENXIO): the daemon starts a new one when the interface is back.
+The job travels over a pipe, never in argv or the environment, which other
+users can read. `TzspWorker` runs one job in a capture process of its own
+(tests, `python -m mirrord.tzsp_worker` by hand, bench_tzsp).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import fcntl
 import functools
 import ipaddress
+import itertools
 import json
 import logging
 import mmap
@@ -34,44 +36,38 @@ import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, is_dataclass
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 from . import tzsp
-from .bpf import compile_filter
-from .capture import (
-    BLOCK_HDR,
-    BLOCK_STATUS_BYTE,
-    IOV_PAIR,
-    IOV_PAIR_SIZE,
-    PACKET_OUTGOING,
-    PKT_HDR,
-    SCRATCH_SLOT,
-    SLL_OFF,
-    SLL_PKTTYPE_OFF,
-    SLL_PROTOCOL,
-    TP_STATUS_USER,
-    TP_STATUS_VLAN_TPID_VALID,
-    TP_STATUS_VLAN_VALID,
-    CaptureError,
-    RxRing,
-    UdpBatchSender,
-    libc,
-    synth_ethernet,
-)
 from .match import Address, Match, PortRange
+from .tzsp_protocol import (
+    COUNTER_NAMES,
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_INTERFACE,
+    EXIT_STOPPED,
+    MAX_TAPS,
+    SHM_SIZE,
+    STATE_EXITED,
+    STATE_RUNNING,
+    STATE_STARTING,
+    Slot,
+    TapLine,
+    new_block,
+)
 
-# Not __name__: run with -m, that is "__main__", which says nothing in a log.
+# Not __name__: a log line should say which part of mirrord it is from.
 log = logging.getLogger("mirrord.tzsp_worker")
 
-EXIT_STOPPED = 0
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_INTERFACE = 3
+__all__ = [
+    "COUNTER_NAMES", "EXIT_CONFIG", "EXIT_ERROR", "EXIT_INTERFACE", "EXIT_STOPPED", "SHM_SIZE",
+    "STATE_EXITED", "STATE_RUNNING", "STATE_STARTING", "CaptureProcess", "SharedCounters",
+    "TapHandle", "TzspCounters", "TzspJob", "TzspWorker", "match_from_dict", "match_to_dict",
+]
 
 
 @dataclass(frozen=True)
@@ -85,8 +81,9 @@ class TzspJob:
     port: int
     snaplen: int
     source: Optional[Address] = None
-    # Capture ring size; 0 = the default (8 MiB). Bigger rides out longer
-    # stalls (a busy CPU, bursts of large frames) at the cost of memory.
+    # Capture ring size; 0 = the default (512 KiB). Bigger rides out longer
+    # stalls (a busy CPU, bursts of large frames) at the cost of memory: the
+    # whole ring is resident.
     ring_bytes: int = 0
     # Other addresses whose traffic is never captured: every collector of the
     # spec (the daemon's plan.exclusions), so that no worker copies another
@@ -223,7 +220,8 @@ def match_from_dict(d: dict[str, Any]) -> Match:
     )
 
 
-# -- counters in shared memory ---------------------------------------------
+
+# -- counters ---------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TzspCounters:
@@ -239,666 +237,449 @@ class TzspCounters:
                               for f in fields(self)))
 
 
-COUNTER_NAMES = tuple(f.name for f in fields(TzspCounters))
-SHM_SIZE = 4096
-# seq, counters..., pid, state, exit code: u64 each; then the reason text.
-_SHM_WORDS = struct.Struct("=Q" + "Q" * len(COUNTER_NAMES))
-_SHM_META = struct.Struct("=QQq")  # pid, state, exit code
-_META_OFF = _SHM_WORDS.size
-_REASON_OFF = 256
-_REASON_LEN = struct.Struct("=H")
-_REASON_MAX = SHM_SIZE - _REASON_OFF - 2
-STATE_STARTING, STATE_RUNNING, STATE_EXITED = 0, 1, 2
 
 
-class SharedCounters:
-    """A seqlock-protected block: the worker writes, the daemon reads."""
-
-    def __init__(self, buf: mmap.mmap) -> None:
-        self.buf = buf
-        self.seq = 0
-
-    def write(self, values: tuple[int, ...]) -> None:
-        self.seq += 1  # odd: a write is in progress
-        struct.pack_into("=Q", self.buf, 0, self.seq)
-        _SHM_WORDS.pack_into(self.buf, 0, self.seq, *values)
-        self.seq += 1
-        struct.pack_into("=Q", self.buf, 0, self.seq)
-
-    def set_meta(self, pid: int, state: int, code: int = 0) -> None:
-        _SHM_META.pack_into(self.buf, _META_OFF, pid, state, code)
-
-    def set_reason(self, reason: str) -> None:
-        raw = reason.encode("utf-8", "replace")[:_REASON_MAX]
-        self.buf[_REASON_OFF + 2:_REASON_OFF + 2 + len(raw)] = raw
-        _REASON_LEN.pack_into(self.buf, _REASON_OFF, len(raw))
+class SharedCounters(Slot):
+    """A tap's slot, read as TzspCounters."""
 
     def read(self) -> TzspCounters:
-        values: tuple[int, ...] = (0,) * (len(COUNTER_NAMES) + 1)
-        for _ in range(1000):
-            values = _SHM_WORDS.unpack_from(self.buf, 0)
-            if values[0] & 1:
-                continue
-            if struct.unpack_from("=Q", self.buf, 0)[0] == values[0]:
-                break
-        return TzspCounters(*values[1:])
-
-    def meta(self) -> tuple[int, int, int]:
-        pid, state, code = _SHM_META.unpack_from(self.buf, _META_OFF)
-        return int(pid), int(state), int(code)
-
-    def reason(self) -> str:
-        (n,) = _REASON_LEN.unpack_from(self.buf, _REASON_OFF)
-        return bytes(self.buf[_REASON_OFF + 2:_REASON_OFF + 2 + n]).decode("utf-8", "replace")
+        return TzspCounters(*self.values())
 
 
-def _new_shared_block() -> tuple[int, mmap.mmap]:
-    try:
-        fd = os.memfd_create("mirrord-tzsp", 0)
-    except (AttributeError, OSError):
-        import tempfile
+def tap_line(job: TzspJob, slot: int) -> TapLine:
+    """The job as the capture process takes it: filters compiled for both link types."""
+    from .bpf import compile_filter, pack
 
-        d = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        with tempfile.TemporaryFile(dir=d) as f:
-            fd = os.dup(f.fileno())
-    os.ftruncate(fd, SHM_SIZE)
-    return fd, mmap.mmap(fd, SHM_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-
-
-# -- the worker ------------------------------------------------------------
-
-class StopFlag:
-    """Set from a signal handler; the hot loop checks it once per block."""
-
-    def __init__(self) -> None:
-        self.set = False
-
-
-class Forwarder:
-    """Ring -> TZSP -> sendmmsg. The hot loop is `pump`."""
-
-    def __init__(self, job: TzspJob, ring: RxRing, sender: UdpBatchSender,
-                 shared: Optional[SharedCounters], stop: StopFlag) -> None:
-        self.job, self.ring, self.sender, self.shared = job, ring, sender, shared
-        self.stop = stop
-        self.header = ctypes.create_string_buffer(tzsp.HEADER, len(tzsp.HEADER))
-        self.header_addr = ctypes.addressof(self.header)
-        self.scratch = memoryview(sender.scratch).cast("B")
-        self.captured = self.sent = self.bytes = self.send_errors = self.truncated = 0
-        self.max_held = max(1, ring.block_nr // 4)
-        self._stats_due = 0.0
-        self._eth_cache: dict[tuple[int, bool], bytes] = {}
-
-    def counters(self) -> tuple[int, ...]:
-        return (self.captured, self.sent, self.bytes, self.ring.drops, self.send_errors,
-                self.truncated)
-
-    def publish(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now < self._stats_due:
-            return
-        self._stats_due = now + 0.25
-        self.ring.statistics()
-        if self.shared is not None:
-            self.shared.write(self.counters())
-
-    def _flush(self, n: int, nbytes: int) -> None:
-        sent, errors = self.sender.flush(n)
-        self.sent += sent
-        self.send_errors += errors
-        self.bytes += nbytes if sent == n else self.sender.datagram_bytes(sent)
-        # Under sustained load pump() does not return: publish from here too.
-        self.publish()
-
-    def pump(self) -> int:
-        """Forward every frame of every ready block; returns the frames handled."""
-        ring = self.ring
-        m = ring.map
-        assert m is not None
-        if ring.link == "raw":
-            return self._pump_raw()
-        base, bs, nblocks = ring.address, ring.block_size, ring.block_nr
-        iov = self.sender.iov
-        cap = self.sender.capacity
-        pack = IOV_PAIR.pack_into
-        unpack = PKT_HDR.unpack_from
-        hdr_addr, hdr_len = self.header_addr, tzsp.HEADER_LEN
-        special = self._special
-        slot = nbytes = handled = 0
-        held: list[int] = []
-        stop = self.stop
-        while not stop.set:
-            b = ring.cursor
-            boff = b * bs
-            if not m[boff + BLOCK_STATUS_BYTE] & TP_STATUS_USER:
-                break
-            num, off = BLOCK_HDR.unpack_from(m, boff + 12)
-            off += boff
-            self.captured += num
-            for _ in range(num):
-                nxt, snap, plen, status, mac, _net, tci, tpid = unpack(m, off)
-                if status & TP_STATUS_VLAN_VALID or snap != plen:
-                    nbytes += special(slot, off, mac, snap, plen, status, tci, tpid)
-                else:
-                    pack(iov, slot * IOV_PAIR_SIZE, hdr_addr, hdr_len, base + off + mac, snap)
-                    nbytes += snap + hdr_len
-                slot += 1
-                if slot == cap:
-                    self._send_and_release(slot, nbytes, held)
-                    slot = nbytes = 0
-                off += nxt
-            handled += num
-            held.append(b)
-            ring.cursor = (b + 1) % nblocks
-            if len(held) >= self.max_held:
-                self._send_and_release(slot, nbytes, held)
-                slot = nbytes = 0
-        self._send_and_release(slot, nbytes, held)
-        return handled
-
-    def _send_and_release(self, slot: int, nbytes: int, held: list[int]) -> None:
-        """Send the batch, then give its ring blocks back: the iovecs point into them."""
-        self._flush(slot, nbytes)
-        for h in held:
-            self.ring.release(h)
-        held.clear()
-
-    def _special(self, slot: int, off: int, mac: int, snap: int, plen: int, status: int,
-                 tci: int, tpid: int) -> int:
-        """A frame whose VLAN tag must be re-inserted, or that was cut: build
-        its header (and the first 12 bytes + tag) in the slot's scratch."""
-        m = self.ring.map
-        assert m is not None
-        frame = self.ring.address + off + mac
-        at = slot * SCRATCH_SLOT
-        cut = snap != plen
-        if cut:
-            self.truncated += 1
-        if status & TP_STATUS_VLAN_VALID and snap >= 12:
-            if not status & TP_STATUS_VLAN_TPID_VALID:
-                tpid = 0x8100
-            head = tzsp.header(plen + 4) if cut else tzsp.HEADER
-            start = off + mac
-            piece = head + m[start:start + 12] + struct.pack("!HH", tpid, tci)
-            skip = 12
-        else:
-            piece = tzsp.header(plen)
-            skip = 0
-        self.scratch[at:at + len(piece)] = piece
-        IOV_PAIR.pack_into(self.sender.iov, slot * IOV_PAIR_SIZE,
-                           self.sender.scratch_addr + at, len(piece), frame + skip, snap - skip)
-        return len(piece) + snap - skip
-
-    def _pump_raw(self) -> int:
-        """Devices without a link header: every frame gets a synthesized
-        Ethernet header (tzsp2pcap assumes Ethernet)."""
-        ring = self.ring
-        m = ring.map
-        assert m is not None
-        base, bs, nblocks = ring.address, ring.block_size, ring.block_nr
-        cap = self.sender.capacity
-        slot = nbytes = handled = 0
-        held: list[int] = []
-        while not self.stop.set:
-            b = ring.cursor
-            boff = b * bs
-            if not m[boff + BLOCK_STATUS_BYTE] & TP_STATUS_USER:
-                break
-            num, off = BLOCK_HDR.unpack_from(m, boff + 12)
-            off += boff
-            self.captured += num
-            for _ in range(num):
-                nxt, snap, plen, _status, mac, net, _tci, _tpid = PKT_HDR.unpack_from(m, off)
-                (proto,) = SLL_PROTOCOL.unpack_from(m, off + SLL_OFF + 2)
-                outgoing = m[off + SLL_PKTTYPE_OFF] == PACKET_OUTGOING
-                lead = max(0, net - mac)
-                flen, olen = max(0, snap - lead), max(0, plen - lead)
-                if proto not in (0x0800, 0x86DD) and flen:
-                    version = m[off + net] >> 4
-                    proto = 0x0800 if version == 4 else 0x86DD if version == 6 else proto
-                eth = self._eth_cache.get((proto, outgoing))
-                if eth is None:
-                    eth = self._eth_cache[(proto, outgoing)] = synth_ethernet(proto, outgoing)
-                if flen != olen:
-                    self.truncated += 1
-                    piece = tzsp.header(olen + 14) + eth
-                else:
-                    piece = tzsp.HEADER + eth
-                at = slot * SCRATCH_SLOT
-                self.scratch[at:at + len(piece)] = piece
-                IOV_PAIR.pack_into(self.sender.iov, slot * IOV_PAIR_SIZE,
-                                   self.sender.scratch_addr + at, len(piece),
-                                   base + off + net, flen)
-                nbytes += len(piece) + flen
-                slot += 1
-                if slot == cap:
-                    self._send_and_release(slot, nbytes, held)
-                    slot = nbytes = 0
-                off += nxt
-            handled += num
-            held.append(b)
-            ring.cursor = (b + 1) % nblocks
-            if len(held) >= self.max_held:
-                self._send_and_release(slot, nbytes, held)
-                slot = nbytes = 0
-        self._send_and_release(slot, nbytes, held)
-        return handled
-
-
-def _interface_state(ifindex: int, name: str) -> Optional[str]:
-    """Why the interface cannot be captured (gone, renamed, re-created), or None."""
-    try:
-        now = socket.if_indextoname(ifindex)
-    except OSError:
-        return f"interface {name} went away (ENXIO)"
-    if now != name:
-        return f"interface {name} went away (ifindex {ifindex} is now {now})"
-    return None
-
-
-def _errname(e: OSError) -> str:
-    return errno.errorcode.get(e.errno or 0, str(e.errno))
-
-
-class _Stop(Exception):
-    pass
-
-
-def run_job(job: TzspJob, shared: Optional[SharedCounters], wakeup_fd: int, stop: StopFlag,
-            ring_bytes: Optional[int] = None) -> tuple[int, str, TzspCounters]:
-    """Capture and forward until stopped or the interface fails.
-
-    Returns (exit code, one-line reason, final counters).
-    """
-    none = TzspCounters()
-    why = _interface_state(job.ifindex, job.interface)
-    if why:
-        return EXIT_INTERFACE, why, none
-    try:
-        sender = UdpBatchSender(str(job.collector), job.port,
-                                str(job.source) if job.source else None)
-    except OSError as e:
-        return (EXIT_CONFIG,
-                f"cannot send to {job.collector}:{job.port}: {e.strerror} ({_errname(e)})", none)
-    directions = tuple(job.directions)
-
-    def program(link: Any) -> Any:
-        return compile_filter(job.match, job.never_captured(), directions=directions, link=link,
-                              snaplen=job.snaplen)
-
-    kw: dict[str, Any] = {}
-    if ring_bytes or job.ring_bytes:
-        kw["ring_bytes"] = ring_bytes or job.ring_bytes
-    try:
-        ring = RxRing(job.ifindex, program, ignore_outgoing=directions == ("in",), **kw)
-    except CaptureError as e:
-        sender.close()
-        return EXIT_CONFIG, f"interface {job.interface}: {e.strerror}", none
-    except OSError as e:
-        sender.close()
-        if e.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
-            gone = _interface_state(job.ifindex, job.interface)
-            return (EXIT_INTERFACE, gone or f"interface {job.interface} is down (ENETDOWN)",
-                    none)
-        return (EXIT_ERROR,
-                f"cannot capture on {job.interface}: {e.strerror} ({_errname(e)})", none)
-    fwd = Forwarder(job, ring, sender, shared, stop)
-    if not sender.connected:
-        log.warning("%s: collector %s:%s not reachable yet (%s); counting send errors",
-                    job.mirror, job.collector, job.port, sender.last_error)
-    log.info("%s: capturing %s on %s (%s link, %d x %d KiB ring%s) -> %s:%d via %s",
-             job.mirror, "/".join(directions), job.interface, ring.link, ring.block_nr,
-             ring.block_size >> 10, ", ignoring outgoing" if ring.ignore_outgoing else "",
-             job.collector, job.port, "sendmmsg" if sender.batched else "sendmsg")
-    if shared is not None:
-        shared.set_meta(os.getpid(), STATE_RUNNING)
-    code, reason = EXIT_STOPPED, "stopped"
-    try:
-        idle_published = True
-        while not stop.set:
-            if fwd.pump():
-                fwd.publish()
-                idle_published = False
-                continue
-            if not idle_published:
-                fwd.publish(force=True)
-                idle_published = True
-            events = ring.wait(-1, (wakeup_fd,))
-            for fd, ev in events:
-                if fd == wakeup_fd:
-                    try:
-                        os.read(wakeup_fd, 512)
-                    except OSError:
-                        pass
-                    if stop.set:
-                        raise _Stop()
-                if ev & (select.POLLERR | select.POLLHUP):
-                    try:
-                        ring.check_error()
-                    except OSError as e:
-                        fwd.pump()  # frames captured before the error still go out
-                        gone = _interface_state(job.ifindex, job.interface)
-                        if gone:
-                            code, reason = EXIT_INTERFACE, gone
-                        elif e.errno == errno.ENETDOWN:
-                            code, reason = EXIT_INTERFACE, (
-                                f"interface {job.interface} went down (ENETDOWN)")
-                        else:
-                            code, reason = EXIT_ERROR, (
-                                f"capture on {job.interface} failed: {e.strerror} ({_errname(e)})")
-                        stop.set = True
-    except _Stop:
-        pass
-    finally:
-        try:
-            fwd.publish(force=True)
-        except OSError:
-            pass
-        if shared is not None:
-            shared.write(fwd.counters())
-        c = fwd.counters()
-        log.info("%s: %s; captured %d, sent %d, ring drops %d, send errors %d, truncated %d%s",
-                 job.mirror, reason, c[0], c[1], c[3], c[4], c[5],
-                 f" (last error {sender.last_error})" if sender.last_error else "")
-        ring.close()
-        sender.close()
-    return code, reason, TzspCounters(*fwd.counters())
-
-
-def _die_with_parent(parent: int) -> None:
-    try:
-        libc().prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (AttributeError, OSError):
-        return
-    if parent and os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mirrord.tzsp_worker",
-                                description="mirrord TZSP worker (one interface)")
-    p.add_argument("--job-fd", type=int, default=-1, metavar="FD",
-                   help="read the job (JSON, from TzspJob.to_json) from this file descriptor "
-                        "until EOF; the daemon passes it on stdin (0), never in argv or the "
-                        "environment, which other users can read")
-    p.add_argument("--shm-fd", type=int, default=-1, help="shared counter block (from the daemon)")
-    p.add_argument("--parent", type=int, default=0, help="exit when this process goes away")
-    p.add_argument("--interface", help="standalone: interface to mirror")
-    p.add_argument("--direction", choices=("in", "out", "both"), default="both")
-    p.add_argument("--collector", help="standalone: collector address")
-    p.add_argument("--port", type=int, default=tzsp.PORT)
-    p.add_argument("--snaplen", type=int, default=65535)
-    p.add_argument("--match", default="{}", help="standalone: match as JSON (see match_to_dict)")
-    p.add_argument("--ring-mib", type=int, default=0, help="ring size (default 8 MiB)")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--stats", action="store_true", help="print the final counters as JSON")
-    args = p.parse_args(argv)
-    from .logsetup import setup_logging
-
-    # The daemon's own target (journal, syslog or stderr) and format, so the
-    # worker's lines reach the same place with the same priorities.
-    debug = getattr(logging, str(args.log_level).upper(), logging.INFO) <= logging.DEBUG
-    setup_logging(2 if debug else 1)
-    if args.parent:
-        _die_with_parent(args.parent)
-
-    shared: Optional[SharedCounters] = None
-    if args.shm_fd >= 0:
-        shared = SharedCounters(mmap.mmap(args.shm_fd, SHM_SIZE, mmap.MAP_SHARED,
-                                          mmap.PROT_READ | mmap.PROT_WRITE))
-        os.close(args.shm_fd)
-        shared.set_meta(os.getpid(), STATE_STARTING)
-
-    def finish(code: int, reason: str) -> int:
-        if shared is not None:
-            shared.set_reason(reason)
-            shared.set_meta(os.getpid(), STATE_EXITED, code)
-        return code
-
-    try:
-        if args.job_fd >= 0:
-            job = TzspJob.from_json(_read_all(args.job_fd).decode())
-        elif args.interface and args.collector:
-            directions = ("in", "out") if args.direction == "both" else (args.direction,)
-            job = TzspJob(mirror=args.interface, interface=args.interface,
-                          ifindex=socket.if_nametoindex(args.interface), directions=directions,
-                          match=match_from_dict(json.loads(args.match)),
-                          collector=ipaddress.ip_address(args.collector), port=args.port,
-                          snaplen=args.snaplen)
-        else:
-            p.error("give --job-fd, or --interface and --collector")
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        return finish(EXIT_CONFIG, f"bad job: {e}")
-
-    rfd, wfd = os.pipe()
-    os.set_blocking(wfd, False)
-    signal.set_wakeup_fd(wfd)
-    stop = StopFlag()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    counters = TzspCounters()
-    try:
-        code, reason, counters = run_job(
-            job, shared, rfd, stop, ring_bytes=args.ring_mib << 20 if args.ring_mib else None)
-    except Exception as e:  # the reason line is what the daemon shows
-        log.exception("%s: worker failed", job.mirror)
-        code, reason = EXIT_ERROR, f"worker failed: {type(e).__name__}: {e}"
-    if args.stats:
-        print(json.dumps({"reason": reason, "code": code, **asdict(counters)}), flush=True)
-    return finish(code, reason)
-
-
-# -- the daemon's handle ---------------------------------------------------
-
-F_SETPIPE_SZ = 1031
-
-
-def _job_pipe(data: bytes) -> int:
-    """The read end of a pipe that holds `data` and then EOF.
-
-    Written whole before the worker exists, so the daemon never waits on
-    it: the pipe is grown first when a job (long match lists) outgrows the
-    default 64 KiB.
-    """
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    try:
-        if len(data) > 65536:
-            fcntl.fcntl(wfd, F_SETPIPE_SZ, len(data))
-        os.set_blocking(wfd, False)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(wfd, view):]
-    except BaseException:
-        os.close(rfd)
-        raise
-    finally:
-        os.close(wfd)
-    return rfd
+    never = job.never_captured()
+    programs = {link: pack(compile_filter(job.match, never, directions=job.directions, link=link,
+                                          snaplen=job.snaplen))
+                for link in ("ethernet", "raw")}
+    return TapLine(slot, job.ifindex, tuple(job.directions), str(job.collector), job.port,
+                   str(job.source) if job.source else None, job.ring_bytes, job.interface,
+                   job.mirror, programs)
 
 
 def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class TzspWorker:
-    """The daemon's side of one worker process.
+# -I: no environment, no user site, no cwd in sys.path; -S: no site (about
+# 3 MiB of a process that needs nothing outside the standard library).
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from mirrord.tzsp_capture import main; sys.exit(main(sys.argv[2:]))")
+F_SETPIPE_SZ = 1031
+STOP_TIMEOUT = 3.0
 
-    `sentinel` is the read end of a pipe whose write end only the worker
-    holds: it reads EOF when the worker exits, whatever the cause. It is new
-    after every start(); unregister it from a selector before start() again.
-    Counters add up across restarts of the same handle.
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = str(-rc)
+        return f"capture process killed by {name}"
+    return f"capture process exited with status {rc}"
+
+
+class CaptureProcess:
+    """The one capture process and its taps, seen from the daemon.
+
+    `watch(fd, on)` (optional) is told when the events pipe to watch changes:
+    on=True after a start, on=False just before the daemon's end of it closes.
+    When it is readable, call read_events().
     """
 
-    def __init__(self, job: TzspJob) -> None:
-        self.job = job
+    def __init__(self, watch: Optional[Callable[[int, bool], None]] = None) -> None:
+        self.watch = watch
         self._proc: Optional[subprocess.Popen[bytes]] = None
-        self._shared: Optional[SharedCounters] = None
-        self._sentinel: Optional[int] = None
-        self._base = TzspCounters()
-        self._stopped = False
-        self._reason: Optional[str] = None
+        self._shm_fd = -1
+        self._buf: Optional[mmap.mmap] = None
+        self._control = -1
+        self.events = -1
+        self._inbuf = b""
+        self.taps: dict[int, TapHandle] = {}  # slot -> the tap there, in the running set
+        # Taps that ended with their process, until the daemon took note (take_orphans).
+        self.orphans: list[TapHandle] = []
+        self._free = list(range(MAX_TAPS - 1, -1, -1))
         self.starts = 0
 
     @property
     def pid(self) -> Optional[int]:
         return self._proc.pid if self._proc is not None else None
 
-    @property
-    def sentinel(self) -> int:
-        """The pipe end to watch; -1 once stop() released it (or before start())."""
-        return self._sentinel if self._sentinel is not None else -1
-
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def state(self) -> str:
-        """"not started", "starting" (socket not open yet), "running" or "exited"."""
-        if self._proc is None:
-            return "not started"
-        if self._proc.poll() is not None:
-            return "exited"
-        if self._shared is None:
-            return "starting"
-        return "running" if self._shared.meta()[1] == STATE_RUNNING else "starting"
+    # -- slots ---------------------------------------------------------------
+    def slot(self, index: int) -> SharedCounters:
+        if self._buf is None:
+            self._shm_fd, self._buf = new_block()
+        return SharedCounters(self._buf, index)
 
-    def start(self) -> None:
-        if self.running():
-            return
-        self._release()
-        job_r = _job_pipe(self.job.to_json().encode())
+    def add(self, handle: TapHandle) -> None:
+        """Give `handle` a slot and put it in the set (starting the process if needed)."""
+        if not self._free:
+            raise OSError(errno.ENOSPC, f"more than {MAX_TAPS} TZSP taps")
+        if self._proc is not None and not self.running():
+            # Dead, and its EOF not read yet: its taps end now, not in the new process
+            # (which would count their slots from zero again).
+            self.read_events()
+        index = self._free.pop()
+        slot = self.slot(index)
+        slot.reset()
+        handle._attach(index, slot)
+        self.taps[index] = handle
         try:
-            fd, buf = _new_shared_block()
+            if not self.running():
+                self._spawn()
+            else:
+                self._send_set()
         except BaseException:
-            os.close(job_r)
+            self.taps.pop(index, None)
+            handle._orphan("could not start")
             raise
-        rfd, wfd = os.pipe()
-        env = dict(os.environ)
-        root = _package_root()
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+
+    def remove(self, handle: TapHandle, timeout: float = STOP_TIMEOUT) -> None:
+        """Take `handle` out of the set and wait until the process closed it (its
+        counters are final then); the last one stops the process."""
+        if self.taps.get(handle.slot_index) is not handle:
+            return
+        del self.taps[handle.slot_index]
+        if not self.running():
+            return
+        # An empty set too: the process stays (stop() ends it), so that a tap
+        # replaced by another does not cost a new interpreter.
+        self._send_set()
+        deadline = time.monotonic() + timeout
+        while handle.slot_state() != STATE_EXITED and self.running():
+            if time.monotonic() >= deadline:
+                # A process that does not answer may still write the slot,
+                # which must not go to another tap: replace the process.
+                log.warning("TZSP capture process pid %s did not close %s on %s in %.0f s; "
+                            "killing it", self.pid, handle.job.mirror, handle.job.interface,
+                            timeout)
+                self._kill()
+                break
+            time.sleep(0.002)
+
+    def release(self, index: int) -> None:
+        if index not in self.taps and index not in self._free:
+            self._free.append(index)
+
+    # -- the process -------------------------------------------------------------
+    def _spawn(self) -> None:
+        self._retire_events()
+        if self._buf is None:
+            self._shm_fd, self._buf = new_block()
+        ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
+        ev_r, ev_w = os.pipe2(os.O_CLOEXEC)
         level = logging.getLevelName(logging.getLogger("mirrord").getEffectiveLevel())
-        # The job (collector, interface, match) goes through a pipe on stdin:
-        # argv is world-readable (ps, /proc/PID/cmdline), and the network's
-        # layout is why the status socket is 0600.
-        argv = [sys.executable, "-m", "mirrord.tzsp_worker", "--job-fd", "0",
-                "--shm-fd", str(fd), "--parent", str(os.getpid()), "--log-level", str(level)]
+        argv = [sys.executable, "-I", "-S", "-c", _BOOT, _package_root(),
+                "--shm-fd", str(self._shm_fd), "--events-fd", str(ev_w),
+                "--parent", str(os.getpid()), "--log-level", str(level)]
         try:
             # Own session: a terminal's ^C goes to the daemon, which stops us.
-            self._proc = subprocess.Popen(argv, pass_fds=(fd, wfd), stdin=job_r,
-                                          env=env, close_fds=True, start_new_session=True)
+            self._proc = subprocess.Popen(argv, pass_fds=(self._shm_fd, ev_w), stdin=ctl_r,
+                                          close_fds=True, start_new_session=True)
         except BaseException:
-            os.close(rfd)
-            buf.close()
+            for fd in (ctl_w, ev_r):
+                os.close(fd)
             raise
         finally:
-            os.close(job_r)
-            os.close(fd)
-            os.close(wfd)
-        self._shared = SharedCounters(buf)
-        self._sentinel = rfd
-        self._stopped = False
-        self._reason = None
+            os.close(ctl_r)
+            os.close(ev_w)
+        os.set_blocking(ev_r, False)
+        os.set_blocking(ctl_w, False)  # _send_set waits, bounded, when the pipe is full
+        self._control, self.events, self._inbuf = ctl_w, ev_r, b""
         self.starts += 1
-        log.debug("%s: started TZSP worker pid %d on %s", self.job.mirror, self._proc.pid,
-                  self.job.interface)
+        log.debug("started TZSP capture process pid %d", self._proc.pid)
+        if self.watch is not None:
+            self.watch(ev_r, True)
+        self._send_set()
 
-    def _release(self) -> None:
-        """Fold the last process's counters into the base and free its resources."""
-        if self._shared is not None:
-            self._base = self._base + self._shared.read()
-            self._shared.buf.close()
-            self._shared = None
-        if self._sentinel is not None:
-            os.close(self._sentinel)
-            self._sentinel = None
+    def _send_set(self) -> None:
+        """The whole set, then E: the process diffs it against what it runs."""
+        data = ("".join(h.line for h in self.taps.values()) + "E\n").encode()
+        if len(data) > 65536:
+            try:
+                fcntl.fcntl(self._control, F_SETPIPE_SZ, 2 * len(data))
+            except OSError:
+                pass  # then the write below waits for the process to read
+        view = memoryview(data)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while view:
+            try:
+                view = view[os.write(self._control, view):]
+            except BlockingIOError:
+                if time.monotonic() >= deadline or not self.running():
+                    raise OSError(errno.EPIPE, "the TZSP capture process is not reading") from None
+                select.select([], [self._control], [], 0.05)
+            except BrokenPipeError:
+                return  # it died: its events pipe says so
 
-    def stop(self, timeout: float = 3.0) -> None:
-        """SIGTERM, wait, SIGKILL; idempotent. Unregister `sentinel` first: it is
-        closed here (the counters stay readable)."""
+    def _kill(self) -> None:
         p = self._proc
         if p is not None and p.poll() is None:
-            self._stopped = True
+            p.kill()
+            p.wait()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """EOF on its stdin: the process closes every tap (final counters) and exits."""
+        p = self._proc
+        if self._control >= 0:
+            os.close(self._control)
+            self._control = -1
+        if p is not None and p.poll() is None:
             try:
-                p.send_signal(signal.SIGTERM)
                 p.wait(timeout)
             except subprocess.TimeoutExpired:
-                log.warning("%s: TZSP worker pid %d ignored SIGTERM; killing it",
-                            self.job.mirror, p.pid)
+                log.warning("TZSP capture process pid %d did not stop; killing it", p.pid)
                 p.kill()
                 p.wait()
-            except ProcessLookupError:
-                pass
-        if p is not None:
-            self.poll()  # keep the reason: it is read from the sentinel's side
-        if self._sentinel is not None:
-            os.close(self._sentinel)
-            self._sentinel = None
+        self._orphan_all()
 
-    def poll(self) -> Optional[str]:
+    def _orphan_all(self) -> None:
         p = self._proc
-        if p is None:
-            return "not started"
-        rc = p.poll()
-        if rc is None and self._sentinel is not None:
-            # EOF on the sentinel comes as the worker closes its files, a moment
-            # before it can be reaped: once it is readable, the exit is certain.
-            probe = select.poll()
-            probe.register(self._sentinel, select.POLLIN)
-            if probe.poll(0):
-                try:
-                    rc = p.wait(5)
-                except subprocess.TimeoutExpired:
-                    rc = None
-        if rc is None:
-            return None
-        if self._reason is None:
-            reason = self._shared.reason() if self._shared is not None else ""
-            if not reason:
-                if rc < 0:
-                    try:
-                        name = signal.Signals(-rc).name
-                    except ValueError:
-                        name = str(-rc)
-                    reason = f"worker killed by {name}"
-                else:
-                    reason = f"worker exited with status {rc}"
-            if self._stopped and rc in (0, -signal.SIGTERM, -signal.SIGKILL):
-                reason = "stopped"
-            self._reason = reason
-        return self._reason
+        rc = p.poll() if p is not None else None
+        reason = _describe_exit(rc) if rc is not None else "capture process gone"
+        for h in list(self.taps.values()):
+            h._orphan(reason)
+            self.orphans.append(h)
+        self.taps.clear()
 
-    def counters(self) -> TzspCounters:
-        if self._shared is None:
-            return self._base
-        return self._base + self._shared.read()
+    def take_orphans(self) -> list[TapHandle]:
+        out, self.orphans = self.orphans, []
+        return out
+
+    def _retire_events(self) -> None:
+        if self.events >= 0:
+            if self.watch is not None:
+                self.watch(self.events, False)
+            os.close(self.events)
+            self.events = -1
+        if self._control >= 0:
+            os.close(self._control)
+            self._control = -1
+
+    def read_events(self) -> tuple[list[int], bool]:
+        """(slots whose tap ended, whether the process is gone); log lines are logged."""
+        ended: list[int] = []
+        eof = False
+        while self.events >= 0:
+            try:
+                chunk = os.read(self.events, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                eof = True
+                break
+            self._inbuf += chunk
+        *lines, self._inbuf = self._inbuf.split(b"\n")
+        for raw in lines:
+            kind, _, rest = raw.decode("utf-8", "replace").partition(" ")
+            if kind == "X":
+                try:
+                    ended.append(int(rest))
+                except ValueError:
+                    pass
+            elif kind == "L":
+                level, _, text = rest.partition(" ")
+                log.log(int(level) if level.isdigit() else logging.WARNING, "%s", text)
+        if eof:
+            p = self._proc
+            if p is not None:
+                try:
+                    p.wait(5)  # EOF comes as it closes its files, just before the exit
+                except subprocess.TimeoutExpired:
+                    pass
+            self._orphan_all()
+            self._retire_events()
+        return ended, eof
 
     def close(self) -> None:
-        """stop() and release the sentinel and counter block."""
         self.stop()
-        self.poll()
+        self._retire_events()
+        if self._buf is not None:
+            self._buf.close()
+            self._buf = None
+        if self._shm_fd >= 0:
+            os.close(self._shm_fd)
+            self._shm_fd = -1
+
+
+class TapHandle:
+    """One tap in the shared capture process: what the daemon's supervision
+    holds per tap. Counters add up across restarts of the same handle."""
+
+    _serials = itertools.count(1)
+
+    def __init__(self, process: CaptureProcess, job: TzspJob) -> None:
+        self.process = process
+        self.job = job
+        # Which tap this is, across the daemon's life: status shows it, so that a
+        # replaced tap (same interface, new match) can be told from the old one.
+        self.serial = next(TapHandle._serials)
+        self.slot_index = -1
+        self.line = ""
+        self._slot: Optional[SharedCounters] = None
+        self._base = TzspCounters()
+        self._dead: Optional[str] = None
+        self._stopped = False
+        self.starts = 0
+
+    # called by CaptureProcess
+    def _attach(self, index: int, slot: SharedCounters) -> None:
+        self.slot_index, self._slot = index, slot
+        self.line = tap_line(self.job, index).encode()
+        self._dead = None
+        self._stopped = False
+        self.starts += 1
+
+    def _orphan(self, reason: str) -> None:
+        if self._dead is None:
+            self._dead = reason
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid
+
+    @property
+    def sentinel(self) -> int:
+        return self.process.events
+
+    def slot_state(self) -> int:
+        return self._slot.meta()[1] if self._slot is not None else STATE_EXITED
+
+    def start(self) -> None:
+        if self._slot is not None and self.poll() is None:
+            return
         self._release()
-        self._proc = None
+        self.process.add(self)
+
+    def running(self) -> bool:
+        return self._slot is not None and self.poll() is None
+
+    def state(self) -> str:
+        """"not started", "starting" (socket not open yet), "running" or "exited"."""
+        if self._slot is None:
+            return "exited" if self.starts else "not started"
+        if self.poll() is not None:
+            return "exited"
+        return "running" if self.slot_state() == STATE_RUNNING else "starting"
+
+    def poll(self) -> Optional[str]:
+        """None while the tap runs; else why it ended."""
+        if self._slot is None:
+            return self._dead or ("not started" if not self.starts else "stopped")
+        state = self._slot.meta()[1]
+        if state == STATE_EXITED:
+            reason = self._slot.reason() or "ended"
+        elif self._dead is not None:
+            reason = self._dead
+        elif self.process.taps.get(self.slot_index) is not self:
+            reason = "stopped"
+        elif not self.process.running():
+            rc = self.process._proc.poll() if self.process._proc is not None else None
+            reason = _describe_exit(rc) if rc is not None else "capture process gone"
+        else:
+            return None
+        return reason
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Out of the set, and wait until the process closed it (or is gone): the
+        counters are final after this. Idempotent."""
+        if self._slot is None:
+            return
+        self._stopped = True
+        self.process.remove(self, timeout)
+        self._dead = self.poll() or "stopped"
+        self._release()
+
+    def _release(self) -> None:
+        """Fold the slot's counters into the base and give the slot back."""
+        if self._slot is not None:
+            self._base = self._base + self._slot.read()
+            self._slot = None
+            self.process.release(self.slot_index)
+
+    def counters(self) -> TzspCounters:
+        if self._slot is None:
+            return self._base
+        return self._base + self._slot.read()
+
+    def close(self) -> None:
+        self.stop()
 
     def __repr__(self) -> str:
-        return f"TzspWorker({self.job.mirror!r} on {self.job.interface}, pid {self.pid})"
+        return f"TapHandle({self.job.mirror!r} on {self.job.interface}, slot {self.slot_index})"
+
+
+class TzspWorker(TapHandle):
+    """One job in a capture process of its own (tests, tools): `sentinel` turns
+    readable on the process's events; poll() then says whether the tap ended."""
+
+    def __init__(self, job: TzspJob) -> None:
+        super().__init__(CaptureProcess(), job)
+
+    def poll(self) -> Optional[str]:
+        if self.process.events >= 0:
+            self.process.read_events()
+        return super().poll()
+
+    def close(self) -> None:
+        self.stop()
+        self.process.close()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        super().stop(timeout)
+        self.process.stop(timeout)
 
 
 def counters_dict(c: TzspCounters) -> dict[str, int]:
     return asdict(c)
+
+
+# -- standalone: python -m mirrord.tzsp_worker --interface IF ... --collector ADDR ---------
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mirrord.tzsp_worker",
+                                description="mirrord TZSP capture, by hand: every --interface "
+                                            "a tap, all in this one process")
+    p.add_argument("--interface", action="append", required=True,
+                   help="interface to mirror (repeat for more taps)")
+    p.add_argument("--direction", choices=("in", "out", "both"), default="both")
+    p.add_argument("--collector", required=True, help="collector address")
+    p.add_argument("--port", type=int, default=tzsp.PORT)
+    p.add_argument("--snaplen", type=int, default=65535)
+    p.add_argument("--match", default="{}", help="match as JSON (see match_to_dict)")
+    p.add_argument("--ring-mib", type=int, default=0, help="ring size per tap (default 512 KiB)")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--stats", action="store_true", help="print the final counters as JSON")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(levelname)s %(message)s")
+    from .tzsp_capture import serve
+
+    directions = ("in", "out") if args.direction == "both" else (args.direction,)
+    try:
+        jobs = [TzspJob(mirror=name, interface=name, ifindex=socket.if_nametoindex(name),
+                        directions=directions, match=match_from_dict(json.loads(args.match)),
+                        collector=ipaddress.ip_address(args.collector), port=args.port,
+                        snaplen=args.snaplen, ring_bytes=args.ring_mib << 20)
+                for name in args.interface]
+    except (ValueError, OSError) as e:
+        print(f"tzsp_worker: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    fd, buf = new_block()
+    os.close(fd)
+    rc = serve(buf, -1, -1, logging.getLogger("mirrord").getEffectiveLevel(),
+               [tap_line(j, i) for i, j in enumerate(jobs)], log_to=log.log)
+    if args.stats:
+        for i, j in enumerate(jobs):
+            s = SharedCounters(buf, i)
+            print(json.dumps({"interface": j.interface, "reason": s.reason(),
+                              "code": s.meta()[2], **asdict(s.read())}), flush=True)
+    return rc
 
 
 if __name__ == "__main__":

@@ -218,8 +218,9 @@ def _run_worker(job_json: str, timeout: float) -> int:
         if not announced and w.state() == "running":
             print(f"ready {w.pid}", flush=True)
             announced = True
-        r, _, _ = select.select([w.sentinel], [], [], 0.05)
-        if r:
+        r, _, _ = select.select([w.sentinel] if w.sentinel >= 0 else [], [], [], 0.05)
+        # Readable: an event (a log line too); poll() says whether the tap ended.
+        if (r or w.sentinel < 0) and w.poll() is not None:
             break
     if not announced:
         print(f"ready {w.pid}", flush=True)  # exited before running: report anyway

@@ -156,10 +156,12 @@ def test_reload_changing_only_a_tzsp_match_replaces_the_worker() -> None:
         while "64 x 256 KiB ring" not in lab.daemon_log() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "64 x 256 KiB ring" in lab.daemon_log()
-        pid = st["mirrors"][0]["tzsp"][0]["pid"]
+        # The tap, not the process: every tap shares the one capture process.
+        tap_id = st["mirrors"][0]["tzsp"][0]["id"]
         hup_and_wait(lab, d, spec(collector=OFFLINK_COLLECTOR, match=match % 6000), path)
         st = lab.wait_for_status(lambda s: s and s["mirrors"][0]["tzsp"]
-                                 and s["mirrors"][0]["tzsp"][0]["pid"] != pid)
+                                 and s["mirrors"][0]["tzsp"][0]["id"] != tap_id
+                                 and s["mirrors"][0]["tzsp"][0]["running"])
         lab.udp_send(lab.lan, WAN_HOST, 6000, 20, rate=500)
         st = lab.wait_for_status(lambda s: s and s["mirrors"][0]["tzsp"][0]["captured"] >= 20)
         assert st["mirrors"][0]["match"] == "udp dport 6000"

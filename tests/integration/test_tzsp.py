@@ -537,7 +537,7 @@ mirrors:
                             capture_output=True, text=True, timeout=10, check=True).stdout
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\0", b" ").decode()
-        assert "mirrord.tzsp_worker" in cmdline and "mirrord.tzsp_worker" in ps  # the right one
+        assert "mirrord.tzsp_capture" in cmdline and "mirrord.tzsp_capture" in ps  # the right one
         for secret in (lab.collector, str(port), "br-lan", WAN_HOST, "icmp", "hiddenmirror",
                        "secretcol", "collector", "interface"):
             assert secret not in cmdline and secret not in ps, (secret, cmdline)
@@ -582,3 +582,269 @@ def test_receiver_allows_only_listed_senders(lab: Lab) -> None:
     assert "received 6, written 3, malformed 0, refused 3" in rx.stderr
     assert f"refused TZSP from ::ffff:{LAN_HOST}: not in --allow" in rx.stderr
     assert rx.stderr.count("refused TZSP from") == 1  # once per sender, not per datagram
+
+
+# -- every tap in one capture process ----------------------------------------------
+
+TAP_PORT = 37031
+TAPS = ("tp1", "tp2", "tp3", "tp4")
+# Frames sent on a tap's veth peer: broadcast, a local experimental ethertype
+# (no stack answers it), then a tag byte and a sequence number.
+SEND_FRAMES = r"""
+import socket, struct, sys, time
+dev, tag, start, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+pps = float(sys.argv[5])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+s.bind((dev, 0))
+head = b"\xff" * 6 + b"\x02\x00\x5e\x00\x00" + bytes([tag]) + b"\x88\xb5" + bytes([tag])
+t0 = time.monotonic()
+for i in range(start, start + count):
+    s.send(head + struct.pack("!I", i) + bytes(41))
+    if (i - start) % 50 == 49:
+        d = t0 + (i - start + 1) / pps - time.monotonic()
+        if d > 0:
+            time.sleep(d)
+print("sent", count, flush=True)
+"""
+
+
+def _tap_rules() -> dict[str, str]:
+    # In the UDP payload: TZSP header (5), then the frame; the ethertype is
+    # frame byte 12 and the tag byte 14: bit offsets from the UDP header.
+    return {f"t{i}": f"udp dport {TAP_PORT} @th,200,16 0x88b5 @th,216,8 {i}"
+            for i in range(1, len(TAPS) + 1)}
+
+
+@contextlib.contextmanager
+def _tap_links(lab: Lab) -> Iterator[None]:
+    script = " && ".join(
+        f"ip link add {t} type veth peer name {t}p && "
+        f"sysctl -qw net.ipv6.conf.{t}.disable_ipv6=1 net.ipv6.conf.{t}p.disable_ipv6=1 && "
+        f"ip link set {t}p up && ip link set {t} up" for t in TAPS)
+    lab.rtr.sh(script)
+    lab.col.run("nft", "delete", "table", "netdev", "lab", check=False)
+    lab.count_at_collector(_tap_rules())
+    try:
+        yield
+    finally:
+        for t in TAPS:
+            lab.rtr.run("ip", "link", "del", t, check=False)
+        lab.col.run("nft", "delete", "table", "netdev", "lab", check=False)
+
+
+def _taps_spec(interfaces: tuple[str, ...], ring_mib: int = 0) -> str:
+    ring = f"    ring_mib: {ring_mib}\n" if ring_mib else ""
+    return f"""\
+backend: nftables
+collectors:
+  far:
+    address: "{COLLECTOR_ADDR}"
+    transport: tzsp
+    port: {TAP_PORT}
+{ring}mirrors:
+  - name: ports
+    interfaces: [{", ".join(interfaces)}]
+    direction: in
+    collector: far
+"""
+
+
+COLLECTOR_ADDR = "203.0.113.130"
+
+
+def _send(lab: Lab, tap: str, tag: int, count: int, start: int = 0, pps: float = 2000) -> None:
+    lab.rtr.run(sys.executable, "-c", SEND_FRAMES, f"{tap}p", str(tag), str(start), str(count),
+                str(pps), timeout=30 + count / pps * 2)
+
+
+def _rows(st: Any) -> dict[str, Any]:
+    if not st:
+        return {}
+    m = next((m for m in st["mirrors"] if m["name"] == "ports"), None)
+    return {w["interface"]: w for w in m["tzsp"]} if m else {}
+
+
+def _total(st: Any) -> int:
+    return int(next(m for m in st["mirrors"] if m["name"] == "ports")["packets"])
+
+
+def _all_running(st: Any, taps: tuple[str, ...]) -> bool:
+    rows = _rows(st)
+    return set(rows) == set(taps) and all(r["running"] for r in rows.values())
+
+
+def _capture_children(daemon_pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if ppid == daemon_pid and b"tzsp_capture" in cmd:
+            out.append(int(d))
+    return out
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0])
+    return out
+
+
+def _switches(pid: int) -> int:
+    st = _proc_status(pid)
+    return st["voluntary_ctxt_switches"] + st["nonvoluntary_ctxt_switches"]
+
+
+def _wait_counts(lab: Lab, want: dict[str, int], timeout: float = 10) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    got = lab.collector_counts()
+    while any(got.get(k, 0) < v for k, v in want.items()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        got = lab.collector_counts()
+    return got
+
+
+def test_four_taps_one_process_all_deliver_and_survive_a_kill(lab: Lab) -> None:
+    """Four taps run in one capture process, each delivers every frame; killing
+    that process brings every tap back, and the mirror's count never goes down."""
+    assert lab.collector == COLLECTOR_ADDR
+    n = 40
+    with _tap_links(lab):
+        daemon = lab.start_daemon(lab.write_spec(_taps_spec(TAPS)))
+        try:
+            st = lab.wait_for_status(lambda s: _all_running(s, TAPS), timeout=20)
+            pids = {r["pid"] for r in _rows(st).values()}
+            children = _capture_children(daemon.pid)
+            assert len(pids) == 1 and children == list(pids), (pids, children)
+            for i, t in enumerate(TAPS, 1):
+                _send(lab, t, i, n)
+            want = {f"t{i}": n for i in range(1, 5)}
+            assert _wait_counts(lab, want) == want
+            st = lab.wait_for_status(lambda s: _total(s) >= 4 * n)
+            assert _total(st) == 4 * n  # nothing else crosses these links
+            assert all(r["sent"] == n for r in _rows(st).values())
+
+            (old,) = pids
+            # Memory: one interpreter and four default rings (26 MiB per tap before).
+            assert _proc_status(old)["VmRSS"] <= 16 * 1024, _proc_status(old)
+            # Idle: no wake-up in 2 s; positive control: one frame wakes it.
+            before = _switches(old)
+            time.sleep(2)
+            assert _switches(old) == before
+            _send(lab, "tp1", 1, 1, start=n)
+            assert _wait_counts(lab, {"t1": n + 1})["t1"] == n + 1
+            assert _switches(old) > before
+            n_tp1 = n + 1
+            os.kill(old, 9)
+            totals = [_total(st)]
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                s = lab.status()
+                if s is None:
+                    continue
+                totals.append(_total(s))
+                rows = _rows(s)
+                if _all_running(s, TAPS) and {r["pid"] for r in rows.values()} != {old}:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError(f"taps did not come back: {lab.status()}")
+            assert totals == sorted(totals) and totals[-1] == 4 * n + 1, totals
+            assert len(_capture_children(daemon.pid)) == 1
+            # Every tap is back, and its copies count on top of the old ones.
+            for i, t in enumerate(TAPS, 1):
+                _send(lab, t, i, n, start=2 * n)
+            want = {f"t{i}": 2 * n for i in range(1, 5)}
+            want["t1"] = n_tp1 + n
+            assert _wait_counts(lab, want) == want
+            st = lab.wait_for_status(lambda s: _total(s) >= 8 * n + 1)
+            assert _total(st) == 8 * n + 1
+        finally:
+            lab.stop_daemon(daemon)
+        assert "TZSP capture for ports on tp1 stopped: capture process killed by SIGKILL" \
+            in lab.daemon_log()
+
+
+def test_plan_change_keeps_other_taps_and_banks_final_counts(lab: Lab) -> None:
+    """A reload that adds tp3 and removes tp2 while both tp1 and tp2 stream:
+    tp1 loses no copy (its tap is never reopened), tp3 delivers, and the
+    mirror's total counts every copy tp2 sent up to its very end (banked after
+    the tap stopped, not before)."""
+    n1, n2 = 24000, 24000
+    with _tap_links(lab):
+        spec = lab.write_spec(_taps_spec(("tp1", "tp2"), ring_mib=8))
+        daemon = lab.start_daemon(spec)
+        try:
+            lab.wait_for_status(lambda s: _all_running(s, ("tp1", "tp2")), timeout=20)
+            senders = [lab.rtr.popen(sys.executable, "-c", SEND_FRAMES, f"{t}p", str(i), "0",
+                                     str(n), "8000", stdout=subprocess.PIPE, text=True)
+                       for i, (t, n) in enumerate((("tp1", n1), ("tp2", n2)), 1)]
+            try:
+                _wait_counts(lab, {"t1": 100, "t2": 100})
+                with open(spec, "w") as f:
+                    f.write(_taps_spec(("tp1", "tp3"), ring_mib=8))
+                daemon.send_signal(1)
+                lab.wait_for_status(lambda s: _all_running(s, ("tp1", "tp3")), timeout=20)
+                # Positive control: the change happened while tp1 was streaming.
+                assert senders[0].poll() is None, "the stream ended before the reload"
+                for p in senders:
+                    assert p.communicate(timeout=60)[0].startswith("sent")
+            finally:
+                for p in senders:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+            _send(lab, "tp3", 3, 50)
+            got = _wait_counts(lab, {"t1": n1, "t3": 50})
+            assert got["t1"] == n1 and got["t3"] == 50
+            assert 100 <= got["t2"] < n2  # tp2 went away mid-stream
+            st = lab.wait_for_status(lambda s: _total(s) >= got["t1"] + got["t2"] + 50)
+            assert _total(st) == got["t1"] + got["t2"] + got["t3"], (st, got)
+        finally:
+            lab.stop_daemon(daemon)
+
+
+def test_removed_tap_counts_to_its_very_end(lab: Lab) -> None:
+    """A tap removed while flooded: the mirror's total holds every copy the tap
+    sent, to the last one it logged on closing (its totals are banked after it
+    stopped; read before, the copies sent since its last publication were lost)."""
+    import re
+
+    with _tap_links(lab):
+        spec = lab.write_spec(_taps_spec(("tp1", "tp2")))
+        mark = len(lab.daemon_log())  # the lab's log holds earlier tests' lines too
+        daemon = lab.start_daemon(spec)
+        try:
+            lab.wait_for_status(lambda s: _all_running(s, ("tp1", "tp2")), timeout=20)
+            flood = lab.rtr.popen(sys.executable, "-c", SEND_FRAMES, "tp2p", "2", "0", "3000000",
+                                  "1e9", stdout=subprocess.PIPE, text=True)
+            try:
+                lab.wait_for_status(lambda s: _rows(s).get("tp2", {}).get("sent", 0) > 1000)
+                with open(spec, "w") as f:
+                    f.write(_taps_spec(("tp1",)))
+                daemon.send_signal(1)
+                lab.wait_for_status(lambda s: set(_rows(s)) == {"tp1"}, timeout=20)
+                assert flood.poll() is None, "the flood ended before the tap was removed"
+            finally:
+                flood.kill()
+                flood.wait()
+            final = [int(x) for x in re.findall(
+                r"ports: (?:tp2: )?stopped; captured \d+, sent (\d+)", lab.daemon_log()[mark:])]
+            assert len(final) == 1, lab.daemon_log()[mark:]
+            st = lab.status()
+            assert st is not None
+            assert _rows(st)["tp1"]["sent"] == 0  # nothing else crosses these links
+            assert _total(st) == final[0] > 1000
+        finally:
+            lab.stop_daemon(daemon)

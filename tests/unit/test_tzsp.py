@@ -9,6 +9,7 @@ import mmap
 import re
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import pytest
@@ -223,13 +224,25 @@ def test_shared_counters_roundtrip() -> None:
     assert reader.reason() == "interface wan went away (ENXIO)"
     assert TzspCounters(1, 1, 1, 1, 1, 1) + TzspCounters(1, 2, 3, 4, 5, 6) == TzspCounters(
         2, 3, 4, 5, 6, 7)
+    # One slot per tap: a neighbour's writes, reason (however long) and reset stay in it.
+    other = SharedCounters(buf, 1)
+    other.write((7, 7, 7, 7, 7, 7))
+    other.set_reason("x" * 5000)
+    other.set_meta(99, 2, 3)
+    assert reader.read() == TzspCounters(10, 20, 30, 40, 50, 60)
+    assert reader.reason() == "interface wan went away (ENXIO)"
+    assert other.meta() == (99, 2, 3) and 100 < len(other.reason()) < 256
+    other.reset()
+    assert other.read() == TzspCounters() and other.reason() == "" and other.meta() == (0, 0, 0)
+    with pytest.raises(ValueError):
+        SharedCounters(buf, SHM_SIZE // 256)
 
 
 def test_worker_module_does_not_import_scapy() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, mirrord.tzsp_worker, mirrord.capture, mirrord.bpf, mirrord.tzsp, "
+    code = ("import sys, mirrord.tzsp_worker, mirrord.tzsp_capture, mirrord.bpf, mirrord.tzsp, "
             "mirrord.receive; print('scapy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
@@ -282,12 +295,52 @@ def test_job_wire_form_rejects_bad_values(change: dict[str, object], message: st
         TzspJob.from_json(json.dumps(missing))
 
 
-def test_job_pipe_holds_the_job_then_eof() -> None:
-    from mirrord.tzsp_worker import _job_pipe, _read_all
+def test_tap_line_roundtrip_and_rejects() -> None:
+    from mirrord.tzsp_protocol import TapLine
 
-    for size in (10, 200_000):  # past the default 64 KiB pipe: grown, never a wait
-        data = b"j" * size
-        assert _read_all(_job_pipe(data)) == data
+    line = TapLine(7, 12, ("in", "out"), "2001:db8::5", 37008, None, 0, "lan 1\nx", "my mirror",
+                   {"ethernet": bytes(range(16)), "raw": bytes(8)})
+    text = line.encode()
+    assert text.endswith("\n") and text.count("\n") == 1  # a name never breaks the line
+    back = TapLine.decode(text.strip())
+    assert (back.slot, back.ifindex, back.directions, back.collector, back.port, back.source,
+            back.interface, back.mirror, back.programs) == (
+        7, 12, ("in", "out"), "2001:db8::5", 37008, None, "lan 1\nx", "my mirror", line.programs)
+    for bad in ("T 1 2", text.replace(" in+out ", " sideways "), text.replace("T ", "Q ", 1),
+                text.strip()[:-2] + "0"):  # a program not a whole number of instructions
+        with pytest.raises(ValueError):
+            TapLine.decode(bad)
+
+
+def test_tap_line_carries_the_daemons_compiled_filters() -> None:
+    from mirrord.bpf import compile_filter, pack
+    from mirrord.tzsp_worker import tap_line
+
+    job = TzspJob("m", "wan", 3, ("out",), Match(protocols=(17,)),
+                  ipaddress.ip_address("203.0.113.10"), 37008, 200,
+                  exclude=(ipaddress.ip_address("203.0.113.5"),))
+    line = tap_line(job, 4)
+    for link in ("ethernet", "raw"):
+        assert line.programs[link] == pack(compile_filter(
+            job.match, job.never_captured(), directions=("out",), link=link,  # type: ignore[arg-type]
+            snaplen=200))
+    assert (line.slot, line.collector, line.ring_bytes) == (4, "203.0.113.10", 0)
+
+
+def test_capture_process_imports_little() -> None:
+    """The capture process's memory is mostly its imports: keep them few."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import mirrord.tzsp_capture; "
+            "print(' '.join(sorted(sys.modules)))")
+    root = str(Path(__file__).resolve().parents[2])
+    mods = set(subprocess.run([sys.executable, "-I", "-S", "-c", code, root],
+                              capture_output=True, text=True, check=True).stdout.split())
+    heavy = {"logging", "typing", "dataclasses", "socket", "signal", "enum", "json", "argparse",
+             "re", "ipaddress", "subprocess", "mirrord.bpf", "mirrord.match", "mirrord.tzsp_worker"}
+    assert not mods & heavy, sorted(mods & heavy)
+    assert {"mirrord.capture", "mirrord.tzsp_protocol", "ctypes"} <= mods
 
 
 # -- receive --allow ---------------------------------------------------------------
