@@ -260,7 +260,12 @@ def _compose(text: str) -> tuple[Optional[yaml.Node], list[yaml.Node]]:
         except Exception:  # the pure loader below gives the verdict
             pass
         else:
-            odd = _bounded(root)
+            try:
+                odd = _bounded(root)
+            except _LimitError:
+                # Past a bound: the pure loader stops at the very spot (an
+                # alias's own position, which a composed tree no longer has).
+                odd = None
             if odd is not None:
                 _plain_style_as_pure(root)
                 return root, odd
@@ -272,8 +277,9 @@ def _compose(text: str) -> tuple[Optional[yaml.Node], list[yaml.Node]]:
 
 
 def _bounded(root: Optional[yaml.Node]) -> Optional[list[yaml.Node]]:
-    """_Loader's bounds on a tree composed elsewhere: raises _LimitError; the
-    collections tagged as something else; None where only _Loader can tell."""
+    """_Loader's bounds on a tree composed elsewhere (raises _LimitError past
+    one) and the collections tagged as something else; None where only
+    _Loader can tell."""
     if root is None:
         return []
     odd: list[yaml.Node] = []
