@@ -100,9 +100,6 @@ def _journal_handler() -> Optional[logging.Handler]:
                 self.handleError(record)
 
     handler: logging.Handler = FieldsJournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENT)
-    # The fields also in the text: `journalctl -u mirrord` shows the same line
-    # whether systemd-python is installed (this handler) or not (stderr).
-    handler.setFormatter(FieldsFormatter("%(message)s"))
     return handler
 
 
