@@ -346,15 +346,18 @@ def run(args: argparse.Namespace) -> int:
             where = f"TAP {args.tap}"
     except (OSError, ReceiveError) as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        print(f"mirrord receive: {msg}", file=sys.stderr)
+        what = args.write if args.write else (f"TAP {args.tap}" if args.tap else "stdout")
+        print(f"mirrord receive: {what}: {msg}", file=sys.stderr)
         sock.close()
         return 1
     except BrokenPipeError:
         sock.close()
         return 0
-    log.info("receiving TZSP on %s -> %s", args.listen, where)
-    if allow is not None:
-        log.info("accepting TZSP only from %s", ", ".join(str(n) for n in allow))
+    # Said without -v: a receiver that prints nothing looks like one that
+    # does nothing, and the person needs to know where to point the router.
+    senders = ", ".join(str(n) for n in allow) if allow is not None else "any sender"
+    print(f"mirrord receive: listening for TZSP on {args.listen} (from {senders}), "
+          f"writing to {where}; Ctrl-C ends it", file=sys.stderr, flush=True)
 
     stop = {"signal": 0}
     rfd, wfd = os.pipe()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,30 @@ def test_top_level_help_has_examples() -> None:
     assert "examples:" in out
     for command in ("check", "render", "run", "status", "flush", "trace", "receive"):
         assert f"  mirrord {command} " in out, command
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_receive_names_the_file_it_cannot_write() -> None:
+    r = mirrord("receive", "--listen", f"127.0.0.1:{free_udp_port()}",
+                "--write", "/nonexistent/x.pcap")
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("mirrord receive: /nonexistent/x.pcap: No such file or directory"), r
+
+
+def test_receive_says_where_it_listens_and_writes(tmp_path: Path) -> None:
+    out = tmp_path / "x.pcap"
+    listen = f"127.0.0.1:{free_udp_port()}"
+    r = mirrord("receive", "--listen", listen, "--write", str(out), "--timeout", "0.2")
+    assert r.returncode == 0, r
+    first = r.stderr.splitlines()[0]
+    assert first == (f"mirrord receive: listening for TZSP on {listen} (from any sender), "
+                     f"writing to {out}; Ctrl-C ends it"), r
+    assert out.read_bytes()[:4] == bytes.fromhex("d4c3b2a1")  # a pcap file, even if empty
 
 
 @pytest.mark.integration
