@@ -352,7 +352,7 @@ def tcpdump(ns: str, iface: str, path: str, bpf: str = "") -> Background:
 def receiver(ns: str, *args: str) -> Background:
     """`mirrord receive ARGS` (through the real CLI), once it is listening."""
     return Background(ns, [sys.executable, "-m", "mirrord", "receive", "-v", *args],
-                      "receiving TZSP")
+                      "listening for TZSP")
 
 
 def _send_frames(iface: str, frames: list[str]) -> None:
