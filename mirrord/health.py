@@ -73,6 +73,27 @@ def plan_findings(p: Plan, backend_error: str, topo: Optional[Topology] = None) 
     return out
 
 
+def tzsp_findings(mirrors: list[dict[str, Any]]) -> list[Finding]:
+    """Copies a TZSP tap lost in its capture ring, from status's own rows.
+
+    The ring is small by default (512 KiB: the router's memory), so a burst
+    or a stretch off the CPU can overflow it; the kernel counts what it
+    dropped, and a mirror that loses copies must not look complete.
+    """
+    out: list[Finding] = []
+    for m in mirrors:
+        for w in m.get("tzsp", []):
+            drops = int(w.get("ring_drops") or 0)
+            if drops:
+                out.append(Finding(
+                    "tzsp-ring-drops", "warning",
+                    f"mirror {m['name']}: the capture ring on {w['interface']} dropped {drops} "
+                    "frame(s): those copies were never sent",
+                    f"raise ring_mib on collector {m['collector']['name']} (the ring absorbs "
+                    "bursts; default 512 KiB), or narrow the mirror's match", m["name"]))
+    return out
+
+
 def _bridge_port_findings(p: Plan, topo: Topology) -> list[Finding]:
     """A kernel clone on a bridge port copies nothing: IP hooks see the bridge.
 

@@ -40,7 +40,7 @@ def _rates(d: Daemon, now: float, totals: dict[str, tuple[int, int]]) -> dict[st
 
 
 def build_status(d: Daemon) -> dict[str, Any]:
-    from .health import offload_findings, plan_findings
+    from .health import offload_findings, plan_findings, tzsp_findings
 
     counts = d.counts()
     tzsp = d.tzsp_counts()
@@ -114,6 +114,7 @@ def build_status(d: Daemon) -> dict[str, Any]:
             "apply-failed", "error", f"the kernel refused mirrord's rules: {d.apply_error}",
             "see the daemon's log for the refused input; mirrord retries on every change and "
             "with a growing delay"))
+    findings += tzsp_findings(mirrors)
     findings += offload_findings()
     return {
         "version": __version__,

@@ -91,3 +91,14 @@ def test_summarize_folds_bursts() -> None:
         "table deleted: ip mirrord, chain deleted: ip mirrord (+1 more)")
 
 
+
+
+def test_ring_drops_are_a_finding_naming_the_fix() -> None:
+    from mirrord.health import tzsp_findings
+
+    row = {"name": "wan", "collector": {"name": "ids"},
+           "tzsp": [{"interface": "wan", "ring_drops": 0}, {"interface": "lan1", "ring_drops": 37}]}
+    (f,) = tzsp_findings([row])
+    assert (f.code, f.severity, f.mirror) == ("tzsp-ring-drops", "warning", "wan")
+    assert "lan1 dropped 37 frame(s)" in f.what and "ring_mib on collector ids" in f.fix
+    assert tzsp_findings([{**row, "tzsp": [{"interface": "wan", "ring_drops": 0}]}]) == []
