@@ -163,7 +163,7 @@ def test_reload_changing_only_a_tzsp_match_replaces_the_worker() -> None:
         hup_and_wait(lab, d, spec(collector=OFFLINK_COLLECTOR, match=match % 6000), path)
         st = lab.wait_for_status(lambda s: s and s["mirrors"][0]["tzsp"]
                                  and s["mirrors"][0]["tzsp"][0]["id"] != tap_id
-                                 and s["mirrors"][0]["tzsp"][0]["running"])
+                                 and s["mirrors"][0]["tzsp"][0]["state"] == "running")
         lab.udp_send(lab.lan, WAN_HOST, 6000, 20, rate=500)
         st = lab.wait_for_status(lambda s: s and s["mirrors"][0]["tzsp"][0]["captured"] >= 20)
         assert st["mirrors"][0]["match"] == "udp dport 6000"
