@@ -12,6 +12,7 @@ import glob
 import ipaddress
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -258,7 +259,9 @@ def test_receiver_streams_to_tcpdump_and_feeds_a_tap(lab: Lab) -> None:
     stream = lab.col.popen("sh", "-c", script, stdout=subprocess.PIPE, text=True,
                            cwd=str(ROOT))
     tap_pcap = tmp(lab, "tap.pcap")
-    tap_rx = receiver(lab.col.name, "--listen", "0.0.0.0:37019", "--tap", "tzsp0", "--count", "3",
+    # No --count: a receiver that exits at once removes its TAP, and tcpdump on
+    # it could lose the last frame with the device. Ended below, once tcpdump has all.
+    tap_rx = receiver(lab.col.name, "--listen", "0.0.0.0:37019", "--tap", "tzsp0",
                       "--timeout", "20", "--allow", RTR_COL)
     dump = tcpdump(lab.col.name, "tzsp0", tap_pcap)
     try:
@@ -266,8 +269,16 @@ def test_receiver_streams_to_tcpdump_and_feeds_a_tap(lab: Lab) -> None:
         helper(lab.rtr, "send-udp", lab.collector, "37018", *(tzsp.encode(f).hex() for f in frames))
         helper(lab.rtr, "send-udp", lab.collector, "37019", *(tzsp.encode(f).hex() for f in frames))
         out, _ = stream.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if len(read_pcap(tap_pcap)[1]) >= len(frames):
+                    break
+            except ValueError:  # tcpdump has not written the header yet
+                pass
+            time.sleep(0.05)
+        tap_rx.proc.send_signal(signal.SIGTERM)
         assert tap_rx.wait(30) == 0
-        time.sleep(0.2)
     finally:
         if stream.poll() is None:
             stream.kill()
