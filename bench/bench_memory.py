@@ -77,7 +77,7 @@ mirrors:
 RTNL = r"""
 import statistics, sys, time
 option, reads = sys.argv[1], int(sys.argv[2])
-import mirrord.daemon  # what the daemon holds anyway
+import mirrord.service.daemon  # what the daemon holds anyway
 from mirrord.match import Address
 import ipaddress
 dst = ipaddress.ip_address(sys.argv[3])
@@ -89,7 +89,7 @@ def rss():
 
 before = rss(), len(sys.modules)
 if option == "raw":
-    from mirrord import topology
+    from mirrord.netlink import topology
     def read():
         return topology.read([(dst, None)])
 elif option == "pyroute2":
@@ -198,8 +198,9 @@ def bare_env(pycache: str) -> dict[str, str]:
            "PYTHONDONTWRITEBYTECODE": ""}
     # The byte code of every module a daemon imports (the standard library's too:
     # with a prefix, Python looks for .pyc files there only).
-    warm = ("import mirrord.cli, mirrord.daemon, mirrord.commands, mirrord.status, "
-            "mirrord.health, mirrord.logsetup, mirrord.libnft, mirrord.tzsp_worker, nftables")
+    warm = ("import mirrord.cli, mirrord.service.daemon, mirrord.commands, mirrord.observe.status, "
+            "mirrord.observe.health, mirrord.service.logsetup, mirrord.backends.libnft, "
+            "mirrord.tzsp.supervisor, nftables")
     subprocess.run([sys.executable, "-S", "-c", warm], env={**os.environ, **env}, check=True,
                    capture_output=True)
     return env

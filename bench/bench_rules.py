@@ -100,7 +100,8 @@ SPECS: dict[str, Optional[str]] = {
 RENDER = r"""
 import json, sys
 sys.path.insert(0, sys.argv[2])
-from mirrord import backends, plan, spec, topology
+from mirrord import backends, plan, spec
+from mirrord.netlink import topology
 from mirrord.backends.nftables import batch
 s = spec.load(sys.argv[1])
 backend, why = backends.select(s.backend)

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mirrord.control import request  # noqa: E402 - after the path set-up above
+from mirrord.service.control import request  # noqa: E402 - after the path set-up above
 from tests.lab import Netns  # noqa: E402
 
 RTR_COL = "203.0.113.1"

@@ -20,11 +20,11 @@ from .spec import default_path
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("mirrord.commands", "validate the spec and print what each mirror does"),
     "render": ("mirrord.commands", "print the exact rules that would be applied"),
-    "run": ("mirrord.daemon", "run the daemon in the foreground"),
+    "run": ("mirrord.service.daemon", "run the daemon in the foreground"),
     "status": ("mirrord.commands", "show what the running daemon mirrors and how much"),
     "flush": ("mirrord.commands", "remove everything mirrord added to the kernel"),
-    "receive": ("mirrord.receive", "receive TZSP and write pcap, a pcap stream or a TAP device"),
-    "trace": ("mirrord.trace", "follow matching packets through nftables (nftrace)"),
+    "receive": ("mirrord.tzsp.receive", "receive TZSP and write pcap, a pcap stream or a TAP device"),
+    "trace": ("mirrord.observe.trace", "follow matching packets through nftables (nftrace)"),
 }
 
 

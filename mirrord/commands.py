@@ -7,10 +7,11 @@ import json
 import logging
 import sys
 
-from . import backends, plan, spec, topology
+from . import backends, plan, spec
 from .cli import add_config_argument
-from .control import default_socket, try_request
-from .status import format_prometheus, format_table, healthy
+from .netlink import topology
+from .observe.status import format_prometheus, format_table, healthy
+from .service.control import default_socket, try_request
 
 log = logging.getLogger("mirrord")
 
@@ -72,7 +73,7 @@ def run_check(args: argparse.Namespace) -> int:
         s = _load(args)
     except spec.SpecError as e:
         return _print_problems(e)
-    from .loops import static_problems
+    from .spec.loops import static_problems
 
     loops = static_problems(s)
     if loops:

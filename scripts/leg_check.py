@@ -52,11 +52,12 @@ def main() -> int:
     where = {m: origin(m) for m in mods}
     for m in mods:
         parts.append(f"{m} {version(m) if where[m] else '-'}")
-    from mirrord.libnft import open_nftables
+    from mirrord.backends.libnft import open_nftables
 
     try:
         nft = open_nftables()
-        parts.append(f"libnftables via {'ctypes' if type(nft).__module__ == 'mirrord.libnft' else 'module'}")
+        ctypes_binding = type(nft).__module__ == "mirrord.backends.libnft"
+        parts.append(f"libnftables via {'ctypes' if ctypes_binding else 'module'}")
     except ImportError as e:
         parts.append("libnftables -")
         problems.append(f"libnftables is not usable: {e}")

@@ -138,9 +138,9 @@ def _bpf_probe(spec: dict[str, Any]) -> dict[str, Any]:
     """Frames "in" are sent from the peer (they arrive on `dev`), frames "out"
     are sent on `dev` itself (outgoing there). `dev` t0 means a tun device:
     "in" frames are written to its fd, "out" frames sent through it."""
-    from mirrord.bpf import attach, compile_filter
-    from mirrord.capture import link_kind
-    from mirrord.tzsp_worker import match_from_dict
+    from mirrord.tzsp.bpf import attach, compile_filter
+    from mirrord.tzsp.ring import link_kind
+    from mirrord.tzsp.supervisor import match_from_dict
 
     dev = spec.get("dev", "vb")
     match = match_from_dict(spec.get("match", {}))
@@ -200,7 +200,7 @@ def _bpf_probe(spec: dict[str, Any]) -> dict[str, Any]:
 # -- running a worker through the daemon's handle ---------------------------------
 
 def _run_worker(job_json: str, timeout: float) -> int:
-    from mirrord.tzsp_worker import TzspJob, TzspWorker
+    from mirrord.tzsp.supervisor import TzspJob, TzspWorker
 
     job = TzspJob.from_json(job_json)
     w = TzspWorker(job)

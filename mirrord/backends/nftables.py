@@ -422,7 +422,7 @@ class NftablesBackend(Backend):
 
     def _lib(self) -> Any:
         if self._nft is None:
-            from ..libnft import open_nftables
+            from .libnft import open_nftables
 
             nft = open_nftables()
             nft.set_json_output(True)

@@ -43,7 +43,7 @@ mirrors:
 # Runs in the router namespace: ROUNDS heals, one JSON list of seconds (None: no heal in 5 s).
 PROBE = r"""
 import json, sys, time
-from mirrord.libnft import open_nftables
+from mirrord.backends.libnft import open_nftables
 rounds = int(sys.argv[1])
 nft = open_nftables()
 out = []

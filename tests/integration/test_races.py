@@ -46,8 +46,8 @@ MAX_GAP_MS = 60
 DRIVER = r"""
 import json, os, re, select, signal, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
-from mirrord.libnft import open_nftables
-from mirrord.watch import NftEvents
+from mirrord.backends.libnft import open_nftables
+from mirrord.netlink.watch import NftEvents
 
 mode, iterations, pid, backend = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 stuck_after, max_gap = float(sys.argv[6]), int(sys.argv[7])

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import pytest
 
-from mirrord import topology
+from mirrord.netlink import topology
 from tests.lab import COLLECTOR, COLLECTOR6, RTR_LAN, RTR_WAN, Lab, Netns, have_root_netns
 
 pytestmark = [
@@ -64,7 +64,7 @@ def read_in(ns: Netns) -> topology.Topology:
     """topology.read run inside the namespace; the result comes back as JSON."""
     code = (
         "import ipaddress, json, sys, dataclasses\n"
-        "from mirrord import topology\n"
+        "from mirrord.netlink import topology\n"
         "keys = [(ipaddress.ip_address(a), i) for a, i in json.loads(sys.argv[1])]\n"
         "t = topology.read(keys)\n"
         "print(json.dumps({'links': [dataclasses.asdict(l) for l in t.links.values()],\n"

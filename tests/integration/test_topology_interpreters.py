@@ -21,7 +21,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 READ = """\
 import ipaddress, json, sys
-from mirrord import topology
+from mirrord.netlink import topology
 t = topology.read([(ipaddress.ip_address(a), None) for a in sys.argv[1:]])
 print(json.dumps({
     "version": sys.version.split()[0],

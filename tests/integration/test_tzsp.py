@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from mirrord import tzsp
 from mirrord.match import Match, PortRange
-from mirrord.tzsp_worker import TzspJob
+from mirrord.tzsp import codec as tzsp
+from mirrord.tzsp.supervisor import TzspJob
 from tests.lab import LAN_HOST, ROOT, RTR_COL, RTR_LAN, WAN_HOST, Lab, have_root_netns
 from tests.tzsp_helpers import (
     WorkerRun,
@@ -548,7 +548,7 @@ mirrors:
                             capture_output=True, text=True, timeout=10, check=True).stdout
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\0", b" ").decode()
-        assert "mirrord.tzsp_capture" in cmdline and "mirrord.tzsp_capture" in ps  # the right one
+        assert "mirrord.tzsp.capture" in cmdline and "mirrord.tzsp.capture" in ps  # the right one
         for secret in (lab.collector, str(port), "br-lan", WAN_HOST, "icmp", "hiddenmirror",
                        "secretcol", "collector", "interface"):
             assert secret not in cmdline and secret not in ps, (secret, cmdline)
@@ -700,7 +700,7 @@ def _capture_children(daemon_pid: int) -> list[int]:
                 cmd = f.read()
         except OSError:
             continue
-        if ppid == daemon_pid and b"tzsp_capture" in cmd:
+        if ppid == daemon_pid and b"mirrord.tzsp.capture" in cmd:
             out.append(int(d))
     return out
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from mirrord import control
-from mirrord.control import ControlServer, request, try_request
+from mirrord.service import control
+from mirrord.service.control import ControlServer, request, try_request
 
 
 class Loop:

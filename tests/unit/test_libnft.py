@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrord.libnft import SONAME, _CtypesNftables, json_unsupported
+from mirrord.backends.libnft import SONAME, _CtypesNftables, json_unsupported
 from tests.lab import have_root_netns
 
 
@@ -30,7 +30,7 @@ def test_fallback_applies_and_lists_in_a_namespace() -> None:
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         code = (
-            "from mirrord.libnft import _CtypesNftables\n"
+            "from mirrord.backends.libnft import _CtypesNftables\n"
             "n = _CtypesNftables(); n.set_handle_output(False)\n"
             "t = {'family': 'ip', 'table': 't'}\n"
             "rc, out, err = n.json_cmd({'nftables': [{'add': {'table': {'family': 'ip', 'name': 't'}}},"
@@ -114,7 +114,7 @@ def test_fallback_stateless_output_drops_the_counts() -> None:
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         code = (
-            "from mirrord.libnft import _CtypesNftables\n"
+            "from mirrord.backends.libnft import _CtypesNftables\n"
             "n = _CtypesNftables()\n"
             "rc, out, err = n.cmd('add table ip t; add counter ip t c { packets 7 bytes 9 }')\n"
             "assert rc == 0, err\n"

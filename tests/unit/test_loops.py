@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mirrord import cli, spec
-from mirrord.loops import static_problems
+from mirrord.spec.loops import static_problems
 
 CLONE_AND_TZSP = """\
 collectors:

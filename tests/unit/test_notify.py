@@ -1,5 +1,5 @@
-"""sd_notify (mirrord.notify) against a real AF_UNIX datagram socket this test owns,
-through systemd-python and through the fallback, and where logs go (mirrord.logsetup):
+"""sd_notify (mirrord.service.notify) against a real AF_UNIX datagram socket this test owns,
+through systemd-python and through the fallback, and where logs go (mirrord.service.logsetup):
 journal fields, syslog, stderr.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mirrord import logsetup
-from mirrord.notify import Notifier
+from mirrord.service import logsetup
+from mirrord.service.notify import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -185,7 +185,7 @@ def test_fallback_is_used_without_systemd_python(tmp_path: Path) -> None:
                 if name == "systemd" or name.startswith("systemd."):
                     raise ImportError("blocked for the test")
         sys.meta_path.insert(0, Block())
-        from mirrord.notify import Notifier
+        from mirrord.service.notify import Notifier
         n = Notifier.from_env()
         print(n.backend, n.ready("from a router"))
     """)
@@ -293,7 +293,7 @@ JOURNAL_PROBE = textwrap.dedent("""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind("/run/systemd/journal/socket")
     s.settimeout(5)
-    from mirrord import logsetup
+    from mirrord.service import logsetup
     target = logsetup.setup_logging(0, env={"INVOCATION_ID": "0123"}, stream=open(os.devnull, "w"))
     logging.getLogger("mirrord").info("applied rules", extra={"MIRROR": "lan", "ACTION": "apply"})
     data = s.recv(65536)

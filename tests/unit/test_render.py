@@ -29,7 +29,7 @@ from mirrord import plan, spec
 from mirrord.backends import create
 from mirrord.backends.nftables import batch, render_tables
 from mirrord.match import Address
-from mirrord.topology import ARPHRD_ETHER, Link, Reach, Topology
+from mirrord.netlink.topology import ARPHRD_ETHER, Link, Reach, Topology
 from tests.lab import have_root_netns
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -571,7 +571,7 @@ def netns() -> Iterator[Netns]:
 
 LOAD_JSON = """\
 import json, sys
-from mirrord.libnft import open_nftables
+from mirrord.backends.libnft import open_nftables
 nft = open_nftables()  # the bindings, or mirrord's ctypes twin where there are none
 rc, out, err = nft.json_cmd(json.load(open(sys.argv[1])))
 sys.stderr.write(str(err))

@@ -1,4 +1,4 @@
-"""The rtnetlink parsers and requests of mirrord.rtnl, on bytes the kernel sent.
+"""The rtnetlink parsers and requests of mirrord.netlink.rtnl, on bytes the kernel sent.
 
 data/rtnl_kernel.txt holds datagrams captured from a real kernel in a
 namespace (its header says how); the expected values are what `ip -j` showed
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrord import rtnl, topology
+from mirrord.netlink import rtnl, topology
 
 DATA = Path(__file__).parent / "data" / "rtnl_kernel.txt"
 IFF_UP = 0x1

@@ -19,13 +19,15 @@ from typing import Callable
 import pytest
 import yaml
 
-from mirrord import plan, spec, topology
+from mirrord import plan, spec
 from mirrord.backends.iptables import IptablesBackend
 from mirrord.backends.nftables import render_tables, to_text
 from mirrord.commands import offline_topology
-from mirrord.daemon import Pending
-from mirrord.health import plan_findings
-from mirrord.watch import Change
+from mirrord.netlink import topology
+from mirrord.netlink.watch import Change
+from mirrord.observe.health import plan_findings
+from mirrord.service.daemon import Pending
+from mirrord.spec import schema
 
 GOLDEN = Path(__file__).parent / "golden"
 LINEAR_BOUND = 24.0
@@ -183,7 +185,7 @@ YAML_FILES = sorted(GOLDEN.rglob("*.yaml")) + sorted(
 @pytest.mark.skipif(getattr(yaml, "CSafeLoader", None) is None, reason="no libyaml")
 def _pure(text: str) -> yaml.Node | None:
     """The tree of mirrord's own bounded pure-Python loader."""
-    loader = spec._Loader(text)
+    loader = schema._Loader(text)
     try:
         return loader.get_single_node()
     finally:
@@ -197,20 +199,20 @@ def test_libyaml_gives_the_same_tree_as_pure_pyyaml(path: Path) -> None:
         pure = _pure(text)
     except yaml.YAMLError:
         pytest.skip("not YAML: the pure parser reports it either way")
-    assert _tree(spec._compose(text)[0]) == _tree(pure)
+    assert _tree(schema._compose(text)[0]) == _tree(pure)
 
 
 def test_libyaml_tree_of_a_large_spec_matches() -> None:
     text = spec_text(50, interfaces=3) + "# ports as plain text\n"
     text = text.replace("    direction: both", "    direction: both\n    match:\n"
                         "      port: [53, 20:21, \"1000-2000\"]\n      protocol: udp")
-    assert _tree(spec._compose(text)[0]) == _tree(_pure(text))
+    assert _tree(schema._compose(text)[0]) == _tree(_pure(text))
 
 
 COUNTERS_IN_NS = """
 import json, sys
 from mirrord.backends import nftables as N
-from mirrord.libnft import open_nftables
+from mirrord.backends.libnft import open_nftables
 nft = open_nftables()
 for cmd in ("add table ip mirrord", "add table ip6 mirrord", "add table ip other",
             "add counter ip other m1.in { packets 3 bytes 4 }",

@@ -19,7 +19,7 @@ import pytest
 
 from mirrord import cli, plan, spec
 from mirrord.match import Match, PortRange
-from mirrord.topology import ARPHRD_ETHER, Link, Reach, Topology
+from mirrord.netlink.topology import ARPHRD_ETHER, Link, Reach, Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 ERRORS = Path(__file__).parent / "golden" / "errors"

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from mirrord import spec
+from mirrord.spec import schema as spec
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH = "fuzz.yaml"
@@ -254,7 +254,7 @@ def test_nesting_up_to_the_bound_is_read() -> None:
 BOMB_SCRIPT = """
 import resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-from mirrord import spec
+from mirrord.spec import schema as spec
 text = sys.stdin.read()
 t0 = time.monotonic()
 try:

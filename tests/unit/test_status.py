@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mirrord.daemon import summarize
-from mirrord.health import _has_flow_add, uci_offloading
-from mirrord.status import format_prometheus, format_table, healthy
+from mirrord.observe.health import _has_flow_add, uci_offloading
+from mirrord.observe.status import format_prometheus, format_table, healthy
+from mirrord.service.daemon import summarize
 
 STATUS: dict[str, Any] = {
     "version": "0.1.0", "pid": 42, "backend": "nftables", "summary": "2 mirror(s)",
@@ -94,7 +94,7 @@ def test_summarize_folds_bursts() -> None:
 
 
 def test_ring_drops_are_a_finding_naming_the_fix() -> None:
-    from mirrord.health import tzsp_findings
+    from mirrord.observe.health import tzsp_findings
 
     row = {"name": "wan", "collector": {"name": "ids"},
            "tzsp": [{"interface": "wan", "ring_drops": 0}, {"interface": "lan1", "ring_drops": 37}]}

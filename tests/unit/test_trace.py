@@ -19,10 +19,10 @@ from typing import Optional
 
 import pytest
 
-from mirrord import nftrace
 from mirrord.match import Match, PortRange
-from mirrord.nftrace import Overrun, TraceParseError, parse_datagram, parse_trace
-from mirrord.trace import (
+from mirrord.netlink import nftrace
+from mirrord.netlink.nftrace import Overrun, TraceParseError, parse_datagram, parse_trace
+from mirrord.observe.trace import (
     MirrorHit,
     RuleBook,
     RuleInfo,
@@ -320,7 +320,7 @@ def test_decode_agrees_with_scapys_dissection() -> None:
 
 
 def test_decode_does_not_import_scapy() -> None:
-    code = ("import sys\nfrom mirrord.trace import decode_headers\n"
+    code = ("import sys\nfrom mirrord.observe.trace import decode_headers\n"
             "decode_headers(bytes.fromhex('450000540001000040010000c000020ac6336410'), bytes(8))\n"
             "print('scapy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirrord import tzsp
 from mirrord.match import Address, Match, PortRange
-from mirrord.receive import PcapWriter, ReceiveError, Receiver, parse_listen
-from mirrord.tzsp_worker import (
+from mirrord.tzsp import codec as tzsp
+from mirrord.tzsp.receive import PcapWriter, ReceiveError, Receiver, parse_listen
+from mirrord.tzsp.supervisor import (
     SHM_SIZE,
     SharedCounters,
     TzspCounters,
@@ -242,8 +242,8 @@ def test_worker_module_does_not_import_scapy() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, mirrord.tzsp_worker, mirrord.tzsp_capture, mirrord.bpf, mirrord.tzsp, "
-            "mirrord.receive; print('scapy' in sys.modules)")
+    code = ("import sys, mirrord.tzsp.supervisor, mirrord.tzsp.capture, mirrord.tzsp.bpf, "
+            "mirrord.tzsp.codec, mirrord.tzsp.receive; print('scapy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
@@ -296,7 +296,7 @@ def test_job_wire_form_rejects_bad_values(change: dict[str, object], message: st
 
 
 def test_tap_line_roundtrip_and_rejects() -> None:
-    from mirrord.tzsp_protocol import TapLine
+    from mirrord.tzsp.protocol import TapLine
 
     line = TapLine(7, 12, ("in", "out"), "2001:db8::5", 37008, None, 0, "lan 1\nx", "my mirror",
                    {"ethernet": bytes(range(16)), "raw": bytes(8)})
@@ -313,8 +313,8 @@ def test_tap_line_roundtrip_and_rejects() -> None:
 
 
 def test_tap_line_carries_the_daemons_compiled_filters() -> None:
-    from mirrord.bpf import compile_filter, pack
-    from mirrord.tzsp_worker import tap_line
+    from mirrord.tzsp.bpf import compile_filter, pack
+    from mirrord.tzsp.supervisor import tap_line
 
     job = TzspJob("m", "wan", 3, ("out",), Match(protocols=(17,)),
                   ipaddress.ip_address("203.0.113.10"), 37008, 200,
@@ -332,21 +332,21 @@ def test_capture_process_imports_little() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import mirrord.tzsp_capture; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import mirrord.tzsp.capture; "
             "print(' '.join(sorted(sys.modules)))")
     root = str(Path(__file__).resolve().parents[2])
     mods = set(subprocess.run([sys.executable, "-I", "-S", "-c", code, root],
                               capture_output=True, text=True, check=True).stdout.split())
     heavy = {"logging", "typing", "dataclasses", "socket", "signal", "enum", "json", "argparse",
-             "re", "ipaddress", "subprocess", "mirrord.bpf", "mirrord.match", "mirrord.tzsp_worker"}
+             "re", "ipaddress", "subprocess", "mirrord.tzsp.bpf", "mirrord.match", "mirrord.tzsp.supervisor"}
     assert not mods & heavy, sorted(mods & heavy)
-    assert {"mirrord.capture", "mirrord.tzsp_protocol", "ctypes"} <= mods
+    assert {"mirrord.tzsp.ring", "mirrord.tzsp.protocol", "ctypes"} <= mods
 
 
 # -- receive --allow ---------------------------------------------------------------
 
 def test_parse_allow() -> None:
-    from mirrord.receive import parse_allow
+    from mirrord.tzsp.receive import parse_allow
 
     nets = parse_allow(["192.0.2.1,198.51.100.0/24", "2001:db8::/32", " 203.0.113.7 "])
     assert [str(n) for n in nets] == ["192.0.2.1/32", "198.51.100.0/24", "2001:db8::/32",
@@ -361,14 +361,14 @@ def test_parse_allow() -> None:
     ("192.0.2.0/33", "not an IPv4/IPv6 address or prefix"),
 ])
 def test_parse_allow_rejects(value: str, message: str) -> None:
-    from mirrord.receive import parse_allow
+    from mirrord.tzsp.receive import parse_allow
 
     with pytest.raises(ReceiveError, match=re.escape(message)):
         parse_allow([value])
 
 
 def test_sender_filter() -> None:
-    from mirrord.receive import SenderFilter, parse_allow
+    from mirrord.tzsp.receive import SenderFilter, parse_allow
 
     f = SenderFilter(parse_allow(["192.0.2.1", "2001:db8:3::/48"]))
     assert f.permits("192.0.2.1")
@@ -382,14 +382,14 @@ def test_sender_filter() -> None:
 
 
 def test_receiver_refuses_counts_and_logs_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
-    from mirrord import receive
-    from mirrord.receive import SenderFilter, parse_allow
+    from mirrord.tzsp import receive
+    from mirrord.tzsp.receive import SenderFilter, parse_allow
 
     sink = _ListSink()
     rx = Receiver(None, sink, None, SenderFilter(parse_allow(["192.0.2.1"])))  # type: ignore[arg-type]
     data = tzsp.encode(FRAME)
     rx.buf[:len(data)] = data
-    caplog.set_level("WARNING", logger="mirrord.receive")
+    caplog.set_level("WARNING", logger="mirrord.tzsp.receive")
     for i in range(1000):
         host = "198.51.100.7" if i % 2 else f"203.0.113.{i % 200}"
         if rx.admit(host, 100.0 + i * 0.001):
@@ -410,7 +410,7 @@ def test_receiver_refuses_counts_and_logs_rate_limited(caplog: pytest.LogCapture
 
 
 def test_receive_tap_needs_allow(capsys: pytest.CaptureFixture[str]) -> None:
-    from mirrord.receive import main
+    from mirrord.tzsp.receive import main
 
     assert main(["--tap", "tzsp9", "--listen", "0.0.0.0:37999"]) == 2
     err = capsys.readouterr().err

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Callable, Optional, TextIO
 
-from .match import (
+from ..match import (
     PORT_PROTOCOLS,
     PROTOCOL_NAMES,
     PROTOCOLS,
@@ -39,7 +39,7 @@ from .match import (
     PortRange,
     merge_ranges,
 )
-from .nftrace import (
+from ..netlink.nftrace import (
     NFPROTO_IPV4,
     NFPROTO_IPV6,
     NFT_TRACETYPE_POLICY,
@@ -87,7 +87,7 @@ class TraceError(Exception):
 
 # -- options and selection -----------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_config_argument
+    from ..cli import add_config_argument
 
     add_config_argument(p)
     p.add_argument("--mirror", metavar="NAME",
@@ -216,7 +216,7 @@ def selection_from_args(args: argparse.Namespace) -> Selection:
             given.append("--family")
         if given:
             raise TraceError(f"--mirror takes the match from the spec; drop {', '.join(given)}")
-        from .spec import SpecError, default_path, load
+        from ..spec import SpecError, default_path, load
 
         path = args.config or default_path()
         try:
@@ -235,7 +235,7 @@ def selection_from_args(args: argparse.Namespace) -> Selection:
         return Selection(mirror.match, crossings, f"mirror {mirror.name}")
     match = match_from_options(args)
     dirs = ("in", "out") if args.direction == "both" else (args.direction,)
-    from .spec import valid_ifname
+    from ..spec import valid_ifname
 
     for i in args.interface:
         why = valid_ifname(i)
@@ -263,7 +263,7 @@ NFTRACE_ON: Expr = {"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}}
 
 def trace_rules(sel: Selection) -> list[tuple[str, list[Expr]]]:
     """(chain, expressions) of every marking rule; pure."""
-    from .backends.nftables import match_exprs
+    from ..backends.nftables import match_exprs
 
     rules: list[tuple[str, list[Expr]]] = []
     for version in sel.match.versions():
@@ -370,7 +370,7 @@ class Nft:
     """libnftables, one context (one netlink socket) for the whole run."""
 
     def __init__(self) -> None:
-        from .libnft import open_nftables
+        from ..backends.libnft import open_nftables
 
         try:
             self.nft = open_nftables()
@@ -523,7 +523,7 @@ def rules_from_text(listing: str) -> dict[tuple[str, int], str]:
 
 def mirror_hit(rule: dict[str, Any]) -> Optional[MirrorHit]:
     """The mirror a daemon rule belongs to, from its comment "mirrord <mirror> <in|out>"."""
-    from .backends.base import parse_comment
+    from ..backends.base import parse_comment
 
     key = parse_comment(str(rule.get("comment", "")))
     if key is None:

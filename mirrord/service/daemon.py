@@ -27,13 +27,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from . import backends, plan, spec, topology
-from .backends.base import Backend, Counts, Rendered
-from .cli import add_config_argument
+from .. import backends, plan, spec
+from ..backends.base import Backend, Counts, Rendered
+from ..cli import add_config_argument
+from ..match import Address
+from ..netlink import topology
+from ..netlink.watch import Change, NftEvents, RouteEvents
 from .control import DEFAULT_SOCKET, ControlServer
-from .match import Address
 from .notify import Notifier
-from .watch import Change, NftEvents, RouteEvents
 
 log = logging.getLogger("mirrord")
 
@@ -682,7 +683,7 @@ class Daemon:
 
     def _capture_process(self) -> Any:
         if self.capture is None:
-            from .tzsp_worker import CaptureProcess
+            from ..tzsp.supervisor import CaptureProcess
 
             self.capture = CaptureProcess(watch=self._watch_capture)
         return self.capture
@@ -724,7 +725,7 @@ class Daemon:
             self.pending.add(Change(f"worker exited: {w.exited}"), topology_changed=True)
 
     def _start_worker(self, tap: plan.TzspTap) -> None:
-        from .tzsp_worker import TapHandle, TzspJob
+        from ..tzsp.supervisor import TapHandle, TzspJob
 
         job = TzspJob(
             mirror=tap.mirror, interface=tap.interface, ifindex=tap.ifindex,
@@ -870,7 +871,7 @@ class Daemon:
         return f"{len(self.plan.mirrors)} mirror(s): " + ", ".join(parts)
 
     def status(self) -> dict[str, Any]:
-        from .status import build_status
+        from ..observe.status import build_status
 
         return build_status(self)
 

@@ -6,10 +6,10 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import __version__
+from .. import __version__
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from ..service.daemon import Daemon
 
 
 def _iso(t: float) -> str:

@@ -15,8 +15,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from .plan import Plan
-from .topology import Topology
+from ..netlink.topology import Topology
+from ..plan import Plan
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ _ruleset_at: Optional[tuple[int, Optional[dict[str, Any]]]] = None
 def _nft_ruleset() -> Optional[dict[str, Any]]:
     """The ruleset but mirrord's tables, read again only when it changed."""
     global _ruleset_at
-    from .backends.nftables import ruleset_generation
+    from ..backends.nftables import ruleset_generation
 
     gen = ruleset_generation()
     if gen is not None and _ruleset_at is not None and _ruleset_at[0] == gen:
@@ -141,7 +141,7 @@ def _nft_ruleset() -> Optional[dict[str, Any]]:
 
 def _read_nft_ruleset() -> Optional[dict[str, Any]]:
     try:
-        from .libnft import open_nftables
+        from ..backends.libnft import open_nftables
 
         nft = open_nftables()
         nft.set_json_output(True)

@@ -1,6 +1,6 @@
 """The TZSP capture process: every tap of the daemon in one process.
 
-Started by the daemon (mirrord.tzsp_worker.CaptureProcess) as
+Started by the daemon (mirrord.tzsp.supervisor.CaptureProcess) as
 `python -I -S -c ...`, it reads the set of taps on stdin (see
 tzsp_protocol), and for each tap opens an AF_PACKET socket with its classic
 BPF program (compiled by the daemon: direction, match, never a collector)
@@ -31,8 +31,20 @@ import struct
 import sys
 import time
 
-from . import tzsp
-from .capture import (
+from . import codec as tzsp
+from .protocol import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_INTERFACE,
+    EXIT_STOPPED,
+    STATE_EXITED,
+    STATE_RUNNING,
+    STATE_STARTING,
+    Slot,
+    TapLine,
+    map_block,
+)
+from .ring import (
     BLOCK_HDR,
     BLOCK_STATUS_BYTE,
     DEFAULT_RING_BYTES,
@@ -52,18 +64,6 @@ from .capture import (
     UdpBatchSender,
     libc,
     synth_ethernet,
-)
-from .tzsp_protocol import (
-    EXIT_CONFIG,
-    EXIT_ERROR,
-    EXIT_INTERFACE,
-    EXIT_STOPPED,
-    STATE_EXITED,
-    STATE_RUNNING,
-    STATE_STARTING,
-    Slot,
-    TapLine,
-    map_block,
 )
 
 TYPE_CHECKING = False

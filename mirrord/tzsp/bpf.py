@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from .match import PORT_PROTOCOLS, Address, FamilyMatch, Match, Network, PortClause
+from ..match import PORT_PROTOCOLS, Address, FamilyMatch, Match, Network, PortClause
 
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k), as in struct sock_filter
 Link = Literal["ethernet", "raw"]

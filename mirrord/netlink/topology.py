@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Optional
 
+from ..match import Address, Network
 from . import rtnl
-from .match import Address, Network
 
 IFF_UP = 0x1
 IFF_RUNNING = 0x40

@@ -21,7 +21,7 @@ from typing import Optional
 
 import yaml
 
-from .spec import Spec
+from . import Spec
 
 
 def static_problems(spec: Spec, text: Optional[str] = None) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
-from .match import (
+from ..match import (
     PORT_PROTOCOLS,
     PROTOCOL_NAMES,
     PROTOCOLS,

@@ -1,7 +1,7 @@
 """The daemon's side of the TZSP data path: jobs, the capture process, per-tap handles.
 
 Every TZSP tap (one per mirror and interface) runs in one capture process
-(mirrord.tzsp_capture), not one process each: an interpreter costs far more
+(mirrord.tzsp.capture), not one process each: an interpreter costs far more
 memory than a tap (docs/DESIGN.md, "TZSP: one capture process"). The daemon
 builds a `TzspJob` per tap and hands it to a `TapHandle`; the handles share
 one `CaptureProcess`, which
@@ -18,7 +18,7 @@ one `CaptureProcess`, which
 
 The job travels over a pipe, never in argv or the environment, which other
 users can read. `TzspWorker` runs one job in a capture process of its own
-(tests, `python -m mirrord.tzsp_worker` by hand, bench_tzsp).
+(tests, `python -m mirrord.tzsp.supervisor` by hand, bench_tzsp).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ import time
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
-from . import tzsp
-from .match import Address, Match, PortRange
-from .tzsp_protocol import (
+from ..match import Address, Match, PortRange
+from . import codec as tzsp
+from .protocol import (
     COUNTER_NAMES,
     EXIT_CONFIG,
     EXIT_ERROR,
@@ -61,7 +61,7 @@ from .tzsp_protocol import (
 )
 
 # Not __name__: a log line should say which part of mirrord it is from.
-log = logging.getLogger("mirrord.tzsp_worker")
+log = logging.getLogger("mirrord.tzsp.supervisor")
 
 __all__ = [
     "COUNTER_NAMES", "EXIT_CONFIG", "EXIT_ERROR", "EXIT_INTERFACE", "EXIT_STOPPED", "SHM_SIZE",
@@ -260,13 +260,16 @@ def tap_line(job: TzspJob, slot: int) -> TapLine:
 
 
 def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The directory that holds the `mirrord` package (this file is mirrord/tzsp/...)."""
+    import mirrord
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(mirrord.__file__)))
 
 
 # -I: no environment, no user site, no cwd in sys.path; -S: no site (about
 # 3 MiB of a process that needs nothing outside the standard library).
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-         "from mirrord.tzsp_capture import main; sys.exit(main(sys.argv[2:]))")
+         "from mirrord.tzsp.capture import main; sys.exit(main(sys.argv[2:]))")
 F_SETPIPE_SZ = 1031
 STOP_TIMEOUT = 3.0
 
@@ -639,10 +642,10 @@ def counters_dict(c: TzspCounters) -> dict[str, int]:
     return asdict(c)
 
 
-# -- standalone: python -m mirrord.tzsp_worker --interface IF ... --collector ADDR ---------
+# -- standalone: python -m mirrord.tzsp.supervisor --interface IF ... --collector ADDR ---------
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mirrord.tzsp_worker",
+    p = argparse.ArgumentParser(prog="python -m mirrord.tzsp.supervisor",
                                 description="mirrord TZSP capture, by hand: every --interface "
                                             "a tap, all in this one process")
     p.add_argument("--interface", action="append", required=True,
@@ -658,7 +661,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(levelname)s %(message)s")
-    from .tzsp_capture import serve
+    from .capture import serve
 
     directions = ("in", "out") if args.direction == "both" else (args.direction,)
     try:

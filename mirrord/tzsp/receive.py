@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, BinaryIO, Optional, Union
 
-from . import tzsp
+from . import codec as tzsp
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Standalone entry (python -m mirrord.receive), the same as `mirrord receive`."""
+    """Standalone entry (python -m mirrord.tzsp.receive), the same as `mirrord receive`."""
     p = argparse.ArgumentParser(prog="mirrord receive", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0)
     add_arguments(p)

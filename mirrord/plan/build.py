@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Literal, Optional
 
-from .match import Address, FamilyMatch, Match
-from .spec import Collector, Mirror, Spec
-from .topology import ARPHRD_ETHER, Reach, Topology
+from ..match import Address, FamilyMatch, Match
+from ..netlink.topology import ARPHRD_ETHER, Reach, Topology
+from ..spec import Collector, Mirror, Spec
 
 State = Literal["active", "waiting", "degraded", "error"]
 Way = Literal["in", "out"]

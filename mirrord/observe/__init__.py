@@ -1,0 +1,1 @@
+"""Showing that it works: the status document, health findings, packet tracing."""
