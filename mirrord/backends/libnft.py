@@ -1,4 +1,9 @@
-"""Access to libnftables: the distribution's Python bindings, or a minimal ctypes twin.
+"""libnftables for all of mirrord: one session type over the distribution's Python
+bindings, or a minimal ctypes twin of them.
+
+`NftSession` is what the backend, `mirrord trace` and the health checks use;
+nothing else touches a libnftables context (its output flags are state that
+one user would otherwise leave set for the next).
 
 Debian/Ubuntu ship the bindings as python3-nftables (and PyPI as
 pip-nftables). OpenWrt ships libnftables.so.1 (package nftables-json) but no
@@ -134,3 +139,70 @@ def json_unsupported(nft: Any) -> Optional[str]:
     first = (str(err).strip().splitlines() or ["no error text"])[0]
     return (f"{SONAME} was built without JSON support (it answered an empty JSON batch with "
             f"'{first}'; OpenWrt's nftables-nojson is such a build); {INSTALL_HINT}")
+
+
+class NftSession:
+    """One libnftables context (one netlink socket), JSON by default.
+
+    Every call leaves the context as it found it: JSON output on, handles
+    and stateless output off.
+    """
+
+    def __init__(self, nft: Any) -> None:
+        self.nft = nft
+        nft.set_json_output(True)
+        nft.set_handle_output(False)
+        self._checker: Any = None
+
+    @classmethod
+    def open(cls) -> NftSession:
+        """Raises LibnftablesUnavailable (an ImportError) naming what to install."""
+        return cls(open_nftables())
+
+    def json(self, cmds: list[dict[str, Any]]) -> tuple[int, Any, str]:
+        """One JSON batch (one transaction): rc, the parsed answer or None, the error text."""
+        rc, out, err = self.nft.json_cmd({"nftables": cmds})
+        if isinstance(out, str):
+            out = json.loads(out) if out else None
+        return int(rc), out, str(err or "")
+
+    def text(self, command: str, handles: bool = False, stateless: bool = False
+             ) -> tuple[int, str, str]:
+        """A command in nft syntax, answered in nft syntax."""
+        nft = self.nft
+        nft.set_json_output(False)
+        nft.set_handle_output(handles)
+        nft.set_stateless_output(stateless)
+        try:
+            rc, out, err = nft.cmd(command)
+        finally:
+            nft.set_stateless_output(False)
+            nft.set_handle_output(False)
+            nft.set_json_output(True)
+        return int(rc), str(out or ""), str(err or "")
+
+    def list_table(self, family: str, name: str) -> Optional[list[dict[str, Any]]]:
+        """The table's objects (no metainfo), or None when it does not exist."""
+        rc, out, _ = self.json([{"list": {"table": {"family": family, "name": name}}}])
+        if rc != 0 or not out:
+            return None
+        return [o for o in out.get("nftables", []) if "metainfo" not in o]
+
+    def check(self, cmds: list[dict[str, Any]]) -> tuple[int, str]:
+        """Validate a batch in the kernel without committing it (dry run)."""
+        checker = self._dry_run_context()
+        checker.set_dry_run(True)
+        try:
+            rc, _, err = checker.json_cmd({"nftables": cmds})
+        finally:
+            checker.set_dry_run(False)
+        return int(rc), str(err or "")
+
+    def _dry_run_context(self) -> Any:
+        # PyPI's copy of the bindings has no set_dry_run; a context of the
+        # ctypes twin (the library is loaded already) runs the check instead.
+        if hasattr(self.nft, "set_dry_run"):
+            return self.nft
+        if self._checker is None:
+            self._checker = _CtypesNftables()
+        return self._checker

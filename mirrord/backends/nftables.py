@@ -26,6 +26,7 @@ from typing import Any, Optional
 from ..match import PROTOCOL_NAMES, FamilyMatch, Network, PortRange
 from ..plan import CloneRule, Plan
 from .base import ApplyError, Backend, CounterKey, Counts, Rendered, comment
+from .libnft import NftSession
 
 log = logging.getLogger("mirrord")
 
@@ -415,24 +416,18 @@ class NftablesBackend(Backend):
     name = "nftables"
 
     def __init__(self) -> None:
-        self._nft: Any = None
+        self._session: Optional[NftSession] = None
         # (generation, snapshot) of the last listing: unchanged generation,
         # unchanged tables (counts aside, which a snapshot leaves out).
         self._snapshot_at: Optional[tuple[int, str]] = None
 
-    def _lib(self) -> Any:
-        if self._nft is None:
-            from .libnft import open_nftables
-
-            nft = open_nftables()
-            nft.set_json_output(True)
-            nft.set_handle_output(False)
-            self._nft = nft
-        return self._nft
+    def _lib(self) -> NftSession:
+        if self._session is None:
+            self._session = NftSession.open()
+        return self._session
 
     def _json(self, cmds: list[dict[str, Any]]) -> tuple[int, Any, str]:
-        rc, out, err = self._lib().json_cmd({"nftables": cmds})
-        return int(rc), out, str(err or "")
+        return self._lib().json(cmds)
 
     def unsupported(self) -> Optional[str]:
         try:
@@ -445,11 +440,7 @@ class NftablesBackend(Backend):
             {"add": {"chain": {**probe, "name": "c"}}},
             {"add": {"rule": {**probe, "chain": "c", "expr": [{"dup": {"addr": "192.0.2.1"}}]}}},
         ]
-        _set_dry_run(self._lib(), True)
-        try:
-            rc, _, err = self._json(cmds)
-        finally:
-            _set_dry_run(self._lib(), False)
+        rc, err = self._lib().check(cmds)
         if rc != 0:
             if "Operation not permitted" in err:
                 return "not permitted to change nftables (needs CAP_NET_ADMIN)"
@@ -495,13 +486,8 @@ class NftablesBackend(Backend):
         """
         head = "".join(f"add table {fam} {TABLE}\ndelete table {fam} {TABLE}\n"
                        for fam in FAMILIES.values())
-        nft = self._lib()
-        nft.set_json_output(False)
-        try:
-            rc, _, err = nft.cmd(head + to_text(rendered.payload, carry))
-        finally:
-            nft.set_json_output(True)
-        return int(rc), str(err or "")
+        rc, _, err = self._lib().text(head + to_text(rendered.payload, carry))
+        return rc, err
 
     def _existing(self) -> dict[str, list[dict[str, Any]]]:
         existing = {}
@@ -703,16 +689,3 @@ def dump_counters(fam: str) -> Optional[list[tuple[str, int, int]]]:
                                 struct.unpack("!Q", nbytes)[0] if len(nbytes) == 8 else 0))
     except OSError:
         return None
-
-
-def _set_dry_run(nft: Any, on: bool) -> None:
-    """Check-only mode: the kernel validates the batch, then it is aborted."""
-    if hasattr(nft, "set_dry_run"):
-        nft.set_dry_run(on)
-        return
-    # The PyPI copy of the bindings lacks the wrapper; the C call is the same.
-    import ctypes
-
-    lib = ctypes.CDLL("libnftables.so.1")
-    lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
-    lib.nft_ctx_set_dry_run(nft._Nftables__ctx, on)

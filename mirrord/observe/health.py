@@ -7,7 +7,6 @@ offloading, which no event announces in a way the plan would notice.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -141,24 +140,18 @@ def _nft_ruleset() -> Optional[dict[str, Any]]:
 
 def _read_nft_ruleset() -> Optional[dict[str, Any]]:
     try:
-        from ..backends.libnft import open_nftables
+        from ..backends.libnft import NftSession
 
-        nft = open_nftables()
-        nft.set_json_output(True)
-        rc, out, _ = nft.cmd("list tables")
+        nft = NftSession.open()
+        rc, out, _ = nft.json([{"list": {"tables": None}}])
         if rc != 0 or not out:
             return None
-        listing: dict[str, Any] = json.loads(out) if isinstance(out, str) else out
         objs: list[Any] = []
-        for o in listing.get("nftables", []):
+        for o in out.get("nftables", []):
             t = o.get("table")
             if not t or (t.get("family"), t.get("name")) in OWN_TABLES:
                 continue
-            rc, out, _ = nft.json_cmd(
-                {"nftables": [{"list": {"table": {"family": t["family"], "name": t["name"]}}}]})
-            if rc == 0 and out:
-                data = json.loads(out) if isinstance(out, str) else out
-                objs += data.get("nftables", [])
+            objs += nft.list_table(t["family"], t["name"]) or []
     except (ImportError, OSError):
         return None
     return {"nftables": objs}

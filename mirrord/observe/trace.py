@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Callable, Optional, TextIO
 
+from ..backends.libnft import NftSession
 from ..match import (
     PORT_PROTOCOLS,
     PROTOCOL_NAMES,
@@ -366,40 +367,17 @@ DELETE_COMMANDS: list[dict[str, Any]] = [
 
 
 # -- the kernel side -------------------------------------------------------------
-class Nft:
-    """libnftables, one context (one netlink socket) for the whole run."""
+def open_session() -> NftSession:
+    try:
+        return NftSession.open()
+    except (ImportError, OSError) as e:
+        raise TraceError(str(e)) from e  # names the library's problem and the package
 
-    def __init__(self) -> None:
-        from ..backends.libnft import open_nftables
 
-        try:
-            self.nft = open_nftables()
-        except (ImportError, OSError) as e:
-            raise TraceError(str(e)) from e  # names the library's problem and the package
-
-    def json(self, cmds: list[dict[str, Any]]) -> tuple[int, Any, str]:
-        self.nft.set_json_output(True)
-        rc, out, err = self.nft.json_cmd({"nftables": cmds})
-        return int(rc), out, str(err or "")
-
-    def list_json(self, family: str, table: str) -> Optional[list[dict[str, Any]]]:
-        rc, out, _ = self.json([{"list": {"table": {"family": family, "name": table}}}])
-        if rc != 0 or not out:
-            return None
-        data = out if isinstance(out, dict) else json.loads(out)
-        return [o for o in data.get("nftables", []) if "metainfo" not in o]
-
-    def list_text(self, family: str, table: str) -> Optional[str]:
-        self.nft.set_json_output(False)
-        self.nft.set_handle_output(True)
-        self.nft.set_stateless_output(True)
-        try:
-            rc, out, _ = self.nft.cmd(f"list table {family} {table}")
-        finally:
-            self.nft.set_handle_output(False)
-            self.nft.set_stateless_output(False)
-            self.nft.set_json_output(True)
-        return str(out) if rc == 0 else None
+def _listed_text(nft: NftSession, family: str, table: str) -> str:
+    """The table in nft syntax, with handles and without counts ("" when it is gone)."""
+    rc, out, _ = nft.text(f"list table {family} {table}", handles=True, stateless=True)
+    return out if rc == 0 else ""
 
 
 def stale_owner(objs: list[dict[str, Any]]) -> Optional[tuple[int, int]]:
@@ -419,13 +397,13 @@ def owner_alive(owner: tuple[int, int]) -> bool:
 
 
 class TraceTable:
-    def __init__(self, nft: Nft) -> None:
+    def __init__(self, nft: NftSession) -> None:
         self.nft = nft
         self.created = False
         self.seen_created = False  # our NEWTABLE came back on the event socket
 
     def clear_stale(self) -> None:
-        objs = self.nft.list_json(TRACE_FAMILY, TRACE_TABLE)
+        objs = self.nft.list_table(TRACE_FAMILY, TRACE_TABLE)
         if objs is None:
             return
         owner = stale_owner(objs)
@@ -453,7 +431,7 @@ class TraceTable:
         if not self.created:
             return True
         rc, _, err = self.nft.json(DELETE_COMMANDS)
-        if rc != 0 and self.nft.list_json(TRACE_FAMILY, TRACE_TABLE) is not None:
+        if rc != 0 and self.nft.list_table(TRACE_FAMILY, TRACE_TABLE) is not None:
             log.error("could not remove table %s %s: %s; remove it with: "
                       "nft delete table %s %s", TRACE_FAMILY, TRACE_TABLE, err.strip(),
                       TRACE_FAMILY, TRACE_TABLE)
@@ -541,7 +519,7 @@ def mirror_hit(rule: dict[str, Any]) -> Optional[MirrorHit]:
 class RuleBook:
     """Looks rules up by (family, table, chain, handle), cached until the ruleset changes."""
 
-    def __init__(self, nft: Optional[Nft]) -> None:
+    def __init__(self, nft: Optional[NftSession]) -> None:
         self.nft = nft
         self.tables: dict[tuple[str, str], dict[tuple[str, int], RuleInfo]] = {}
 
@@ -554,10 +532,10 @@ class RuleBook:
             return cached
         infos: dict[tuple[str, int], RuleInfo] = {}
         if self.nft is not None:
-            texts = rules_from_text(self.nft.list_text(family, table) or "")
+            texts = rules_from_text(_listed_text(self.nft, family, table))
             hits: dict[tuple[str, int], MirrorHit] = {}
             if table == MIRRORD_TABLE:
-                for o in self.nft.list_json(family, table) or []:
+                for o in self.nft.list_table(family, table) or []:
                     r = o.get("rule")
                     if r and "handle" in r:
                         hit = mirror_hit(r)
@@ -1088,7 +1066,7 @@ def trace(sel: Selection, count: Optional[int], timeout: Optional[float], as_jso
     seen = 0
     try:
         try:
-            nft = Nft()
+            nft = open_session()
             # Listen first: events are only generated while someone listens,
             # and none of the first packets should be missed.
             sock = TraceSocket()

@@ -732,7 +732,7 @@ from mirrord.backends.nftables import NftablesBackend, _strip_volatile, batch
 tables = json.loads(sys.argv[1])
 carry = {tuple(k.split("|")): tuple(v) for k, v in json.loads(sys.argv[2]).items()}
 b = NftablesBackend()
-nft = b._lib()
+nft = b._lib().nft
 
 def listing():
     rc, out, err = nft.json_cmd({"nftables": [{"list": {"ruleset": None}}]})
