@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .. import __version__
 
-if TYPE_CHECKING:
-    from ..service.daemon import Daemon
+if TYPE_CHECKING:  # the `mirrord status` client needs none of the daemon's modules
+    from ..reconcile.snapshot import Reading, Snapshot
 
 
 def _iso(t: float) -> str:
@@ -20,70 +20,63 @@ RATE_MIN_INTERVAL = 0.5  # seconds; a shorter interval gives noise, not a rate
 RATE_MAX_AGE = 300.0
 
 
-def _rates(d: Daemon, now: float, totals: dict[str, tuple[int, int]]) -> dict[str, Any]:
+class RateMeter:
     """Packets/s and bytes/s per mirror since the previous status query.
 
     The daemon takes no samples on its own (it never wakes without a
     reason): a monitor that polls every N seconds gets the rate over N.
     """
-    prev = d.rate_sample
-    out: dict[str, Any] = {}
-    if prev is not None and RATE_MIN_INTERVAL <= now - prev[0] <= RATE_MAX_AGE:
-        dt = now - prev[0]
-        for name, (p, b) in totals.items():
-            pp, pb = prev[1].get(name, (p, b))
-            out[name] = {"interval": round(dt, 3), "pps": round(max(0, p - pp) / dt, 2),
-                         "bps": round(max(0, b - pb) * 8 / dt, 1)}
-    if prev is None or now - prev[0] >= RATE_MIN_INTERVAL:
-        d.rate_sample = (now, totals)
-    return out
+
+    def __init__(self) -> None:
+        self._sample: Optional[tuple[float, dict[str, tuple[int, int]]]] = None
+
+    def rates(self, now: float, totals: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        prev = self._sample
+        out: dict[str, Any] = {}
+        if prev is not None and RATE_MIN_INTERVAL <= now - prev[0] <= RATE_MAX_AGE:
+            dt = now - prev[0]
+            for name, (p, b) in totals.items():
+                pp, pb = prev[1].get(name, (p, b))
+                out[name] = {"interval": round(dt, 3), "pps": round(max(0, p - pp) / dt, 2),
+                             "bps": round(max(0, b - pb) * 8 / dt, 1)}
+        if prev is None or now - prev[0] >= RATE_MIN_INTERVAL:
+            self._sample = (now, totals)
+        return out
 
 
-def build_status(d: Daemon) -> dict[str, Any]:
-    from .health import offload_findings, plan_findings, tzsp_findings
+def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -> dict[str, Any]:
+    """The status document from what the reconciler produced and the counters now."""
+    from .health import Finding, offload_findings, plan_findings, tzsp_findings
 
-    counts = d.counts()
-    tzsp = d.tzsp_counts()
+    counts = reading.clones if reading else {}
+    tzsp = reading.tzsp if reading else {}
+    taps = reading.taps if reading else ()
+    mirror_plans = snap.plan.mirrors if snap.plan else ()
     totals: dict[str, tuple[int, int]] = {}
-    for mp in d.plan.mirrors if d.plan else ():
+    for mp in mirror_plans:
         name = mp.mirror.name
         tp, tb = tzsp.get(name, (0, 0))
         cp = sum(counts.get((name, w), (0, 0))[0] for w in mp.mirror.directions)
         cb = sum(counts.get((name, w), (0, 0))[1] for w in mp.mirror.directions)
         totals[name] = (cp + tp, cb + tb)
-    rates = _rates(d, time.monotonic(), totals)
+    rates = meter.rates(time.monotonic(), totals)
     mirrors: list[dict[str, Any]] = []
-    for mp in d.plan.mirrors if d.plan else ():
+    for mp in mirror_plans:
         m = mp.mirror
         per_dir = {
             way: {"packets": counts.get((m.name, way), (0, 0))[0],
                   "bytes": counts.get((m.name, way), (0, 0))[1]}
             for way in m.directions
         }
-        tp, tb = tzsp.get(m.name, (0, 0))
-        packets = sum(v["packets"] for v in per_dir.values()) + tp
-        nbytes = sum(v["bytes"] for v in per_dir.values()) + tb
-        rec = d.records.get(m.name)
-        heal = rec.last_change if rec else None
-        workers = []
-        for w in d.workers.values():
-            if w.tap.mirror != m.name:
-                continue
-            c = w.handle.counters()
-            # pid: the capture process every tap shares; state: this tap's own.
-            workers.append({
-                "interface": w.tap.interface, "id": getattr(w.handle, "serial", None),
-                "pid": getattr(w.handle, "pid", None),
-                "state": "exited" if w.exited is not None else w.handle.state(),
-                "running": w.exited is None, "exit_reason": w.exited,
-                **{k: getattr(c, k) for k in
-                   ("captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
-                   if hasattr(c, k)},
-            })
+        heal = snap.heals.get(m.name)
+        # pid: the capture process every tap shares; state: this tap's own.
+        workers = [{"interface": t.interface, "id": t.id, "pid": t.pid, "state": t.state,
+                    "running": t.running, "exit_reason": t.exit_reason, **t.counters}
+                   for t in taps if t.mirror == m.name]
         state, reason = mp.state, mp.reason
-        if d.apply_error and mp.transport == "clone":
+        if snap.apply_error and mp.transport == "clone":
             # The kernel refused the last apply: what runs may not be this plan.
-            state, reason = "error", f"rules could not be applied: {d.apply_error}"
+            state, reason = "error", f"rules could not be applied: {snap.apply_error}"
         mirrors.append({
             "name": m.name,
             "state": state,
@@ -97,8 +90,8 @@ def build_status(d: Daemon) -> dict[str, Any]:
                 "address": str(mp.collector.address),
                 "reach": mp.reach.describe() if mp.reach else None,
             },
-            "packets": packets,
-            "bytes": nbytes,
+            "packets": totals[m.name][0],
+            "bytes": totals[m.name][1],
             "directions": per_dir if mp.transport == "clone" else {},
             "taps": [{"interface": t.interface, "direction": t.direction, "state": t.state,
                       "reason": t.reason} for t in mp.taps],
@@ -106,12 +99,10 @@ def build_status(d: Daemon) -> dict[str, Any]:
             "rate": rates.get(m.name),
             "last_heal": {"when": _iso(heal.when), "why": heal.why} if heal else None,
         })
-    findings = plan_findings(d.plan, d.backend_error, d.topo) if d.plan else []
-    if d.apply_error:
-        from .health import Finding
-
+    findings = plan_findings(snap.plan, snap.backend_error, snap.topology) if snap.plan else []
+    if snap.apply_error:
         findings.insert(0, Finding(
-            "apply-failed", "error", f"the kernel refused mirrord's rules: {d.apply_error}",
+            "apply-failed", "error", f"the kernel refused mirrord's rules: {snap.apply_error}",
             "see the daemon's log for the refused input; mirrord retries on every change and "
             "with a growing delay"))
     findings += tzsp_findings(mirrors)
@@ -119,13 +110,13 @@ def build_status(d: Daemon) -> dict[str, Any]:
     return {
         "version": __version__,
         "pid": os.getpid(),
-        "started": _iso(d.started),
-        "config": d.spec.path,
-        "backend": d.backend.name if d.backend else None,
-        "backend_error": d.backend_error or None,
-        "summary": d.summary(),
-        "applies": d.applies,
-        "reapplies": d.reapplies,
+        "started": _iso(snap.started),
+        "config": snap.spec.path,
+        "backend": snap.backend,
+        "backend_error": snap.backend_error or None,
+        "summary": snap.summary(),
+        "applies": snap.applies,
+        "reapplies": snap.reapplies,
         "mirrors": mirrors,
         "findings": [f.as_dict() for f in findings],
     }

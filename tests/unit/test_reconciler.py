@@ -1,0 +1,219 @@
+"""The reconciler against fakes: an in-memory backend (what a kernel would hold)
+and TZSP tap handles. Pure: no root, no kernel.
+
+What is checked is the contract the daemon relies on: apply only what changed
+or drifted, commit only after the kernel agreed, never let a total go down,
+and restart taps through the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Optional
+
+import pytest
+
+from mirrord import spec
+from mirrord.backends.base import ApplyError, Backend, Capabilities, Counts, Rendered
+from mirrord.commands import offline_topology
+from mirrord.plan import Plan, TzspTap
+from mirrord.reconcile.ledger import CounterLedger
+from mirrord.reconcile.reconciler import Reconciler
+from mirrord.reconcile.taps import TapPool
+
+CLONE = """\
+collectors:
+  ids: {address: 192.0.2.10, interface: col, transport: clone}
+mirrors:
+  - {name: lan, interfaces: [br-lan], direction: both, collector: ids}
+"""
+TZSP = """\
+collectors:
+  far: {address: 198.51.100.7, transport: tzsp}
+mirrors:
+  - {name: ports, interfaces: [lan1, lan2], direction: in, collector: far}
+"""
+
+
+class FakeKernel(Backend):
+    """What a kernel would hold: the applied text and counters that count on."""
+
+    name = "fake"
+    capabilities = Capabilities(versions=frozenset({4, 6}), watch_tables=frozenset(),
+                                event_driven=True, kernel_owner="fake", removes="nothing")
+
+    def __init__(self) -> None:
+        self.listing = ""
+        self.counts: Counts = {}
+        self.applied: list[str] = []
+        self.refuse: Optional[str] = None
+        self.tamper_after_apply = ""  # what someone else writes right after our commit
+
+    def unsupported(self) -> Optional[str]:
+        return None
+
+    def render(self, plan: Plan) -> Rendered:
+        text = "\n".join(f"{r.mirror} {r.direction} -> {r.gateway}" for r in plan.clones)
+        return Rendered(text=text, payload=plan.clones)
+
+    def apply(self, rendered: Rendered, carry: Counts) -> None:
+        if self.refuse:
+            raise ApplyError(self.refuse)
+        self.listing = rendered.text
+        self.counts = {(r.mirror, r.direction): carry.get((r.mirror, r.direction), (0, 0))
+                       for r in rendered.payload}
+        self.applied.append(rendered.text)
+        if self.tamper_after_apply:
+            self.listing = self.tamper_after_apply
+
+    def snapshot(self) -> str:
+        return self.listing
+
+    def verify(self, rendered: Rendered, snapshot: str) -> Optional[str]:
+        return None if snapshot == rendered.text else "listing differs"
+
+    def counters(self) -> Counts:
+        return dict(self.counts)
+
+    def flush(self) -> None:
+        self.listing, self.counts = "", {}
+
+    # what traffic and other people do
+    def count(self, key: tuple[str, str], packets: int) -> None:
+        p, b = self.counts.get(key, (0, 0))
+        self.counts[key] = (p + packets, b + 100 * packets)
+
+    def delete_everything(self) -> None:  # `nft flush ruleset`
+        self.listing, self.counts = "", {}
+
+
+def reconciler(text: str, kernel: Optional[FakeKernel] = None,
+               pool: Optional[TapPool] = None) -> tuple[Reconciler, FakeKernel]:
+    s = spec.parse(text)
+    k = kernel or FakeKernel()
+    ledger = pool.ledger if pool else CounterLedger()
+    r = Reconciler(s, offline_topology, lambda _name: (k, ""),
+                   pool or TapPool(ledger, watch=lambda fd, on: None), ledger)
+    return r, k
+
+
+def test_applies_once_then_only_on_change_or_drift() -> None:
+    r, k = reconciler(CLONE)
+    out = r.reconcile(["start"], refresh_topology=True, force=True)
+    assert out.snapshot.applies == 1 and len(k.applied) == 1
+    assert out.snapshot.summary() == "1 mirror(s): 1 active"
+    r.reconcile(["link changed"], refresh_topology=True)
+    assert len(k.applied) == 1  # nothing changed: nothing applied
+    k.delete_everything()
+    out = r.reconcile(["table deleted"], refresh_topology=False)
+    assert len(k.applied) == 2 and out.snapshot.reapplies == 1
+    heal = out.snapshot.heals["lan"]
+    assert heal.why == "rules restored after: table deleted"
+
+
+def test_refused_apply_changes_nothing_and_keeps_the_snapshot() -> None:
+    r, k = reconciler(CLONE)
+    before = r.reconcile(["start"], refresh_topology=True, force=True).snapshot
+    k.refuse = "no"
+    new = spec.parse(CLONE.replace("192.0.2.10", "192.0.2.11"))
+    with pytest.raises(ApplyError):
+        r.reconcile(["reload"], refresh_topology=True, force=True, new_spec=new)
+    assert r.snapshot is before and k.listing == k.applied[0]
+    failed = r.failed("no")
+    assert failed.apply_error == "no" and before.apply_error == ""  # snapshots are values
+    k.refuse = None
+    after = r.reconcile(["retry"], refresh_topology=True).snapshot
+    assert after.apply_error == "" and after.spec is before.spec
+
+
+def test_snapshot_is_immutable() -> None:
+    r, _ = reconciler(CLONE)
+    snap = r.reconcile(["start"], refresh_topology=True, force=True).snapshot
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.applies = 7  # type: ignore[misc]
+    assert isinstance(snap.heals, types.MappingProxyType)
+
+
+def test_totals_survive_replacement_and_deletion() -> None:
+    r, k = reconciler(CLONE)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    k.count(("lan", "in"), 5)
+    assert r.read().clones[("lan", "in")] == (5, 500)
+    k.count(("lan", "in"), 2)
+    k.delete_everything()  # the two were counted, then the table went
+    assert r.read().clones[("lan", "in")] == (5, 500)  # seen last: 5 (never lower)
+    r.reconcile(["table deleted"], refresh_topology=False)
+    assert k.counts[("lan", "in")] == (5, 500)  # the new rules start from the total
+    k.count(("lan", "in"), 1)
+    assert r.read().clones[("lan", "in")] == (6, 600)
+
+
+def test_listing_that_is_not_ours_is_not_adopted() -> None:
+    r, k = reconciler(CLONE)
+    k.tamper_after_apply = "someone else's rules"
+    out = r.reconcile(["start"], refresh_topology=True, force=True)
+    assert out.again_in == 0.0  # apply again right away
+    out = r.reconcile([out.why_again], refresh_topology=False)
+    assert len(k.applied) == 2
+    assert out.again_in is not None and out.again_in > 0  # the same listing again: back off
+    k.tamper_after_apply = ""
+    out = r.reconcile(["again"], refresh_topology=False)
+    assert out.again_in is None and len(k.applied) == 3
+
+
+class FakeHandle:
+    def __init__(self, tap: TzspTap) -> None:
+        self.tap, self.slot_index, self.serial, self.pid = tap, 0, 1, 4242
+        self.sent = self.nbytes = 0
+        self.stopped = False
+        self.ended: Optional[str] = None
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def poll(self) -> Optional[str]:
+        return self.ended
+
+    def state(self) -> str:
+        return "running"
+
+    def counters(self) -> Any:
+        return types.SimpleNamespace(sent=self.sent, bytes=self.nbytes, captured=self.sent)
+
+
+def test_taps_restart_through_the_reconciler_and_totals_never_go_down(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    handles: list[FakeHandle] = []
+
+    def make(tap: TzspTap) -> FakeHandle:
+        handles.append(FakeHandle(tap))
+        return handles[-1]
+
+    pool = TapPool(CounterLedger(), watch=lambda fd, on: None, make_handle=make)
+    r, _ = reconciler(TZSP, pool=pool)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    assert sorted(h.tap.interface for h in handles) == ["lan1", "lan2"]
+    first = handles[0]
+    first.sent, first.nbytes = 10, 1000
+    assert r.read().tzsp["ports"] == (10, 1000)
+    first.ended = "interface went away"
+    first.slot_index = 3
+    assert pool.collect_exits([3]) == ["worker exited: interface went away"]
+    row = next(t for t in r.read().taps if t.interface == first.tap.interface)
+    assert row.state == "exited" and not row.running
+    restart = pool.next_restart()
+    assert restart is not None
+    r.reconcile(["TZSP tap restart"], refresh_topology=True)
+    assert not first.stopped and len(handles) == 2  # not before its delay
+    monkeypatch.setattr("time.monotonic", lambda: restart + 0.01)
+    r.reconcile(["TZSP tap restart"], refresh_topology=True)
+    assert first.stopped and len(handles) == 3  # a new handle for the same tap
+    assert r.read().tzsp["ports"] == (10, 1000)  # banked after stop: nothing lost
+    handles[-1].sent, handles[-1].nbytes = 1, 100
+    assert r.read().tzsp["ports"] == (11, 1100)
+    r.stop()
+    assert all(h.stopped for h in handles)
