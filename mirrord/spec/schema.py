@@ -991,3 +991,34 @@ class _Validator:
                 ok = False
         return tuple(out) if ok else None
 
+
+
+class _TextValidator(_Validator):
+    """Reports without a file position: the values came from a command line."""
+
+    def err(self, node: Optional[_Node], message: str) -> None:
+        self.positions.append((1, 1))
+        self.problems.append(message)
+
+
+def match_from_text(values: dict[str, str | list[str]], what: str) -> Match:
+    """A match given as text (`mirrord trace`'s options), read by the rules of a spec's `match:`.
+
+    `values` maps match keys to one text or a list; ASCII digits are a number,
+    as YAML reads them in a file. Raises SpecError, each problem led by `what`.
+    """
+    mark = yaml.Mark(what, 0, 0, 0, "", 0)
+
+    def node(text: str) -> yaml.ScalarNode:
+        number = text.isascii() and text.isdigit()  # decimal, not YAML's octal 0NN
+        return yaml.ScalarNode(_INT if number else _STR,
+                               (text.lstrip("0") or "0") if number else text, mark, mark)
+
+    pairs = [(node(k), node(v) if isinstance(v, str)
+              else yaml.SequenceNode(_STD + "seq", [node(t) for t in v], mark, mark))
+             for k, v in values.items()]
+    check = _TextValidator(what)
+    match = check.match(yaml.MappingNode(_STD + "map", pairs, mark, mark), what)
+    if match is None:
+        raise SpecError(check.problems)
+    return match

@@ -22,23 +22,14 @@ import pytest
 from mirrord.match import Match, PortRange
 from mirrord.netlink import nftrace
 from mirrord.netlink.nftrace import Overrun, TraceParseError, parse_datagram, parse_trace
-from mirrord.observe.trace import (
-    MirrorHit,
-    RuleBook,
-    RuleInfo,
-    Selection,
-    TraceError,
-    Tracker,
-    copy_key,
+from mirrord.observe.trace.events import Tracker
+from mirrord.observe.trace.headers import copy_key, decode_headers, nat_key
+from mirrord.observe.trace.render import packet_json, packet_text
+from mirrord.observe.trace.rulebook import MirrorHit, RuleBook, RuleInfo, mirror_hit, rules_from_text
+from mirrord.observe.trace.selection import Selection, TraceError, match_from_options
+from mirrord.observe.trace.table import (
     create_commands,
-    decode_headers,
-    match_from_options,
-    mirror_hit,
-    nat_key,
     owner_alive,
-    packet_json,
-    packet_text,
-    rules_from_text,
     ssh_exclusions,
     ssh_flow,
     stale_owner,
@@ -320,7 +311,7 @@ def test_decode_agrees_with_scapys_dissection() -> None:
 
 
 def test_decode_does_not_import_scapy() -> None:
-    code = ("import sys\nfrom mirrord.observe.trace import decode_headers\n"
+    code = ("import sys\nfrom mirrord.observe.trace.headers import decode_headers\n"
             "decode_headers(bytes.fromhex('450000540001000040010000c000020ac6336410'), bytes(8))\n"
             "print('scapy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
@@ -515,6 +506,54 @@ def test_match_from_options() -> None:
                 dict(destination=["not-an-address"])):
         with pytest.raises(TraceError):
             match_from_options(_args(**bad))
+
+
+def _spec_match(match_yaml: str) -> Match:
+    from mirrord.spec import parse
+
+    spec = parse("collectors:\n  c: {address: 192.0.2.9}\nmirrors:\n  - name: m\n"
+                 f"    interfaces: eth0\n    collector: c\n    match: {match_yaml}\n")
+    return spec.mirrors[0].match
+
+
+# Each case was read by trace's own parser until the options went through the
+# spec's: it traced 192.0.2.0/24, dropped icmpv6 from an ipv4 match without a
+# word, read an Arabic-Indic digit as port 3, traced all traffic for an empty
+# --port, and stopped with a traceback on a digit int() does not read.
+SPEC_RULES = [
+    (dict(source=["192.0.2.1/24"]), "{source: 192.0.2.1/24}",
+     "source: '192.0.2.1/24' has host bits set; did you mean 192.0.2.0/24?"),
+    (dict(family="ipv4", protocol=["tcp,icmpv6"]), "{family: ipv4, protocol: [tcp, icmpv6]}",
+     "protocol icmpv6 does not exist in family ipv4"),
+    (dict(port=["\u0663"]), "{port: \u0663}",
+     "port: '\u0663' is not a port or a range like 1000-2000"),
+    (dict(port=[""]), "{port: []}", "port must name at least one port"),
+    (dict(protocol=["\u00b2"]), "{protocol: \u00b2}",
+     "unknown protocol '\u00b2'; use one of ah, esp, gre, icmp, icmpv6, igmp, sctp, tcp, udp, "
+     "udplite, or a number"),
+]
+
+
+@pytest.mark.parametrize(("options", "match_yaml", "problem"), SPEC_RULES,
+                         ids=["host-bits", "icmpv6-in-ipv4", "non-ascii-port", "empty-port",
+                              "superscript-protocol"])
+def test_match_options_are_read_by_the_spec_rules(options: dict[str, object], match_yaml: str,
+                                                  problem: str) -> None:
+    from mirrord.spec import SpecError
+
+    with pytest.raises(TraceError) as got:
+        match_from_options(_args(**options))
+    assert str(got.value) == f"match: {problem}"
+    # A spec's match says the same of the same values.
+    with pytest.raises(SpecError) as spec_got:
+        _spec_match(match_yaml)
+    assert [p.split(": ", 1)[1] for p in spec_got.value.problems] == [f"mirror 'm': {problem}"]
+
+
+def test_match_options_and_spec_read_alike() -> None:
+    assert match_from_options(_args(protocol=["udp,6"], dport=["53,853", "1000-2000"],
+                                    source=["192.0.2.0/24", "2001:db8::/32"])) == _spec_match(
+        "{protocol: [udp, 6], dport: [53, 853, 1000-2000], source: [192.0.2.0/24, 2001:db8::/32]}")
 
 
 def test_trace_rules_per_direction() -> None:
