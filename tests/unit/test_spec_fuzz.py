@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 import pytest
 
-from mirrord.spec import schema as spec
+from mirrord import spec
+from mirrord.spec.validate import _Validator
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH = "fuzz.yaml"
@@ -254,7 +255,7 @@ def test_nesting_up_to_the_bound_is_read() -> None:
 BOMB_SCRIPT = """
 import resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-from mirrord.spec import schema as spec
+from mirrord import spec
 text = sys.stdin.read()
 t0 = time.monotonic()
 try:
@@ -455,7 +456,7 @@ def test_a_reader_bug_is_still_a_spec_error(monkeypatch: pytest.MonkeyPatch) -> 
     def broken(self: object, root: object) -> None:
         raise KeyError("x" * 1000)
 
-    monkeypatch.setattr(spec._Validator, "spec", broken)
+    monkeypatch.setattr(_Validator, "spec", broken)
     with pytest.raises(spec.SpecError) as info:
         spec.parse(VALID, PATH)
     (problem,) = info.value.problems
