@@ -5,7 +5,8 @@ from the spec alone.
                 SpecError, for anything that is not a valid spec
   yaml_tree.py  bytes -> UTF-8 text -> a YAML node tree, bounded in size, depth
                 and alias expansion (libyaml where present, pure PyYAML else)
-  validate.py   node tree -> Spec: which keys, which values, how they fit
+  validate.py   node tree -> Spec: which keys, which values, how they fit;
+                match_from_text, the same rules for `mirrord trace`'s options
   nodes.py      reading one typed value from a node; problems at FILE:LINE:COL
   fields.py     rules for one value without YAML: names, interface names,
                 a collector's address
@@ -31,6 +32,7 @@ from .model import (
     default_path,
 )
 from .read import INTERNAL_ERROR, MAX_LINE, MAX_PROBLEMS, load, parse
+from .validate import match_from_text
 from .yaml_tree import MAX_ALIAS_NODES, MAX_BYTES, MAX_DEPTH, MAX_NODES, MAX_SHOWN, show
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "default_path",
     "host_address",
     "load",
+    "match_from_text",
     "parse",
     "show",
     "valid_ifname",

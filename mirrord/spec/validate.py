@@ -5,7 +5,8 @@ Reading a typed value from one node is nodes.py's; the rules for a single
 name or address are fields.py's; this module holds how they fit together
 (which keys each mapping takes, which collector a mirror names, whether a
 match can ever select a packet, whether the kernel can clone a mirror's
-packets to its collector).
+packets to its collector). `match_from_text` reads `mirrord trace`'s match
+options by the same rules.
 """
 
 from __future__ import annotations
@@ -28,9 +29,19 @@ from ..match import (
     merge_ranges,
 )
 from .fields import NAME_RE, host_address, valid_ifname
-from .model import BACKENDS, DIRECTIONS, FAMILIES, TRANSPORTS, TZSP_PORT, Collector, Mirror, Spec
+from .model import (
+    BACKENDS,
+    DIRECTIONS,
+    FAMILIES,
+    TRANSPORTS,
+    TZSP_PORT,
+    Collector,
+    Mirror,
+    Spec,
+    SpecError,
+)
 from .nodes import BAD, NodeReader, close_matches
-from .yaml_tree import short_tag, show
+from .yaml_tree import STD_TAG, short_tag, show
 
 _Node = yaml.Node
 _PORT_RE = re.compile(r"\s*([0-9]+)\s*(?:[-:]\s*([0-9]+)\s*)?", re.ASCII)
@@ -425,3 +436,34 @@ class _Validator(NodeReader):
                     self.err(n, f"{what}: '{show(raw)}' is not an address or prefix")
                 ok = False
         return tuple(out) if ok else None
+
+
+class _TextValidator(_Validator):
+    """Reports without a file position: the values came from a command line."""
+
+    def err(self, node: Optional[_Node], message: str) -> None:
+        self.positions.append((1, 1))
+        self.problems.append(message)
+
+
+def match_from_text(values: dict[str, str | list[str]], what: str) -> Match:
+    """A match given as text (`mirrord trace`'s options), read by the rules of a spec's `match:`.
+
+    `values` maps match keys to one text or a list; ASCII digits are a number,
+    as YAML reads them in a file. Raises SpecError, each problem led by `what`.
+    """
+    mark = yaml.Mark(what, 0, 0, 0, "", 0)
+
+    def node(text: str) -> yaml.ScalarNode:
+        number = text.isascii() and text.isdigit()  # decimal, not YAML's octal 0NN
+        return yaml.ScalarNode(STD_TAG + ("int" if number else "str"),
+                               (text.lstrip("0") or "0") if number else text, mark, mark)
+
+    pairs = [(node(k), node(v) if isinstance(v, str)
+              else yaml.SequenceNode(STD_TAG + "seq", [node(t) for t in v], mark, mark))
+             for k, v in values.items()]
+    check = _TextValidator(what)
+    match = check.match(yaml.MappingNode(STD_TAG + "map", pairs, mark, mark), what)
+    if match is None:
+        raise SpecError(check.problems)
+    return match
