@@ -1,90 +1,69 @@
-"""The mirror spec: YAML -> a typed, validated `Spec` (schema), and what `mirrord check`
-finds from the spec alone (loops)."""
+"""The mirror spec: YAML -> a typed, validated `Spec`, and what `mirrord check` finds
+from the spec alone.
 
-from .schema import (
-    BACKENDS as BACKENDS,
+  read.py       load(path) / parse(text): the entry points; SpecError, and only
+                SpecError, for anything that is not a valid spec
+  yaml_tree.py  bytes -> UTF-8 text -> a YAML node tree, bounded in size, depth
+                and alias expansion (libyaml where present, pure PyYAML else)
+  validate.py   node tree -> Spec: which keys, which values, how they fit;
+                match_from_text, the same rules for `mirrord trace`'s options
+  nodes.py      reading one typed value from a node; problems at FILE:LINE:COL
+  fields.py     rules for one value without YAML: names, interface names,
+                a collector's address
+  model.py      the result: Spec, Collector, Mirror, SpecError and the constants
+  loops.py      copies that would become input to a mirror (`mirrord check`)
+"""
+
+from .fields import IFNAMSIZ, NAME_RE, host_address, valid_ifname
+from .model import (
+    BACKENDS,
+    DEFAULT_PATH,
+    DIRECTIONS,
+    FAMILIES,
+    TRANSPORTS,
+    TZSP_PORT,
+    Backend,
+    Collector,
+    Direction,
+    Mirror,
+    Spec,
+    SpecError,
+    Transport,
+    default_path,
 )
-from .schema import (
-    DEFAULT_PATH as DEFAULT_PATH,
-)
-from .schema import (
-    DIRECTIONS as DIRECTIONS,
-)
-from .schema import (
-    FAMILIES as FAMILIES,
-)
-from .schema import (
-    IFNAMSIZ as IFNAMSIZ,
-)
-from .schema import (
-    INTERNAL_ERROR as INTERNAL_ERROR,
-)
-from .schema import (
-    MAX_ALIAS_NODES as MAX_ALIAS_NODES,
-)
-from .schema import (
-    MAX_BYTES as MAX_BYTES,
-)
-from .schema import (
-    MAX_DEPTH as MAX_DEPTH,
-)
-from .schema import (
-    MAX_LINE as MAX_LINE,
-)
-from .schema import (
-    MAX_NODES as MAX_NODES,
-)
-from .schema import (
-    MAX_PROBLEMS as MAX_PROBLEMS,
-)
-from .schema import (
-    MAX_SHOWN as MAX_SHOWN,
-)
-from .schema import (
-    NAME_RE as NAME_RE,
-)
-from .schema import (
-    TRANSPORTS as TRANSPORTS,
-)
-from .schema import (
-    TZSP_PORT as TZSP_PORT,
-)
-from .schema import (
-    Backend as Backend,
-)
-from .schema import (
-    Collector as Collector,
-)
-from .schema import (
-    Direction as Direction,
-)
-from .schema import (
-    Mirror as Mirror,
-)
-from .schema import (
-    Spec as Spec,
-)
-from .schema import (
-    SpecError as SpecError,
-)
-from .schema import (
-    Transport as Transport,
-)
-from .schema import (
-    default_path as default_path,
-)
-from .schema import (
-    host_address as host_address,
-)
-from .schema import (
-    load as load,
-)
-from .schema import (
-    parse as parse,
-)
-from .schema import (
-    show as show,
-)
-from .schema import (
-    valid_ifname as valid_ifname,
-)
+from .read import INTERNAL_ERROR, MAX_LINE, MAX_PROBLEMS, load, parse
+from .validate import match_from_text
+from .yaml_tree import MAX_ALIAS_NODES, MAX_BYTES, MAX_DEPTH, MAX_NODES, MAX_SHOWN, show
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_PATH",
+    "DIRECTIONS",
+    "FAMILIES",
+    "IFNAMSIZ",
+    "INTERNAL_ERROR",
+    "MAX_ALIAS_NODES",
+    "MAX_BYTES",
+    "MAX_DEPTH",
+    "MAX_LINE",
+    "MAX_NODES",
+    "MAX_PROBLEMS",
+    "MAX_SHOWN",
+    "NAME_RE",
+    "TRANSPORTS",
+    "TZSP_PORT",
+    "Backend",
+    "Collector",
+    "Direction",
+    "Mirror",
+    "Spec",
+    "SpecError",
+    "Transport",
+    "default_path",
+    "host_address",
+    "load",
+    "match_from_text",
+    "parse",
+    "show",
+    "valid_ifname",
+]

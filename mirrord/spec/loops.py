@@ -21,7 +21,7 @@ from typing import Optional
 
 import yaml
 
-from . import Spec
+from .model import Spec
 
 
 def static_problems(spec: Spec, text: Optional[str] = None) -> list[str]:

@@ -27,7 +27,7 @@ from mirrord.netlink import topology
 from mirrord.netlink.watch import Change
 from mirrord.observe.health import plan_findings
 from mirrord.service.daemon import Pending
-from mirrord.spec import schema
+from mirrord.spec import yaml_tree
 
 GOLDEN = Path(__file__).parent / "golden"
 LINEAR_BOUND = 24.0
@@ -185,7 +185,7 @@ YAML_FILES = sorted(GOLDEN.rglob("*.yaml")) + sorted(
 @pytest.mark.skipif(getattr(yaml, "CSafeLoader", None) is None, reason="no libyaml")
 def _pure(text: str) -> yaml.Node | None:
     """The tree of mirrord's own bounded pure-Python loader."""
-    loader = schema._Loader(text)
+    loader = yaml_tree._Loader(text)
     try:
         return loader.get_single_node()
     finally:
@@ -199,14 +199,14 @@ def test_libyaml_gives_the_same_tree_as_pure_pyyaml(path: Path) -> None:
         pure = _pure(text)
     except yaml.YAMLError:
         pytest.skip("not YAML: the pure parser reports it either way")
-    assert _tree(schema._compose(text)[0]) == _tree(pure)
+    assert _tree(yaml_tree._compose(text)[0]) == _tree(pure)
 
 
 def test_libyaml_tree_of_a_large_spec_matches() -> None:
     text = spec_text(50, interfaces=3) + "# ports as plain text\n"
     text = text.replace("    direction: both", "    direction: both\n    match:\n"
                         "      port: [53, 20:21, \"1000-2000\"]\n      protocol: udp")
-    assert _tree(schema._compose(text)[0]) == _tree(_pure(text))
+    assert _tree(yaml_tree._compose(text)[0]) == _tree(_pure(text))
 
 
 COUNTERS_IN_NS = """

@@ -20,6 +20,7 @@ import pytest
 from mirrord import cli, plan, spec
 from mirrord.match import Match, PortRange
 from mirrord.netlink.topology import ARPHRD_ETHER, Link, Reach, Topology
+from tests.unit.spec_helpers import FULL
 
 ROOT = Path(__file__).resolve().parents[2]
 ERRORS = Path(__file__).parent / "golden" / "errors"
@@ -141,45 +142,6 @@ def test_example_spec_parses() -> None:
     assert (m.name, m.interfaces, m.direction, m.collector) == ("lan", ("br-lan",), "both", "ids")
     assert m.match == Match()
     assert m.directions == ("in", "out")
-
-
-FULL = """\
-backend: iptables-legacy
-poll_interval: 0.5
-collectors:
-  ids:
-    address: 192.0.2.50
-    interface: br-lan
-    transport: clone
-  far:
-    address: 2001:db8::9
-    transport: tzsp
-    port: 4000
-    snaplen: 1518
-mirrors:
-  - name: dns
-    interfaces: br-lan
-    direction: in
-    collector: ids
-    match:
-      family: ipv4
-      protocol: [UDP, 6]
-      port: [53, "5353", 1000-2000, "1500:2500", 2501, 80]
-      source: [192.0.2.0/25, 192.0.2.128/25, 198.51.100.7]
-      destination: 203.0.113.0/24
-  - name: all
-    interfaces: [wan, wg0.100]
-    direction: out
-    collector: far
-    match:
-  - name: v6
-    interfaces: [wan]
-    collector: far
-    match:
-      family: ipv6
-      protocol: icmpv6
-      destination: [2001:db8:1::/48]
-"""
 
 
 def test_full_spec_values() -> None:

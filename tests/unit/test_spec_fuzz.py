@@ -22,7 +22,9 @@ from typing import Callable, Optional
 
 import pytest
 
-from mirrord.spec import schema as spec
+from mirrord import spec
+from mirrord.spec.validate import _Validator
+from tests.unit.spec_helpers import FULL
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH = "fuzz.yaml"
@@ -40,47 +42,6 @@ mirrors:
   - name: lan
     interfaces: [br-lan]
     collector: ids
-"""
-
-FULL = """\
-# a comment
-backend: iptables-legacy
-poll_interval: 0.5
-collectors:
-  ids:
-    address: 192.0.2.50
-    interface: br-lan
-    transport: clone
-  far:
-    address: 2001:db8::9
-    transport: tzsp
-    port: 4000
-    snaplen: 1518
-    ring_mib: 16
-mirrors:
-  - name: dns
-    interfaces: br-lan
-    direction: in
-    collector: ids
-    match:
-      family: ipv4
-      protocol: [UDP, 6]
-      port: [53, "5353", 1000-2000, "1500:2500", 2501, 80]
-      sport: 20:21
-      dport: 443
-      source: [192.0.2.0/25, 192.0.2.128/25, 198.51.100.7]
-      destination: 203.0.113.0/24
-  - name: all
-    interfaces: [wan, wg0.100]
-    direction: out
-    collector: far
-    match:
-  - name: v6
-    interfaces:
-      - wan
-      - lan
-    collector: far
-    match: {family: ipv6, protocol: icmpv6, destination: [2001:db8:1::/48]}
 """
 
 
@@ -254,7 +215,7 @@ def test_nesting_up_to_the_bound_is_read() -> None:
 BOMB_SCRIPT = """
 import resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-from mirrord.spec import schema as spec
+from mirrord import spec
 text = sys.stdin.read()
 t0 = time.monotonic()
 try:
@@ -455,7 +416,7 @@ def test_a_reader_bug_is_still_a_spec_error(monkeypatch: pytest.MonkeyPatch) -> 
     def broken(self: object, root: object) -> None:
         raise KeyError("x" * 1000)
 
-    monkeypatch.setattr(spec._Validator, "spec", broken)
+    monkeypatch.setattr(_Validator, "spec", broken)
     with pytest.raises(spec.SpecError) as info:
         spec.parse(VALID, PATH)
     (problem,) = info.value.problems

@@ -2,7 +2,7 @@
 
 A selection is a `Match` and the interface crossings it must happen on. It
 comes from a spec's mirror (`--mirror`), or from match options read by the
-spec's own rules (`mirrord.spec.schema.match_from_text`), so `--port 53` and a
+spec's own rules (`mirrord.spec.match_from_text`), so `--port 53` and a
 spec's `port: 53` select the same packets and reject the same mistakes.
 """
 
@@ -90,8 +90,7 @@ def match_from_options(args: argparse.Namespace) -> Match:
     a list; everything else (names, numbers, ranges, prefixes, how the parts
     must agree) is the spec's reading, errors included.
     """
-    from ...spec import SpecError
-    from ...spec.schema import match_from_text
+    from ...spec import SpecError, match_from_text
 
     values: dict[str, str | list[str]] = {"family": args.family}
     for key in MATCH_KEYS[1:]:

@@ -1,0 +1,469 @@
+"""What a spec must contain: the walk over its node tree, from the document down to
+each match, every problem named by FILE:LINE:COL and reported in file order.
+
+Reading a typed value from one node is nodes.py's; the rules for a single
+name or address are fields.py's; this module holds how they fit together
+(which keys each mapping takes, which collector a mirror names, whether a
+match can ever select a packet, whether the kernel can clone a mirror's
+packets to its collector). `match_from_text` reads `mirrord trace`'s match
+options by the same rules.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Optional
+
+import yaml
+
+from ..match import (
+    PORT_PROTOCOLS,
+    PROTOCOL_NAMES,
+    PROTOCOLS,
+    Address,
+    Family,
+    Match,
+    Network,
+    PortRange,
+    merge_ranges,
+)
+from .fields import NAME_RE, host_address, valid_ifname
+from .model import (
+    BACKENDS,
+    DIRECTIONS,
+    FAMILIES,
+    TRANSPORTS,
+    TZSP_PORT,
+    Collector,
+    Mirror,
+    Spec,
+    SpecError,
+)
+from .nodes import BAD, NodeReader, close_matches
+from .yaml_tree import STD_TAG, short_tag, show
+
+_Node = yaml.Node
+_PORT_RE = re.compile(r"\s*([0-9]+)\s*(?:[-:]\s*([0-9]+)\s*)?", re.ASCII)
+
+
+def validate(root: Optional[_Node], odd_tags: list[_Node], path: str) -> Spec | list[str]:
+    """The Spec the tree of `path` describes, or its problems in file order."""
+    v = _Validator(path)
+    for node in odd_tags:
+        v.err(node, f"the tag {show(short_tag(node.tag))} is not supported; write a plain "
+              f"{'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}")
+    try:
+        spec = v.spec(root)
+    except RecursionError:
+        return [f"{path}:1:1: the spec is nested too deeply"]
+    if v.problems or spec is None:
+        return v.sorted_problems()
+    return spec
+
+
+class _Validator(NodeReader):
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        # Collectors that were defined but are invalid: a mirror naming one
+        # must not also be told it is "not defined".
+        self.invalid_collectors: set[str] = set()
+
+    # -- the document ------------------------------------------------------
+    def spec(self, root: Optional[_Node]) -> Optional[Spec]:
+        if root is None:
+            self.err(None, "the spec is empty; it needs 'collectors' and 'mirrors'")
+            return None
+        top = self.mapping(
+            root, "spec", ("backend", "poll_interval", "collectors", "mirrors"),
+            ("collectors", "mirrors"),
+        )
+        if top is None:
+            return None
+        backend = "auto"
+        if "backend" in top:
+            backend = self.choice(top["backend"][1], "backend", BACKENDS) or "auto"
+        poll = 2.0
+        if "poll_interval" in top:
+            node = top["poll_interval"][1]
+            value = self.scalar(node)
+            if value is BAD:
+                pass
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0.1 <= value <= 3600
+            ):
+                self.err(node, "poll_interval must be a number of seconds from 0.1 to 3600")
+            else:
+                poll = float(value)
+        collectors: dict[str, Collector] = {}
+        if "collectors" in top:
+            collectors = self.collectors(top["collectors"][1])
+        mirrors: list[Mirror] = []
+        if "mirrors" in top:
+            mirrors = self.mirrors(top["mirrors"][1], collectors)
+        return Spec(self.path, backend, collectors, tuple(mirrors), poll)  # type: ignore[arg-type]
+
+    def collectors(self, node: _Node) -> dict[str, Collector]:
+        out: dict[str, Collector] = {}
+        if not isinstance(node, yaml.MappingNode) or not node.value:
+            self.err(node, "collectors must be a non-empty mapping of names to collectors")
+            return out
+        for k, val in node.value:
+            name = self.string(k, "collector name")
+            if name is None:
+                continue
+            if not NAME_RE.fullmatch(name):
+                self.err(k, f"collector name '{show(name)}' must be 1-32 letters, digits, '_', '.' or '-'")
+                continue
+            if name in out:
+                self.err(k, f"collector '{name}' is defined twice")
+                continue
+            c = self.collector(name, val)
+            if c is not None:
+                out[name] = c
+            else:
+                self.invalid_collectors.add(name)
+        return out
+
+    def collector(self, name: str, node: _Node) -> Optional[Collector]:
+        what = f"collector '{name}'"
+        m = self.mapping(
+            node, what, ("address", "interface", "transport", "port", "snaplen", "ring_mib"),
+            ("address",),
+        )
+        if m is None or "address" not in m:
+            return None
+        ok = True
+        address: Optional[Address] = None
+        raw = self.string(m["address"][1], f"{what}: address")
+        if raw is not None:
+            address, why = host_address(raw, has_interface="interface" in m)
+            if why:
+                self.err(m["address"][1], f"{what}: {why}")
+        interface = None
+        if "interface" in m:
+            interface = self.ifname(m["interface"][1], f"{what}: interface")
+            ok = ok and interface is not None
+        transport = "auto"
+        if "transport" in m:
+            transport = self.choice(m["transport"][1], f"{what}: transport", TRANSPORTS) or ""
+            ok = ok and bool(transport)
+        port = TZSP_PORT
+        if "port" in m:
+            p = self.integer(m["port"][1], f"{what}: port", 1, 65535)
+            ok = ok and p is not None
+            port = p or port
+        snaplen = 65535
+        if "snaplen" in m:
+            s = self.integer(m["snaplen"][1], f"{what}: snaplen", 64, 65535)
+            ok = ok and s is not None
+            snaplen = s or snaplen
+        ring_mib = Collector.ring_mib
+        if "ring_mib" in m:
+            r = self.integer(m["ring_mib"][1], f"{what}: ring_mib", 1, 1024)
+            ok = ok and r is not None
+            ring_mib = r or ring_mib
+        if transport == "clone":
+            for key in ("port", "ring_mib"):
+                if key in m:
+                    self.err(m[key][0], f"{what}: {key} applies to transport tzsp only")
+                    ok = False
+        if address is None or not ok:
+            return None
+        return Collector(name, address, interface, transport, port, snaplen,  # type: ignore[arg-type]
+                         ring_mib)
+
+    def ifname(self, node: _Node, what: str) -> Optional[str]:
+        name = self.string(node, what)
+        if name is None:
+            return None
+        why = valid_ifname(name)
+        if why:
+            self.err(node, f"{what} '{show(name)}' {why}")
+            return None
+        return name
+
+    def mirrors(self, node: _Node, collectors: dict[str, Collector]) -> list[Mirror]:
+        out: list[Mirror] = []
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            self.err(node, "mirrors must be a non-empty list")
+            return out
+        seen: dict[str, _Node] = {}
+        for item in node.value:
+            m = self.mirror(item, collectors)
+            if m is None:
+                continue
+            if m.name in seen:
+                line = seen[m.name].start_mark.line + 1
+                self.err(item, f"mirror name '{m.name}' is already used on line {line}")
+                continue
+            seen[m.name] = item
+            out.append(m)
+        return out
+
+    def mirror(self, node: _Node, collectors: dict[str, Collector]) -> Optional[Mirror]:
+        m = self.mapping(
+            node, "mirror", ("name", "interfaces", "direction", "collector", "match"),
+            ("name", "interfaces", "collector"),
+        )
+        if m is None:
+            return None
+        ok = {"name", "interfaces", "collector"} <= m.keys()
+        name = self.string(m["name"][1], "mirror name") if "name" in m else None
+        if name is not None and not NAME_RE.fullmatch(name):
+            self.err(m["name"][1],
+                     f"mirror name '{show(name)}' must be 1-32 letters, digits, '_', '.' or '-'")
+            name = None
+        what = f"mirror '{name}'" if name else "mirror"
+        ifnode = m["interfaces"][1] if "interfaces" in m else None
+        interfaces: list[str] = []
+        seen: set[str] = set()  # a list of thousands must not cost its square
+        if (isinstance(ifnode, yaml.SequenceNode) and not ifnode.value) or (
+            isinstance(ifnode, yaml.ScalarNode) and self.scalar(ifnode) is None
+        ):
+            self.err(ifnode, f"{what}: interfaces must name at least one interface")
+            ok = False
+            ifnode = None
+        for n in self.items(ifnode) if ifnode is not None else []:
+            i = self.ifname(n, f"{what}: interface")
+            if i is None:
+                ok = False
+            elif i in seen:
+                self.err(n, f"{what}: interface '{show(i)}' is listed twice")
+                ok = False
+            else:
+                interfaces.append(i)
+                seen.add(i)
+        direction = "both"
+        if "direction" in m:
+            direction = self.choice(m["direction"][1], f"{what}: direction", DIRECTIONS) or ""
+            ok = ok and bool(direction)
+        cname = self.string(m["collector"][1], f"{what}: collector") if "collector" in m else None
+        collector = collectors.get(cname) if cname else None
+        if cname is not None and collector is None and cname in self.invalid_collectors:
+            ok = False  # its own errors were reported where it is defined
+        elif cname is not None and collector is None:
+            known = list(collectors)
+            # Bounded: difflib against thousands of names, for each of thousands
+            # of mirrors, takes minutes.
+            near = (close_matches(cname[:64], known)
+                    if len(known) <= 100 else [])
+            hint = f"; did you mean '{near[0]}'?" if near else (
+                f"; defined: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''}"
+                if known else ""
+            )
+            self.err(m["collector"][1],
+                     f"{what}: collector '{show(cname)}' is not defined{hint}")
+            ok = False
+        match = Match()
+        if "match" in m:
+            parsed = self.match(m["match"][1], what)
+            if parsed is None:
+                ok = False
+            else:
+                match = parsed
+        if ok and collector is not None:
+            ok = self.family_fits(m.get("match", (node, node))[1], what, match, collector)
+        if not ok or name is None or cname is None:
+            return None
+        return Mirror(name, tuple(interfaces), direction, cname, match)  # type: ignore[arg-type]
+
+    def family_fits(self, node: _Node, what: str, match: Match, c: Collector) -> bool:
+        if c.transport != "clone":
+            return True
+        cv = c.address.version
+        if match.family != "any" and match.family != f"ipv{cv}":
+            self.err(
+                node,
+                f"{what}: matches {match.family} traffic but collector '{c.name}' is IPv{cv} "
+                "with transport clone; the kernel clones a packet only to a next hop of its own "
+                "family (use transport: tzsp, or a collector address of that family)",
+            )
+            return False
+        if cv not in match.versions():
+            self.err(
+                node,
+                f"{what}: its match can only select IPv{10 - cv} packets, which cannot be "
+                f"cloned to the IPv{cv} collector '{c.name}'",
+            )
+            return False
+        return True
+
+    # -- match ---------------------------------------------------------------
+    def match(self, node: _Node, what: str) -> Optional[Match]:
+        if isinstance(node, yaml.ScalarNode) and self.scalar(node) is None:
+            return Match()
+        keys = ("family", "protocol", "port", "sport", "dport", "source", "destination")
+        m = self.mapping(node, f"{what}: match", keys)
+        if m is None:
+            return None
+        ok = True
+        family: Family = "any"
+        if "family" in m:
+            f = self.choice(m["family"][1], f"{what}: match family", FAMILIES)
+            ok = ok and f is not None
+            family = f or "any"  # type: ignore[assignment]
+        protocols: list[int] = []
+        if "protocol" in m:
+            for n in self.items(m["protocol"][1]):
+                p = self.protocol(n, what)
+                if p is None:
+                    ok = False
+                elif p not in protocols:
+                    protocols.append(p)
+        if family == "ipv4" and 58 in protocols:
+            self.err(m["protocol"][1], f"{what}: protocol icmpv6 does not exist in family ipv4")
+            ok = False
+        if family == "ipv6" and 1 in protocols:
+            self.err(m["protocol"][1], f"{what}: protocol icmp is IPv4's; for IPv6 use icmpv6")
+            ok = False
+        ports: dict[str, tuple[PortRange, ...]] = {}
+        for key in ("port", "sport", "dport"):
+            if key not in m:
+                continue
+            knode, vnode = m[key]
+            no_ports = [p for p in protocols if p not in PORT_PROTOCOLS]
+            if no_ports:
+                pname = PROTOCOL_NAMES.get(no_ports[0], str(no_ports[0]))
+                self.err(knode, f"{what}: '{key}' given, but protocol {pname} has no ports")
+                ok = False
+                continue
+            ranges = self.port_ranges(vnode, f"{what}: {key}")
+            if ranges is None:
+                ok = False
+            else:
+                ports[key] = ranges
+        sources = self.networks(m["source"][1], f"{what}: source") if "source" in m else ()
+        dests = (
+            self.networks(m["destination"][1], f"{what}: destination") if "destination" in m else ()
+        )
+        if sources is None or dests is None:
+            return None
+        for key, nets in (("source", sources), ("destination", dests)):
+            wrong = [n for n in nets if family != "any" and f"ipv{n.version}" != family]
+            if wrong:
+                self.err(m[key][1], f"{what}: {key} {wrong[0]} is not {family} (match family)")
+                ok = False
+        if not ok:
+            return None
+        match = Match(
+            family=family,
+            protocols=tuple(protocols),
+            ports=ports.get("port", ()),
+            sports=ports.get("sport", ()),
+            dports=ports.get("dport", ()),
+            sources=sources,
+            destinations=dests,
+        )
+        if not match.versions():
+            self.err(node, f"{what}: this match can never select a packet (its parts contradict)")
+            return None
+        return match
+
+    def protocol(self, node: _Node, what: str) -> Optional[int]:
+        value = self.scalar(node)
+        if value is BAD:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if 0 <= value <= 255:
+                return value
+            self.err(node, f"{what}: protocol number must be 0-255, not {show(value)}")
+            return None
+        if isinstance(value, str) and value.lower() in PROTOCOLS:
+            return PROTOCOLS[value.lower()]
+        names = ", ".join(sorted(PROTOCOLS))
+        self.err(node, f"{what}: unknown protocol '{show(value)}'; use one of {names}, or a number")
+        return None
+
+    def port_ranges(self, node: _Node, what: str) -> Optional[tuple[PortRange, ...]]:
+        out: list[PortRange] = []
+        ok = True
+        items = self.items(node)
+        if not items:
+            self.err(node, f"{what} must name at least one port")
+            return None
+        for n in items:
+            # The raw text, not YAML's reading of it: YAML 1.1 reads an
+            # unquoted 20:21 (iptables' range syntax) as the base-60 number 1221.
+            value = n.value if isinstance(n, yaml.ScalarNode) and n.style is None else self.scalar(n)
+            if value is BAD:
+                ok = False
+                continue
+            r: Optional[PortRange] = None
+            too_big = False
+            if isinstance(value, int) and not isinstance(value, bool):
+                r = PortRange(value, value)
+            elif isinstance(value, str):
+                # ASCII digits only: str.isdigit() and int() also take '²' and '٣'.
+                mm = _PORT_RE.fullmatch(value)
+                if mm:
+                    low, high = mm.group(1), mm.group(2) or mm.group(1)
+                    too_big = max(len(low.lstrip("0")), len(high.lstrip("0"))) > 5
+                    if not too_big:
+                        r = PortRange(int(low), int(high))
+            if too_big:
+                self.err(n, f"{what}: '{show(value)}' is not within 1-65535")
+                ok = False
+            elif r is None:
+                self.err(n, f"{what}: '{show(value)}' is not a port or a range like 1000-2000")
+                ok = False
+            elif not (1 <= r.low <= r.high <= 65535):
+                self.err(n, f"{what}: {show(r)} is not within 1-65535 with low <= high")
+                ok = False
+            else:
+                out.append(r)
+        return merge_ranges(out) if ok else None
+
+    def networks(self, node: _Node, what: str) -> Optional[tuple[Network, ...]]:
+        out: list[Network] = []
+        ok = True
+        items = self.items(node)
+        if not items:
+            self.err(node, f"{what} must name at least one address or prefix")
+            return None
+        for n in items:
+            raw = self.string(n, what)
+            if raw is None:
+                ok = False
+                continue
+            try:
+                out.append(ipaddress.ip_network(raw.strip(), strict=True))
+            except ValueError as e:
+                if "has host bits set" in str(e):
+                    net = ipaddress.ip_network(raw.strip(), strict=False)
+                    self.err(n, f"{what}: '{show(raw)}' has host bits set; did you mean {net}?")
+                else:
+                    self.err(n, f"{what}: '{show(raw)}' is not an address or prefix")
+                ok = False
+        return tuple(out) if ok else None
+
+
+class _TextValidator(_Validator):
+    """Reports without a file position: the values came from a command line."""
+
+    def err(self, node: Optional[_Node], message: str) -> None:
+        self.positions.append((1, 1))
+        self.problems.append(message)
+
+
+def match_from_text(values: dict[str, str | list[str]], what: str) -> Match:
+    """A match given as text (`mirrord trace`'s options), read by the rules of a spec's `match:`.
+
+    `values` maps match keys to one text or a list; ASCII digits are a number,
+    as YAML reads them in a file. Raises SpecError, each problem led by `what`.
+    """
+    mark = yaml.Mark(what, 0, 0, 0, "", 0)
+
+    def node(text: str) -> yaml.ScalarNode:
+        number = text.isascii() and text.isdigit()  # decimal, not YAML's octal 0NN
+        return yaml.ScalarNode(STD_TAG + ("int" if number else "str"),
+                               (text.lstrip("0") or "0") if number else text, mark, mark)
+
+    pairs = [(node(k), node(v) if isinstance(v, str)
+              else yaml.SequenceNode(STD_TAG + "seq", [node(t) for t in v], mark, mark))
+             for k, v in values.items()]
+    check = _TextValidator(what)
+    match = check.match(yaml.MappingNode(STD_TAG + "map", pairs, mark, mark), what)
+    if match is None:
+        raise SpecError(check.problems)
+    return match
