@@ -11,12 +11,13 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..netlink.topology import Topology
 from ..plan import Plan, reasons
 from ..plan.reasons import Code, Reason
+from .document import FindingRow, MirrorRow
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,12 @@ class Finding:
     fix: str
     mirror: Optional[str] = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+    def as_dict(self) -> FindingRow:
+        row: FindingRow = {"code": self.code, "severity": self.severity, "what": self.what,
+                           "fix": self.fix}
+        if self.mirror is not None:
+            row["mirror"] = self.mirror
+        return row
 
 
 def plan_findings(p: Plan, backend_error: str, topo: Optional[Topology] = None) -> list[Finding]:
@@ -99,7 +104,7 @@ def _finding(mirror: str, r: Reason) -> Finding:
     return Finding(code, severity, f"mirror {mirror}: {what}", r.fix, mirror)
 
 
-def tzsp_findings(mirrors: list[dict[str, Any]]) -> list[Finding]:
+def tzsp_findings(mirrors: list[MirrorRow]) -> list[Finding]:
     """Copies a TZSP tap lost in its capture ring, from status's own rows.
 
     The ring is small by default (512 KiB: the router's memory), so a burst

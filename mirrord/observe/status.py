@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from .. import __version__
+from .document import TZSP_COUNTERS, DirectionCount, MirrorRow, Rate, StatusDocument, TzspRow
 
 if TYPE_CHECKING:
     from ..service.daemon import Daemon
@@ -20,14 +21,14 @@ RATE_MIN_INTERVAL = 0.5  # seconds; a shorter interval gives noise, not a rate
 RATE_MAX_AGE = 300.0
 
 
-def _rates(d: Daemon, now: float, totals: dict[str, tuple[int, int]]) -> dict[str, Any]:
+def _rates(d: Daemon, now: float, totals: dict[str, tuple[int, int]]) -> dict[str, Rate]:
     """Packets/s and bytes/s per mirror since the previous status query.
 
     The daemon takes no samples on its own (it never wakes without a
     reason): a monitor that polls every N seconds gets the rate over N.
     """
     prev = d.rate_sample
-    out: dict[str, Any] = {}
+    out: dict[str, Rate] = {}
     if prev is not None and RATE_MIN_INTERVAL <= now - prev[0] <= RATE_MAX_AGE:
         dt = now - prev[0]
         for name, (p, b) in totals.items():
@@ -40,6 +41,7 @@ def _rates(d: Daemon, now: float, totals: dict[str, tuple[int, int]]) -> dict[st
 
 
 def build_status(d: Daemon) -> dict[str, Any]:
+    """The status document (its declared type: StatusDocument, in document.py)."""
     from .health import offload_findings, plan_findings, tzsp_findings
 
     counts = d.counts()
@@ -52,10 +54,10 @@ def build_status(d: Daemon) -> dict[str, Any]:
         cb = sum(counts.get((name, w), (0, 0))[1] for w in mp.mirror.directions)
         totals[name] = (cp + tp, cb + tb)
     rates = _rates(d, time.monotonic(), totals)
-    mirrors: list[dict[str, Any]] = []
+    mirrors: list[MirrorRow] = []
     for mp in d.plan.mirrors if d.plan else ():
         m = mp.mirror
-        per_dir = {
+        per_dir: dict[str, DirectionCount] = {
             way: {"packets": counts.get((m.name, way), (0, 0))[0],
                   "bytes": counts.get((m.name, way), (0, 0))[1]}
             for way in m.directions
@@ -65,21 +67,22 @@ def build_status(d: Daemon) -> dict[str, Any]:
         nbytes = sum(v["bytes"] for v in per_dir.values()) + tb
         rec = d.records.get(m.name)
         heal = rec.last_change if rec else None
-        workers = []
+        workers: list[TzspRow] = []
         for w in d.workers.values():
             if w.tap.mirror != m.name:
                 continue
             c = w.handle.counters()
             # pid: the capture process every tap shares; state: this tap's own.
-            workers.append({
+            row: TzspRow = {
                 "interface": w.tap.interface, "id": getattr(w.handle, "serial", None),
                 "pid": getattr(w.handle, "pid", None),
                 "state": "exited" if w.exited is not None else w.handle.state(),
                 "running": w.exited is None, "exit_reason": w.exited,
-                **{k: getattr(c, k) for k in
-                   ("captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
-                   if hasattr(c, k)},
-            })
+            }
+            for k in TZSP_COUNTERS:
+                if hasattr(c, k):
+                    row[k] = getattr(c, k)
+            workers.append(row)
         state, reason = mp.state, mp.reason
         if d.apply_error and mp.transport == "clone":
             # The kernel refused the last apply: what runs may not be this plan.
@@ -116,7 +119,7 @@ def build_status(d: Daemon) -> dict[str, Any]:
             "with a growing delay"))
     findings += tzsp_findings(mirrors)
     findings += offload_findings()
-    return {
+    doc: StatusDocument = {
         "version": __version__,
         "pid": os.getpid(),
         "started": _iso(d.started),
@@ -129,15 +132,17 @@ def build_status(d: Daemon) -> dict[str, Any]:
         "mirrors": mirrors,
         "findings": [f.as_dict() for f in findings],
     }
+    # The daemon's control handler takes plain dicts (service/daemon.py).
+    return cast("dict[str, Any]", doc)
 
 
-def healthy(status: dict[str, Any]) -> bool:
+def healthy(status: StatusDocument) -> bool:
     """Every mirror active and no error finding (warnings advise; they do not fail)."""
     errors = [f for f in status.get("findings", []) if f.get("severity") == "error"]
     return all_active(status) and not errors
 
 
-def all_active(status: dict[str, Any]) -> bool:
+def all_active(status: StatusDocument) -> bool:
     return all(m.get("state") == "active" for m in status.get("mirrors", []))
 
 
@@ -149,7 +154,7 @@ def _human_count(n: int) -> str:
     return f"{n}P"
 
 
-def format_table(status: dict[str, Any]) -> str:
+def format_table(status: StatusDocument) -> str:
     lines = [
         f"mirrord {status.get('version')} pid {status.get('pid')}, backend "
         f"{status.get('backend') or 'none'}, {status.get('summary')}, "
@@ -201,7 +206,7 @@ def _label(v: str) -> str:
 STATES = ("active", "waiting", "degraded", "error")
 
 
-def format_prometheus(status: Optional[dict[str, Any]]) -> str:
+def format_prometheus(status: Optional[StatusDocument]) -> str:
     """The Prometheus text format, for node_exporter's textfile collector."""
     out = ["# HELP mirrord_up Whether the mirrord daemon answered.", "# TYPE mirrord_up gauge",
            f"mirrord_up {0 if status is None else 1}"]
