@@ -8,6 +8,7 @@ tests/integration/test_health.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -18,6 +19,8 @@ from mirrord import plan, spec
 from mirrord.match import Address
 from mirrord.netlink.topology import ARPHRD_ETHER, Link, Reach, Topology
 from mirrord.observe import status
+from mirrord.observe.health import FINDING_OF, Finding, plan_findings
+from mirrord.plan import Code, Reason
 
 ARPHRD_PPP = 512
 
@@ -62,12 +65,11 @@ class _DaemonView:
         return {}
 
 
-def status_json(p: plan.Plan, topo: Topology, backend_error: str = "",
-                monkeypatch: Optional[pytest.MonkeyPatch] = None) -> str:
+def status_json(p: plan.Plan, topo: Topology, backend_error: str,
+                monkeypatch: pytest.MonkeyPatch) -> str:
     """The plan-made part of the status document: its mirrors and findings."""
     from mirrord.observe import health
 
-    assert monkeypatch is not None
     # The host's own firewall is no input of these cases.
     monkeypatch.setattr(health, "offload_findings", lambda: [])
     view: Any = _DaemonView(p, topo, backend_error)
@@ -234,3 +236,151 @@ def test_status_document_of_a_plan_is_unchanged(name: str, golden: Any,
     reasons became typed (golden/status/<case>.json, written by that code)."""
     p, topo, why = case(name)
     golden.check(f"status/{name}.json", status_json(p, topo, why, monkeypatch))
+
+
+# -- every reason code: its text, and the finding health makes of it --------------------------
+def emitted(mp: plan.MirrorPlan) -> list[Reason]:
+    """Every Reason a mirror's plan carries: its own, its taps', its bridge ports."""
+    return [*mp.reasons, *(t.cause for t in mp.taps if t.cause is not None), *mp.bridge_ports]
+
+
+@dataclass(frozen=True)
+class Expect:
+    code: Code
+    case: str
+    mirror: str
+    text: str
+    finding: Optional[tuple[str, str]] = None  # (code, what) when health maps the code
+
+
+PORT_TEXT = ("lan1 is a port of br-lan: kernel clones see br-lan, not its ports (mirror the "
+             "bridge, or use transport tzsp)")
+OFFLINK_TEXT = ("collector 203.0.113.5 is not on-link (routed via 198.51.100.1 dev wan); a "
+                "kernel clone only reaches the next hop: use transport: tzsp (or auto)")
+EXPECTED = [
+    Expect(Code.INTERFACE_ABSENT, "bridge_ports", "gone", "interface eth9 does not exist",
+           ("interface-absent", "mirror gone: interface eth9 does not exist")),
+    Expect(Code.INTERFACE_DOWN, "bridge_ports", "ports", "interface lan2 is down"),
+    Expect(Code.BRIDGE_PORT, "bridge_ports", "ports", PORT_TEXT, (
+        "bridge-port", "mirror ports: lan1 is a port of br-lan; the IP hooks a kernel clone uses "
+        "see traffic on br-lan, never on its ports, so nothing is copied from lan1")),
+    Expect(Code.TZSP_SEES_CLONES, "tzsp", "t",
+           "kernel clones leave through eth2: a TZSP capture of what leaves eth2 would copy "
+           "mirrord's own clones (mirror it with transport clone, or reach the clone collector "
+           "through another interface)"),
+    Expect(Code.COLLECTOR_NOT_LOOKED_UP, "errors", "unlooked",
+           "collector 198.51.100.10 not looked up"),
+    Expect(Code.COLLECTOR_UNREACHABLE, "errors", "noroute", "no route to collector 198.51.100.9"),
+    Expect(Code.COLLECTOR_LOCAL, "errors", "local",
+           "collector 192.0.2.1 is an address of this router"),
+    Expect(Code.COLLECTOR_NOT_A_HOST, "errors", "broadcast",
+           "collector 192.0.2.255 is the broadcast address of 192.0.2.0/24 on eth2: copies "
+           "would go to every host there; a collector must be one host"),
+    Expect(Code.COLLECTOR_OFFLINK, "offlink", "remote", OFFLINK_TEXT,
+           ("collector-offlink", f"mirror remote: {OFFLINK_TEXT}")),
+    Expect(Code.NEIGHBOUR_FAILED, "tzsp", "lan",
+           "collector 192.0.2.50 does not answer ARP/ND (neighbour FAILED on eth2)"),
+    Expect(Code.NO_FAMILY_TRAFFIC, "families", "v6only", "no IPv4 traffic to clone"),
+    Expect(Code.NO_BACKEND, "errors", "nobackend",
+           "no kernel clone backend is usable (tried nftables: x; iptables: y)"),
+    Expect(Code.BACKEND_CANNOT_CLONE_FAMILY, "families", "six",
+           "backend route-tee cannot clone IPv6 (use backend nftables or iptables, or "
+           "transport tzsp)"),
+    Expect(Code.NOT_ETHERNET, "tzsp", "u", "ppp0 is not Ethernet (a header is synthesized)"),
+]
+
+
+def test_every_code_the_plan_emits_is_expected_and_every_mapping_is_checked() -> None:
+    assert {e.code for e in EXPECTED} == set(Code)
+    assert {e.code for e in EXPECTED if e.finding} == set(FINDING_OF)
+    seen = {r.code for name in CASES for mp in case(name)[0].mirrors for r in emitted(mp)}
+    assert seen == set(Code)
+
+
+@pytest.mark.parametrize("e", EXPECTED, ids=[e.code.name for e in EXPECTED])
+def test_each_code_has_its_text_and_its_finding(e: Expect) -> None:
+    p, topo, backend_error = case(e.case)
+    mp = p.mirror(e.mirror)
+    assert mp is not None
+    (r,) = {r for r in emitted(mp) if r.code is e.code and r.text == e.text}
+    findings = plan_findings(p, backend_error, topo)
+    mine = [f for f in findings if f.mirror == e.mirror and f.code in
+            {code for code, _ in FINDING_OF.values()}]
+    if e.finding is None:
+        assert r.code not in FINDING_OF
+        return
+    code, what = e.finding
+    assert Finding(code, FINDING_OF[e.code][1], what, r.fix, e.mirror) in mine
+    assert r.fix  # a finding always says what to do
+
+
+def test_findings_keep_their_codes_severities_and_fixes() -> None:
+    p, topo, _ = case("bridge_ports")
+    got = [(f.code, f.severity, f.fix) for f in plan_findings(p, "", topo)]
+    assert got == [
+        ("bridge-port", "error", "mirror br-lan (match on addresses to narrow it), or set "
+         "transport: tzsp, which captures on lan1 itself"),
+        ("bridge-port", "error", "mirror br-lan (match on addresses to narrow it), or set "
+         "transport: tzsp, which captures on lan2 itself"),
+        ("interface-absent", "warning",
+         "check the name with `ip link`; mirrord starts copying when eth9 appears"),
+    ]
+    p, topo, _ = case("offlink")
+    offlink = [f for f in plan_findings(p, "", topo) if f.code == "collector-offlink"]
+    assert [(f.severity, f.fix) for f in offlink] == [
+        ("error", "set transport: tzsp (or auto) for this collector")]
+
+
+def test_health_reads_the_code_not_the_words() -> None:
+    p, topo, _ = case("offlink")
+    remote = p.mirror("remote")
+    assert remote is not None
+    reworded = Reason(Code.COLLECTOR_OFFLINK, "the collector is behind a router", "use tzsp")
+    # The old wording under another code is no off-link collector.
+    misleading = Reason(Code.NO_BACKEND, "not on-link, does not exist")
+    for reasons, found in (((reworded,), ["mirror remote: the collector is behind a router"]),
+                           ((misleading,), [])):
+        q = dataclasses.replace(p, mirrors=(dataclasses.replace(remote, reasons=reasons),))
+        assert [f.what for f in plan_findings(q, "", topo)
+                if f.code == "collector-offlink"] == found
+
+
+def test_bridge_port_findings_are_per_interface_of_clone_mirrors_whatever_the_taps() -> None:
+    # remote: off-link, so its taps were never marked; lan3 (orphan-port) is
+    # a port of an ifindex no link has.
+    p, topo, _ = case("offlink")
+    remote = p.mirror("remote")
+    assert remote is not None
+    assert {(t.interface, t.state) for t in remote.taps} == {("lan1", "active"), ("wan", "active")}
+    ports = [f.what for f in plan_findings(p, "", topo) if f.code == "bridge-port"]
+    assert ports == [
+        "mirror remote: lan1 is a port of ifindex 99; the IP hooks a kernel clone uses see "
+        "traffic on ifindex 99, never on its ports, so nothing is copied from lan1",
+        "mirror orphan-port: lan3 is a port of ifindex 99; the IP hooks a kernel clone uses "
+        "see traffic on ifindex 99, never on its ports, so nothing is copied from lan3",
+    ]
+    orphan = p.mirror("orphan-port")
+    assert orphan is not None and orphan.reason == (
+        "lan3 is a port of a bridge: kernel clones see a bridge, not its ports (mirror the "
+        "bridge, or use transport tzsp)")
+    # A TZSP capture on a port is fine (lan1 is a port of eth2 in this case).
+    p, topo, _ = case("tzsp")
+    assert [f for f in plan_findings(p, "", topo) if f.code == "bridge-port"] == []
+    t = p.mirror("t")
+    assert t is not None and t.bridge_ports == ()
+    # As before, no topology given: no bridge-port finding.
+    p, _, _ = case("bridge_ports")
+    assert "bridge-port" not in {f.code for f in plan_findings(p, "")}
+
+
+def test_mirror_reason_joins_the_texts_once_each() -> None:
+    p, _, _ = case("bridge_ports")
+    ports = p.mirror("ports")
+    assert ports is not None
+    # Four idle taps, two reasons (both directions share one).
+    assert [r.code for r in ports.reasons] == [Code.BRIDGE_PORT, Code.INTERFACE_DOWN]
+    assert ports.reason == f"{PORT_TEXT}; interface lan2 is down"
+    assert [t.reason for t in ports.taps if t.interface == "wan"] == ["", ""]
+    p, _, _ = case("tzsp")
+    lan = p.mirror("lan")
+    assert lan is not None and [r.code for r in lan.reasons] == [Code.NEIGHBOUR_FAILED]
