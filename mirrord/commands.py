@@ -6,10 +6,12 @@ import argparse
 import json
 import logging
 import sys
+from typing import cast
 
 from . import backends, plan, spec
 from .cli import add_config_argument
 from .netlink import topology
+from .observe.document import StatusDocument
 from .observe.status import format_prometheus, format_table, healthy
 from .service.control import default_socket, try_request
 
@@ -132,13 +134,14 @@ def run_status(args: argparse.Namespace) -> int:
             sys.stdout.write(format_prometheus(None))
         print(f"mirrord status: {err}", file=sys.stderr)
         return EXIT_NO_DAEMON
+    doc = cast("StatusDocument", reply)  # what the daemon's build_status wrote
     if args.json:
-        print(json.dumps(reply, indent=2))
+        print(json.dumps(doc, indent=2))
     elif args.prometheus:
-        sys.stdout.write(format_prometheus(reply))
+        sys.stdout.write(format_prometheus(doc))
     else:
-        print(format_table(reply))
-    return 0 if healthy(reply) else EXIT_NOT_ACTIVE
+        print(format_table(doc))
+    return 0 if healthy(doc) else EXIT_NOT_ACTIVE
 
 
 def run_flush(args: argparse.Namespace) -> int:

@@ -11,11 +11,13 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..netlink.topology import Topology
-from ..plan import Plan
+from ..plan import Plan, reasons
+from ..plan.reasons import Code, Reason
+from .document import FindingRow, MirrorRow
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,24 @@ class Finding:
     fix: str
     mirror: Optional[str] = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+    def as_dict(self) -> FindingRow:
+        row: FindingRow = {"code": self.code, "severity": self.severity, "what": self.what,
+                           "fix": self.fix}
+        if self.mirror is not None:
+            row["mirror"] = self.mirror
+        return row
 
 
 def plan_findings(p: Plan, backend_error: str, topo: Optional[Topology] = None) -> list[Finding]:
+    """The findings a plan's reasons and its collectors' reach call for.
+
+    `topo`: the topology the plan was built from. The plan already holds
+    what health reads of it (a clone mirror's bridge ports); without it, as
+    before, no bridge-port finding is reported.
+    """
     out: list[Finding] = []
     if topo is not None:
-        out += _bridge_port_findings(p, topo)
+        out += [_finding(mp.mirror.name, r) for mp in p.mirrors for r in mp.bridge_ports]
     if backend_error and any(m.transport == "clone" for m in p.mirrors):
         out.append(Finding("backend-missing", "error", backend_error,
                            "install the package named above (or set backend: to one that works)"))
@@ -43,21 +55,21 @@ def plan_findings(p: Plan, backend_error: str, topo: Optional[Topology] = None) 
             mirrored.setdefault(name, []).append(mp.mirror.name)
     for mp in p.mirrors:
         name = mp.mirror.name
-        for tap in mp.taps:
-            if tap.reason.endswith("does not exist") and tap.direction == mp.mirror.directions[0]:
-                out.append(Finding(
-                    "interface-absent", "warning", f"mirror {name}: {tap.reason}",
-                    f"check the name with `ip link`; mirrord starts copying when {tap.interface} "
-                    "appears", name))
+        first = mp.mirror.directions[0]  # one finding per interface, not per direction
+        out += [_finding(name, t.cause) for t in mp.taps
+                if t.cause is not None and t.cause.code is Code.INTERFACE_ABSENT
+                and t.direction == first]
         reach = mp.reach
         if reach is None:
             continue
+        # From the collector's reach, not from a reason: a TZSP mirror's
+        # collector that does not answer ARP/ND is no plan reason (the
+        # datagrams go out regardless) and is still worth a finding.
         if reach.neighbour == "FAILED":
             out.append(Finding(
                 "collector-neighbour-failed", "error",
                 f"mirror {name}: collector {reach.address} does not answer ARP/ND on {reach.oif}",
-                f"check that {reach.address} is up and attached to {reach.oif} "
-                f"(`ip neigh show {reach.address}`)", name))
+                reasons.neighbour_failed(reach.address, reach.oif).fix, name))
         if reach.oif and reach.oif in mirrored:
             users = ", ".join(mirrored[reach.oif])
             out.append(Finding(
@@ -66,13 +78,33 @@ def plan_findings(p: Plan, backend_error: str, topo: Optional[Topology] = None) 
                 f"mirror(s) {users} observe: copies share that link with the traffic they copy "
                 "(the collector's own traffic is excluded)",
                 "give the collector its own port or VLAN if that link is busy", name))
-        if mp.state == "error" and mp.reason and "not on-link" in mp.reason:
-            out.append(Finding("collector-offlink", "error", f"mirror {name}: {mp.reason}",
-                               "set transport: tzsp (or auto) for this collector", name))
+        if mp.state == "error":
+            out += [_finding(name, r) for r in mp.reasons if r.code is Code.COLLECTOR_OFFLINK]
     return out
 
 
-def tzsp_findings(mirrors: list[dict[str, Any]]) -> list[Finding]:
+# The plan's reason codes that are findings, with their finding code and severity.
+FINDING_OF: dict[Code, tuple[str, str]] = {
+    Code.BRIDGE_PORT: ("bridge-port", "error"),
+    Code.INTERFACE_ABSENT: ("interface-absent", "warning"),
+    Code.COLLECTOR_OFFLINK: ("collector-offlink", "error"),
+}
+
+
+def _finding(mirror: str, r: Reason) -> Finding:
+    code, severity = FINDING_OF[r.code]
+    if r.code is Code.BRIDGE_PORT:
+        # OpenWrt's LAN ports (lan1..lan4, DSA) are ports of br-lan: "mirror
+        # port lan2" is the first thing people try, so the finding explains.
+        what = (f"{r.interface} is a port of {r.bridge}; the IP hooks a kernel clone uses see "
+                f"traffic on {r.bridge}, never on its ports, so nothing is copied from "
+                f"{r.interface}")
+    else:
+        what = r.text
+    return Finding(code, severity, f"mirror {mirror}: {what}", r.fix, mirror)
+
+
+def tzsp_findings(mirrors: list[MirrorRow]) -> list[Finding]:
     """Copies a TZSP tap lost in its capture ring, from status's own rows.
 
     The ring is small by default (512 KiB: the router's memory), so a burst
@@ -90,32 +122,6 @@ def tzsp_findings(mirrors: list[dict[str, Any]]) -> list[Finding]:
                     "frame(s): those copies were never sent",
                     f"raise ring_mib on collector {m['collector']['name']} (the ring absorbs "
                     "bursts; default 512 KiB), or narrow the mirror's match", m["name"]))
-    return out
-
-
-def _bridge_port_findings(p: Plan, topo: Topology) -> list[Finding]:
-    """A kernel clone on a bridge port copies nothing: IP hooks see the bridge.
-
-    OpenWrt's LAN ports (lan1..lan4, DSA) are ports of br-lan: "mirror port
-    lan2" is the first thing people try.
-    """
-    out: list[Finding] = []
-    for mp in p.mirrors:
-        if mp.transport != "clone":
-            continue
-        for name in mp.mirror.interfaces:
-            link = topo.link(name)
-            if link is None or link.master is None:
-                continue
-            bridge = topo.by_index(link.master)
-            bname = bridge.name if bridge else f"ifindex {link.master}"
-            out.append(Finding(
-                "bridge-port", "error",
-                f"mirror {mp.mirror.name}: {name} is a port of {bname}; the IP hooks a kernel "
-                f"clone uses see traffic on {bname}, never on its ports, so nothing is copied "
-                f"from {name}",
-                f"mirror {bname} (match on addresses to narrow it), or set transport: tzsp, "
-                f"which captures on {name} itself", mp.mirror.name))
     return out
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from .. import __version__
+from .document import TZSP_COUNTERS, DirectionCount, MirrorRow, Rate, StatusDocument, TzspRow
 
 if TYPE_CHECKING:  # the `mirrord status` client needs none of the daemon's modules
     from ..reconcile.snapshot import Reading, Snapshot
@@ -30,9 +31,9 @@ class RateMeter:
     def __init__(self) -> None:
         self._sample: Optional[tuple[float, dict[str, tuple[int, int]]]] = None
 
-    def rates(self, now: float, totals: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    def rates(self, now: float, totals: dict[str, tuple[int, int]]) -> dict[str, Rate]:
         prev = self._sample
-        out: dict[str, Any] = {}
+        out: dict[str, Rate] = {}
         if prev is not None and RATE_MIN_INTERVAL <= now - prev[0] <= RATE_MAX_AGE:
             dt = now - prev[0]
             for name, (p, b) in totals.items():
@@ -44,7 +45,7 @@ class RateMeter:
         return out
 
 
-def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -> dict[str, Any]:
+def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -> StatusDocument:
     """The status document from what the reconciler produced and the counters now."""
     from .health import Finding, offload_findings, plan_findings, tzsp_findings
 
@@ -60,19 +61,26 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
         cb = sum(counts.get((name, w), (0, 0))[1] for w in mp.mirror.directions)
         totals[name] = (cp + tp, cb + tb)
     rates = meter.rates(time.monotonic(), totals)
-    mirrors: list[dict[str, Any]] = []
+    mirrors: list[MirrorRow] = []
     for mp in mirror_plans:
         m = mp.mirror
-        per_dir = {
+        per_dir: dict[str, DirectionCount] = {
             way: {"packets": counts.get((m.name, way), (0, 0))[0],
                   "bytes": counts.get((m.name, way), (0, 0))[1]}
             for way in m.directions
         }
         heal = snap.heals.get(m.name)
-        # pid: the capture process every tap shares; state: this tap's own.
-        workers = [{"interface": t.interface, "id": t.id, "pid": t.pid, "state": t.state,
-                    "running": t.running, "exit_reason": t.exit_reason, **t.counters}
-                   for t in taps if t.mirror == m.name]
+        workers: list[TzspRow] = []
+        for t in taps:
+            if t.mirror != m.name:
+                continue
+            # pid: the capture process every tap shares; state: this tap's own.
+            row: TzspRow = {"interface": t.interface, "id": t.id, "pid": t.pid, "state": t.state,
+                            "running": t.running, "exit_reason": t.exit_reason}
+            for k in TZSP_COUNTERS:
+                if k in t.counters:
+                    row[k] = t.counters[k]
+            workers.append(row)
         state, reason = mp.state, mp.reason
         if snap.apply_error and mp.transport == "clone":
             # The kernel refused the last apply: what runs may not be this plan.
@@ -107,7 +115,7 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
             "with a growing delay"))
     findings += tzsp_findings(mirrors)
     findings += offload_findings()
-    return {
+    doc: StatusDocument = {
         "version": __version__,
         "pid": os.getpid(),
         "started": _iso(snap.started),
@@ -120,15 +128,16 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
         "mirrors": mirrors,
         "findings": [f.as_dict() for f in findings],
     }
+    return doc
 
 
-def healthy(status: dict[str, Any]) -> bool:
+def healthy(status: StatusDocument) -> bool:
     """Every mirror active and no error finding (warnings advise; they do not fail)."""
     errors = [f for f in status.get("findings", []) if f.get("severity") == "error"]
     return all_active(status) and not errors
 
 
-def all_active(status: dict[str, Any]) -> bool:
+def all_active(status: StatusDocument) -> bool:
     return all(m.get("state") == "active" for m in status.get("mirrors", []))
 
 
@@ -140,7 +149,7 @@ def _human_count(n: int) -> str:
     return f"{n}P"
 
 
-def format_table(status: dict[str, Any]) -> str:
+def format_table(status: StatusDocument) -> str:
     lines = [
         f"mirrord {status.get('version')} pid {status.get('pid')}, backend "
         f"{status.get('backend') or 'none'}, {status.get('summary')}, "
@@ -192,7 +201,7 @@ def _label(v: str) -> str:
 STATES = ("active", "waiting", "degraded", "error")
 
 
-def format_prometheus(status: Optional[dict[str, Any]]) -> str:
+def format_prometheus(status: Optional[StatusDocument]) -> str:
     """The Prometheus text format, for node_exporter's textfile collector."""
     out = ["# HELP mirrord_up Whether the mirrord daemon answered.", "# TYPE mirrord_up gauge",
            f"mirrord_up {0 if status is None else 1}"]

@@ -33,3 +33,9 @@ from .build import (
 from .build import (
     exclusions as exclusions,
 )
+from .reasons import (
+    Code as Code,
+)
+from .reasons import (
+    Reason as Reason,
+)

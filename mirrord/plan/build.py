@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional, Protocol
 
 from ..match import Address, FamilyMatch, Match
 from ..netlink.topology import ARPHRD_ETHER, Reach, Topology
 from ..spec import Collector, Mirror, Spec
+from . import reasons as why
+from .reasons import Reason
 
 State = Literal["active", "waiting", "degraded", "error"]
 Way = Literal["in", "out"]
@@ -61,7 +63,11 @@ class TapState:
     interface: str
     direction: Way
     state: State
-    reason: str = ""
+    cause: Optional[Reason] = None  # None exactly when active
+
+    @property
+    def reason(self) -> str:
+        return self.cause.text if self.cause else ""
 
 
 @dataclass(frozen=True)
@@ -70,9 +76,17 @@ class MirrorPlan:
     collector: Collector
     transport: Optional[Literal["clone", "tzsp"]]
     state: State
-    reason: str
+    reasons: tuple[Reason, ...]
     taps: tuple[TapState, ...] = ()
     reach: Optional[Reach] = None
+    # A clone mirror's interfaces that are bridge ports, whatever their taps'
+    # state: a port copies nothing with a kernel clone (health: bridge-port).
+    bridge_ports: tuple[Reason, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        """What status and the log show: the reasons' texts, each once, "; " between."""
+        return why.join(self.reasons)
 
 
 @dataclass(frozen=True)
@@ -179,16 +193,12 @@ def _keep_clones_from_taps(mirrors: list[MirrorPlan], taps: list[TzspTap], egres
         for j, ts in enumerate(states):
             via = blocked.get((mp.mirror.name, ts.interface))
             if via is not None and ts.direction == "out" and ts.state == "active":
-                port = f" (a port of {via})" if via != ts.interface else ""
-                states[j] = TapState(
-                    ts.interface, "out", "error",
-                    f"kernel clones leave through {via}: a TZSP capture of what leaves "
-                    f"{ts.interface}{port} would copy mirrord's own clones (mirror it with "
-                    "transport clone, or reach the clone collector through another interface)")
+                states[j] = TapState(ts.interface, "out", "error",
+                                     why.tzsp_sees_clones(ts.interface, via))
                 hit = True
         if hit:
-            state, reason = _summarize(states)
-            mirrors[i] = dataclasses.replace(mp, state=state, reason=reason, taps=tuple(states))
+            state, causes = _summarize(states)
+            mirrors[i] = dataclasses.replace(mp, state=state, reasons=causes, taps=tuple(states))
 
 
 def _interface_taps(mirror: Mirror, topo: Topology) -> list[TapState]:
@@ -197,37 +207,34 @@ def _interface_taps(mirror: Mirror, topo: Topology) -> list[TapState]:
         link = topo.link(name)
         for way in mirror.directions:
             if link is None:
-                out.append(TapState(name, way, "waiting", f"interface {name} does not exist"))
+                out.append(TapState(name, way, "waiting", why.interface_absent(name)))
             elif not link.up:
-                out.append(TapState(name, way, "waiting", f"interface {name} is down"))
+                out.append(TapState(name, way, "waiting", why.interface_down(name)))
             else:
                 out.append(TapState(name, way, "active"))
     return out
 
 
-def _summarize(taps: list[TapState]) -> tuple[State, str]:
+def _summarize(taps: list[TapState]) -> tuple[State, tuple[Reason, ...]]:
     idle = [t for t in taps if t.state != "active"]
     if not idle:
-        return "active", ""
-    reasons = list(dict.fromkeys(t.reason for t in idle))
+        return "active", ()
+    causes = tuple(dict.fromkeys(t.cause for t in idle if t.cause is not None))
     if len(idle) == len(taps):
-        return ("error" if any(t.state == "error" for t in idle) else "waiting"), "; ".join(reasons)
-    return "degraded", "; ".join(reasons)
+        return ("error" if any(t.state == "error" for t in idle) else "waiting"), causes
+    return "degraded", causes
 
 
-def _bridge_ports(taps: list[TapState], topo: Topology) -> list[TapState]:
-    """Taps on bridge ports copy nothing with a kernel clone: IP hooks see the bridge."""
-    out = []
-    for t in taps:
-        link = topo.link(t.interface)
-        if t.state == "active" and link is not None and link.master is not None:
-            bridge = topo.by_index(link.master)
-            bname = bridge.name if bridge else "a bridge"
-            t = TapState(t.interface, t.direction, "error",
-                         f"{t.interface} is a port of {bname}: kernel clones see {bname}, "
-                         "not its ports (mirror the bridge, or use transport tzsp)")
-        out.append(t)
-    return out
+def _bridge_ports(taps: list[TapState], ports: tuple[Reason, ...]) -> list[TapState]:
+    """Active taps on bridge ports are errors: a kernel clone copies nothing there."""
+    by_name = {r.interface: r for r in ports}
+    return [TapState(t.interface, t.direction, "error", by_name[t.interface])
+            if t.state == "active" and t.interface in by_name else t for t in taps]
+
+
+class _Result(Protocol):
+    def __call__(self, transport: Optional[TransportName], state: State,
+                 *causes: Reason) -> MirrorPlan: ...
 
 
 def _plan_mirror(
@@ -240,17 +247,21 @@ def _plan_mirror(
     versions: frozenset[int],
 ) -> tuple[MirrorPlan, list[CloneRule], list[TzspTap]]:
     taps = _interface_taps(mirror, topo)
+    ports: tuple[Reason, ...] = ()
 
-    def result(transport: Optional[TransportName], state: State, reason: str) -> MirrorPlan:
-        return MirrorPlan(mirror, collector, transport, state, reason, tuple(taps), reach)
+    def result(transport: Optional[TransportName], state: State,
+               *causes: Reason) -> MirrorPlan:
+        return MirrorPlan(mirror, collector, transport, state, causes, tuple(taps), reach,
+                          ports if transport == "clone" else ())
 
     if reach is None or reach.error:
-        why = reach.error if reach and reach.error else f"collector {collector.address} not looked up"
-        return result(None, "waiting", why), [], []
+        if reach is not None and reach.error:
+            return result(None, "waiting", why.collector_unreachable(reach.error)), [], []
+        return result(None, "waiting", why.collector_not_looked_up(collector.address)), [], []
     if reach.local:
-        return result(None, "error", f"collector {collector.address} is an address of this router"), [], []
+        return result(None, "error", why.collector_local(collector.address)), [], []
     if (not_host := _not_a_host(collector.address, reach)) is not None:
-        return result(None, "error", not_host), [], []
+        return result(None, "error", why.collector_not_a_host(not_host)), [], []
 
     transport: TransportName
     if collector.transport == "auto":
@@ -261,45 +272,28 @@ def _plan_mirror(
     if transport == "tzsp":
         return _plan_tzsp(mirror, collector, topo, taps, result)
 
+    # Whatever else stops this clone mirror, its bridge ports would copy nothing.
+    ports = tuple(r for name in mirror.interfaces if (r := why.bridge_port(name, topo)))
     if not reach.onlink:
-        return (
-            result(
-                "clone", "error",
-                f"collector {collector.address} is not on-link ({reach.describe()}); a kernel clone "
-                "only reaches the next hop: use transport: tzsp (or auto)",
-            ),
-            [],
-            [],
-        )
-    fm = mirror.match.for_version(4 if collector.address.version == 4 else 6)
+        return result("clone", "error", why.collector_offlink(collector.address, reach)), [], []
+    version = collector.address.version
+    fm = mirror.match.for_version(4 if version == 4 else 6)
     if fm is None:
-        return (
-            result("clone", "error", f"no IPv{collector.address.version} traffic to clone"),
-            [],
-            [],
-        )
+        return result("clone", "error", why.no_family_traffic(version)), [], []
     if backend is None:
-        return result("clone", "error", backend_error or "no usable firewall backend"), [], []
-    if collector.address.version not in versions:
-        return (
-            result("clone", "error", f"backend {backend} cannot clone IPv{collector.address.version} "
-                   "(use backend nftables or iptables, or transport tzsp)"),
-            [],
-            [],
-        )
+        return result("clone", "error", why.no_backend(backend_error or "")), [], []
+    if version not in versions:
+        return result("clone", "error", why.backend_cannot_clone(backend, version)), [], []
     rules = [
         CloneRule(mirror.name, way, mirror.interfaces, fm, collector.address, collector.interface)
         for way in mirror.directions
     ]
-    taps[:] = _bridge_ports(taps, topo)
-    state, reason = _summarize(taps)
+    taps[:] = _bridge_ports(taps, ports)
+    state, causes = _summarize(taps)
     if reach.neighbour == "FAILED":
         state = "degraded"
-        reason = "; ".join(
-            r for r in (f"collector {collector.address} does not answer ARP/ND (neighbour "
-                        f"FAILED on {reach.oif})", reason) if r
-        )
-    return result("clone", state, reason), rules, []
+        causes = (why.neighbour_failed(collector.address, reach.oif), *causes)
+    return result("clone", state, *causes), rules, []
 
 
 def _not_a_host(address: Address, reach: Reach) -> Optional[str]:
@@ -326,7 +320,7 @@ def _plan_tzsp(
     collector: Collector,
     topo: Topology,
     taps: list[TapState],
-    result: Callable[[Optional[TransportName], State, str], MirrorPlan],
+    result: _Result,
 ) -> tuple[MirrorPlan, list[CloneRule], list[TzspTap]]:
     jobs: list[TzspTap] = []
     for name in mirror.interfaces:
@@ -335,12 +329,12 @@ def _plan_tzsp(
             continue
         jobs.append(TzspTap(mirror.name, name, link.index, mirror.directions, collector,
                             mirror.match))
-    state, reason = _summarize(taps)
-    notes = [
-        f"{t.interface} is not Ethernet (a header is synthesized)"
+    state, causes = _summarize(taps)
+    notes = tuple(
+        why.not_ethernet(t.interface)
         for t in jobs
         if (lk := topo.link(t.interface)) is not None and lk.arphrd != ARPHRD_ETHER
-    ]
+    )
     if notes and state == "active":
-        reason = "; ".join(notes)
-    return result("tzsp", state, reason), [], jobs
+        causes = notes
+    return result("tzsp", state, *causes), [], jobs

@@ -34,7 +34,7 @@ GOOD_NEIGHBOUR = frozenset({"REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT",
 RETRY_MAX = 30.0  # seconds: the longest wait before applying again
 VERIFY_BACKOFF = 0.01  # the first wait after a listing that kept failing verification
 # What a mirror's plan says for status only; everything else may shape the rules.
-_STATE_ONLY = frozenset({"state", "reason", "taps", "reasons"})
+_STATE_ONLY = frozenset({"state", "reasons", "taps", "bridge_ports"})
 
 TopologyReader = Callable[[Spec], Topology]
 BackendChooser = Callable[[str], tuple[Optional[Backend], str]]

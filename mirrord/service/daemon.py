@@ -23,7 +23,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from .. import backends, plan, spec
 from ..cli import add_config_argument
@@ -460,6 +460,6 @@ class Daemon:
         cmd = request.get("cmd", "status")
         if cmd != "status":
             return {"error": f"unknown command {cmd!r}"}
-        if self.reconciler is None:
-            return dict(build_status(self.snapshot, None, self.rates))
-        return dict(build_status(self.snapshot, self.reconciler.read(), self.rates))
+        reading = self.reconciler.read() if self.reconciler is not None else None
+        # The control socket answers plain JSON objects (service/control.py).
+        return cast("dict[str, Any]", build_status(self.snapshot, reading, self.rates))

@@ -1,0 +1,113 @@
+"""The status document's declared type: what `mirrord status --json` prints.
+
+Exactly the keys build_status writes; monitors parse this JSON, so a key
+is added here before status writes it and never renamed. The readers
+(format_table, format_prometheus, healthy) use .get() for keys an older
+daemon may not send: the types describe what this version sends.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, TypedDict
+
+from ..plan import State
+
+
+class DirectionCount(TypedDict):
+    packets: int
+    bytes: int
+
+
+class CollectorRow(TypedDict):
+    name: str
+    address: str
+    reach: Optional[str]  # None: its route was never looked up
+
+
+class Rate(TypedDict):
+    """Per second, since the previous status query (none on the first)."""
+
+    interval: float
+    pps: float
+    bps: float
+
+
+class LastHeal(TypedDict):
+    when: str  # ISO 8601, UTC
+    why: str
+
+
+class TapRow(TypedDict):
+    interface: str
+    direction: str
+    state: State
+    reason: str  # "" when active
+
+
+TzspCounter = Literal["captured", "sent", "bytes", "ring_drops", "send_errors", "truncated"]
+TZSP_COUNTERS: tuple[TzspCounter, ...] = (
+    "captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
+
+
+class _TzspCounters(TypedDict, total=False):
+    # Only the counters the capture handle has.
+    captured: int
+    sent: int
+    bytes: int
+    ring_drops: int
+    send_errors: int
+    truncated: int
+
+
+class TzspRow(_TzspCounters):
+    """One TZSP tap's worker: the shared capture process, this tap's state and counters."""
+
+    interface: str
+    id: Optional[int]
+    pid: Optional[int]
+    state: str
+    running: bool
+    exit_reason: Optional[str]
+
+
+class MirrorRow(TypedDict):
+    name: str
+    state: State
+    reason: str  # the plan's reasons joined ("; "), "" when active
+    transport: Optional[str]  # "clone", "tzsp", or None when the collector is unusable
+    interfaces: list[str]
+    direction: str
+    match: str
+    collector: CollectorRow
+    packets: int
+    bytes: int
+    directions: dict[str, DirectionCount]  # kernel clone counters per direction; {} for TZSP
+    taps: list[TapRow]
+    tzsp: list[TzspRow]
+    rate: Optional[Rate]
+    last_heal: Optional[LastHeal]
+
+
+class _FindingBase(TypedDict):
+    code: str
+    severity: str  # "error" | "warning"
+    what: str
+    fix: str
+
+
+class FindingRow(_FindingBase, total=False):
+    mirror: str  # absent for findings about the router, not one mirror
+
+
+class StatusDocument(TypedDict):
+    version: str
+    pid: int
+    started: str  # ISO 8601, UTC
+    config: str
+    backend: Optional[str]
+    backend_error: Optional[str]
+    summary: str
+    applies: int
+    reapplies: int
+    mirrors: list[MirrorRow]
+    findings: list[FindingRow]
