@@ -466,7 +466,7 @@ def test_plan_route_tee_cannot_clone_ipv6() -> None:
     s = one("2001:db8::50")
     reach = Reach(addr("2001:db8::50"), oif="eth2", neighbour="REACHABLE")
     # The caller passes what its backend can clone, as the daemon does.
-    p = plan.build(s, topo_for(s, reach), "route-tee", versions=create("route-tee").versions)
+    p = plan.build(s, topo_for(s, reach), "route-tee", versions=create("route-tee").capabilities.versions)
     (mp,) = p.mirrors
     assert mp.state == "error" and "IPv6" in mp.reason and p.clones == ()
 
@@ -728,7 +728,8 @@ def test_kernel_replaces_tables_in_place(netns: Netns, tmp_path: Path) -> None:
 FRESH_BOTH_WAYS = """\
 import json, sys
 from mirrord.backends.base import Rendered
-from mirrord.backends.nftables import NftablesBackend, _strip_volatile, batch
+from mirrord.backends.nftables import NftablesBackend, batch
+from mirrord.backends.nftables.backend import _strip_volatile
 tables = json.loads(sys.argv[1])
 carry = {tuple(k.split("|")): tuple(v) for k, v in json.loads(sys.argv[2]).items()}
 b = NftablesBackend()
