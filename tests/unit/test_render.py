@@ -770,3 +770,18 @@ def test_fresh_load_in_nft_syntax_equals_the_json_batch(case: str, netns: Netns)
     both = json.loads(out.stdout)
     assert both["text"] == both["json"]
     assert any('"packets": 1000' in o for o in both["text"]) == bool(names)
+
+
+def test_every_backend_declares_what_it_owns() -> None:
+    from mirrord.backends import FACTORIES, WATCHABLE_TABLES, Capabilities
+
+    for name, factory in FACTORIES.items():
+        for caps in factory.possible_capabilities():
+            assert isinstance(caps, Capabilities), name
+            assert caps.versions and caps.versions <= {4, 6}, name
+            assert caps.watch_tables <= WATCHABLE_TABLES, name
+            assert caps.event_driven == bool(caps.watch_tables), name
+            assert caps.removes and caps.kernel_owner, name
+    assert FACTORIES["route-tee"].possible_capabilities()[0].versions == {4}
+    watched = WATCHABLE_TABLES  # every table of every backend, whatever its flavour
+    assert watched == {("ip", "mirrord"), ("ip6", "mirrord"), ("ip", "mangle"), ("ip6", "mangle")}

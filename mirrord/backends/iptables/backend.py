@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional
+from typing import Literal, Optional
 
 from ...plan import CloneRule, Plan
 from ..base import ApplyError, Backend, Capabilities, Counts, Rendered
@@ -39,7 +39,19 @@ log = logging.getLogger("mirrord")
 Dialect = Literal["tee", "route"]
 # iptables-nft keeps the mangle chains in these nftables tables.
 MANGLE_TABLES = frozenset({("ip", "mangle"), ("ip6", "mangle")})
-REMOVES = "chains MIRRORD_* in the mangle tables of {tool}, and the jumps to them"
+BOTH = frozenset({4, 6})
+
+
+def flavour_capabilities(nft: bool, versions: frozenset[int] = BOTH) -> Capabilities:
+    owner = "iptables-nft" if nft else "iptables-legacy"
+    return Capabilities(
+        versions=versions,
+        # iptables-legacy changes produce no nftables events: polled.
+        watch_tables=MANGLE_TABLES if nft else frozenset(),
+        event_driven=nft,
+        kernel_owner=owner,
+        removes=f"chains MIRRORD_* in the mangle tables of {owner}, and the jumps to them",
+    )
 
 
 class IptablesBackend(Backend):
@@ -47,7 +59,6 @@ class IptablesBackend(Backend):
     dialect: Dialect = "tee"
     # The `iptables` command may be either variant; probe decides.
     binary_suffix = ""
-    VERSIONS: ClassVar[frozenset[int]] = frozenset({4, 6})
 
     def __init__(self) -> None:
         self._uses_nft: Optional[bool] = None
@@ -57,29 +68,17 @@ class IptablesBackend(Backend):
         # whole counter duty, and it keeps no other totals (the daemon does).
         self.banked: dict[int, Counts] = {}
 
-    @classmethod
-    def flavour_capabilities(cls, nft: bool) -> Capabilities:
-        owner = "iptables-nft" if nft else "iptables-legacy"
-        return Capabilities(
-            versions=cls.VERSIONS,
-            # iptables-legacy changes produce no nftables events: polled.
-            watch_tables=MANGLE_TABLES if nft else frozenset(),
-            event_driven=nft,
-            kernel_owner=owner,
-            removes=REMOVES.format(tool=owner),
-        )
-
     @property
     def capabilities(self) -> Capabilities:
         """Which flavour the `iptables` command is, is known only by running it."""
-        return self.flavour_capabilities(self.uses_nft)
+        return flavour_capabilities(self.uses_nft)
 
     @classmethod
     def possible_capabilities(cls) -> tuple[Capabilities, ...]:
         caps: object = cls.capabilities
         if isinstance(caps, Capabilities):  # a subclass that knows its flavour
             return (caps,)
-        return (cls.flavour_capabilities(True), cls.flavour_capabilities(False))
+        return (flavour_capabilities(True), flavour_capabilities(False))
 
     # -- commands ----------------------------------------------------------
     def _bin(self, version: int, tool: str) -> str:
@@ -364,7 +363,7 @@ class _Switch:
 class IptablesLegacyBackend(IptablesBackend):
     name = "iptables-legacy"
     binary_suffix = "-legacy"
-    capabilities = IptablesBackend.flavour_capabilities(nft=False)
+    capabilities = flavour_capabilities(nft=False)
 
     @property
     def uses_nft(self) -> bool:
@@ -376,7 +375,9 @@ class RouteTeeBackend(IptablesBackend):
 
     name = "route-tee"
     dialect = "route"
-    VERSIONS = frozenset({4})
+    # ROUTE exists only on old patch-o-matic kernels, whose iptables is the
+    # legacy one (on any other kernel unsupported() refuses this backend).
+    capabilities = flavour_capabilities(nft=False, versions=frozenset({4}))
 
     def versions_wanted(self, plan: Plan) -> set[int]:
         return {4} if any(r.version == 4 for r in plan.clones) else set()
