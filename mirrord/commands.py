@@ -95,11 +95,11 @@ def run_render(args: argparse.Namespace) -> int:
     if name == "auto":
         chosen, why = (None, "--offline") if args.offline else backends.select("auto")
         if chosen is None:
-            print(f"# {why}; rendering for nftables", file=sys.stderr)
-        name = chosen.name if chosen else "nftables"
+            print(f"# {why}; rendering for {backends.PREFERRED}", file=sys.stderr)
+        name = chosen.name if chosen else backends.PREFERRED
     backend = backends.create(name)
     topo = offline_topology(s) if args.offline else topology.read(plan.collector_keys(s))
-    p = plan.build(s, topo, backend.name, versions=backend.versions)
+    p = plan.build(s, topo, backend.name, versions=backend.capabilities.versions)
     with_rules = {r.mirror for r in p.clones}  # a scan of every rule per mirror was quadratic
     for mp in p.mirrors:
         if mp.mirror.name not in with_rules:
@@ -145,12 +145,16 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_flush(args: argparse.Namespace) -> int:
-    """Remove what any mirrord left behind, in every backend, and nothing else."""
+    """Remove what any mirrord left behind, in every backend, and nothing else.
+
+    A `mirrord trace` table is removed only when its trace is no longer
+    running: a live trace is left alone (the daemon's own flush never takes it).
+    """
     rc = 0
     looked: list[str] = []
     found = False
-    for name in ("nftables", "iptables", "iptables-legacy"):
-        b = backends.create(name)
+    for b in backends.flush_candidates():
+        name = b.name
         try:
             before = b.snapshot()
         except (ImportError, OSError) as e:
@@ -160,20 +164,53 @@ def run_flush(args: argparse.Namespace) -> int:
         found = found or bool(before)
         if args.dry_run:
             if before:
-                print(f"{name}: would remove mirrord's rules")
+                print(f"{name}: would remove mirrord's rules ({b.capabilities.removes})")
             continue
         try:
-            # Always: removal is idempotent and also takes what snapshot()
-            # does not show (a crashed `mirrord trace` table).
+            # Always: removal is idempotent, and a snapshot that saw nothing
+            # costs a second look at most.
             b.flush()
             if before:
-                print(f"{name}: removed mirrord's rules")
+                print(f"{name}: removed mirrord's rules ({b.capabilities.removes})")
         except backends.BackendError as e:
             print(f"{name}: {e}", file=sys.stderr)
             rc = 1
+    trace_found, trace_rc = _flush_trace_table(args.dry_run)
+    found, rc = found or trace_found, max(rc, trace_rc)
     if not looked:
-        print("mirrord flush: neither nftables nor iptables is usable here; nothing to remove",
-              file=sys.stderr)
+        print("mirrord flush: no kernel clone backend is usable here ("
+              f"{', '.join(backends.FLUSH_ORDER)}); nothing to remove", file=sys.stderr)
     elif not found and rc == 0:
         print(f"nothing to remove: no mirrord rules in {', '.join(looked)}")
     return rc
+
+
+def _flush_trace_table(dry_run: bool) -> tuple[bool, int]:
+    """(whether a trace table was there, exit status): a crashed trace's table
+    is removed, a running trace's is left alone, and either is said."""
+    from .backends.libnft import NftSession
+    from .observe.trace import TRACE_FAMILY, TRACE_TABLE, owner_alive, stale_owner
+
+    try:
+        nft = NftSession.open()
+    except (ImportError, OSError) as e:
+        log.debug("no libnftables, so no trace table (%s)", e)
+        return False, 0
+    objs = nft.list_table(TRACE_FAMILY, TRACE_TABLE)
+    if objs is None:
+        return False, 0
+    what = f"table {TRACE_FAMILY} {TRACE_TABLE}"
+    owner = stale_owner(objs)
+    if owner is not None and owner_alive(owner):
+        print(f"{what}: left alone, its mirrord trace (pid {owner[0]}) is running")
+        return True, 0
+    if dry_run:
+        print(f"{what}: would remove it (left behind by a trace that is no longer running)")
+        return True, 0
+    ref = {"family": TRACE_FAMILY, "name": TRACE_TABLE}
+    rc, _, err = nft.json([{"add": {"table": ref}}, {"delete": {"table": ref}}])
+    if rc != 0:
+        print(f"{what}: cannot remove it: {err.strip()}", file=sys.stderr)
+        return True, 1
+    print(f"{what}: removed (left behind by a trace that is no longer running)")
+    return True, 0

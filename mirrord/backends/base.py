@@ -35,22 +35,54 @@ class Rendered:
     payload: Any  # what apply() consumes
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do and what it owns, as the daemon needs to know it."""
+
+    versions: frozenset[int]  # the IP versions it can clone
+    # (family, table) whose nftables netlink events mean someone changed what
+    # this backend owns.
+    watch_tables: frozenset[tuple[str, str]]
+    # False when changes to what it owns produce no nftables events
+    # (iptables-legacy): the daemon must poll to see drift.
+    event_driven: bool
+    # What its rules live in: two backends with the same owner replace each
+    # other's rules in place, so a switch between them must not flush.
+    kernel_owner: str
+    removes: str  # what flush() removes, for humans
+
+
 class Backend(ABC):
     name: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """A class attribute where every value is known from the class; a
+        property where one depends on the system (the iptables flavour)."""
+
+    # TEMPORARY, removed by this branch's last commit: the old attributes, for
+    # mirrord/service/daemon.py until the lead switches it to capabilities.
     @property
     def event_driven(self) -> bool:
-        """Whether changes to what this backend owns produce nftables netlink
-        events; when not (iptables-legacy) the daemon must poll to see drift."""
-        return True
+        return self.capabilities.event_driven
 
-    # Address families this backend can clone.
-    versions: ClassVar[frozenset[int]] = frozenset({4, 6})
+    @property
+    def versions(self) -> frozenset[int]:
+        return self.capabilities.versions
 
     @property
     def kernel_owner(self) -> str:
-        """What this backend's rules live in; two backends with the same owner
-        replace each other's rules in place, so switching must not flush."""
-        return self.name
+        return self.capabilities.kernel_owner
+
+    @classmethod
+    def possible_capabilities(cls) -> tuple[Capabilities, ...]:
+        """Every Capabilities an instance may report, without probing the system."""
+        caps: object = cls.capabilities
+        if not isinstance(caps, Capabilities):
+            raise TypeError(f"{cls.__name__} computes its capabilities at run time: "
+                            "it must say which it may report")
+        return (caps,)
 
     @abstractmethod
     def unsupported(self) -> Optional[str]:
@@ -64,6 +96,12 @@ class Backend(ABC):
         """Replace what this backend owns with `rendered`, atomically.
 
         `carry` seeds the counters so that totals survive a replacement.
+        That is a backend's only counter duty: counters() goes on from
+        `carry`. nftables starts its new counters at it; iptables cannot set
+        a rule's count, so it keeps `carry` and the final counts of the rule
+        generations it retires (it cannot move counts to new rules
+        atomically) and adds them to the live rules'. The ledger of totals
+        across restarts, switches and transports is the daemon's.
         Raises ApplyError and leaves the previous rules in place on failure.
         """
 
@@ -87,7 +125,8 @@ class Backend(ABC):
 
     @abstractmethod
     def flush(self) -> None:
-        """Remove everything this backend owns, touching nothing else."""
+        """Remove everything this backend owns (capabilities.removes), touching
+        nothing else: not a `mirrord trace` table, which is the trace's."""
 
 
 def comment(mirror: str, direction: str) -> str:

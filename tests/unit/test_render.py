@@ -466,7 +466,7 @@ def test_plan_route_tee_cannot_clone_ipv6() -> None:
     s = one("2001:db8::50")
     reach = Reach(addr("2001:db8::50"), oif="eth2", neighbour="REACHABLE")
     # The caller passes what its backend can clone, as the daemon does.
-    p = plan.build(s, topo_for(s, reach), "route-tee", versions=create("route-tee").versions)
+    p = plan.build(s, topo_for(s, reach), "route-tee", versions=create("route-tee").capabilities.versions)
     (mp,) = p.mirrors
     assert mp.state == "error" and "IPv6" in mp.reason and p.clones == ()
 
@@ -728,7 +728,8 @@ def test_kernel_replaces_tables_in_place(netns: Netns, tmp_path: Path) -> None:
 FRESH_BOTH_WAYS = """\
 import json, sys
 from mirrord.backends.base import Rendered
-from mirrord.backends.nftables import NftablesBackend, _strip_volatile, batch
+from mirrord.backends.nftables import NftablesBackend, batch
+from mirrord.backends.nftables.backend import _strip_volatile
 tables = json.loads(sys.argv[1])
 carry = {tuple(k.split("|")): tuple(v) for k, v in json.loads(sys.argv[2]).items()}
 b = NftablesBackend()
@@ -769,3 +770,18 @@ def test_fresh_load_in_nft_syntax_equals_the_json_batch(case: str, netns: Netns)
     both = json.loads(out.stdout)
     assert both["text"] == both["json"]
     assert any('"packets": 1000' in o for o in both["text"]) == bool(names)
+
+
+def test_every_backend_declares_what_it_owns() -> None:
+    from mirrord.backends import FACTORIES, WATCHABLE_TABLES, Capabilities
+
+    for name, factory in FACTORIES.items():
+        for caps in factory.possible_capabilities():
+            assert isinstance(caps, Capabilities), name
+            assert caps.versions and caps.versions <= {4, 6}, name
+            assert caps.watch_tables <= WATCHABLE_TABLES, name
+            assert caps.event_driven == bool(caps.watch_tables), name
+            assert caps.removes and caps.kernel_owner, name
+    assert FACTORIES["route-tee"].possible_capabilities()[0].versions == {4}
+    watched = WATCHABLE_TABLES  # every table of every backend, whatever its flavour
+    assert watched == {("ip", "mirrord"), ("ip6", "mirrord"), ("ip", "mangle"), ("ip6", "mangle")}

@@ -5,80 +5,53 @@ first position of PREROUTING and POSTROUTING. Everything is applied with one
 `iptables-restore -w --noflush` per address family: declaring a chain flushes
 it, so the input is the complete desired state of mirrord's chains, and the
 table is committed at once (legacy: one table replace; nft: one transaction).
-
-Layout: MIRRORD_PRE / MIRRORD_POST first RETURN the traffic of every
-collector address (what mirrord sends and what collectors answer is never
-copied: no feedback loop; one `-s` per rule is all iptables allows, so the
-exclusion cannot ride on each rule), then jump to one chain per collector.
+The text itself, both ways, is render's.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 import shutil
 import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..match import PROTOCOL_NAMES, FamilyMatch, PortRange
-from ..plan import CloneRule, Plan
-from .base import ApplyError, Backend, Counts, Rendered, comment, parse_comment
+from ...plan import CloneRule, Plan
+from ..base import ApplyError, Backend, Capabilities, Counts, Rendered
+from .render import (
+    HOOKS,
+    POST,
+    PRE,
+    Target,
+    add,
+    chain_counts,
+    fingerprint,
+    jumps_present,
+    our_chains,
+    render_family,
+    route_target,
+    tee_target,
+)
 
 log = logging.getLogger("mirrord")
 
-PRE, POST = "MIRRORD_PRE", "MIRRORD_POST"
-HOOKS = {"in": ("PREROUTING", PRE, "-i"), "out": ("POSTROUTING", POST, "-o")}
-MULTIPORT_MAX = 15  # the kernel's xt_multiport limit; a range takes two slots
-
 Dialect = Literal["tee", "route"]
+# iptables-nft keeps the mangle chains in these nftables tables.
+MANGLE_TABLES = frozenset({("ip", "mangle"), ("ip6", "mangle")})
+BOTH = frozenset({4, 6})
 
 
-def _ports(ranges: tuple[PortRange, ...]) -> str:
-    return ",".join(str(r.low) if r.low == r.high else f"{r.low}:{r.high}" for r in ranges)
-
-
-def _chunks(ranges: tuple[PortRange, ...]) -> list[tuple[PortRange, ...]]:
-    out: list[list[PortRange]] = [[]]
-    used = 0
-    for r in ranges:
-        cost = 1 if r.low == r.high else 2
-        if used + cost > MULTIPORT_MAX:
-            out.append([])
-            used = 0
-        out[-1].append(r)
-        used += cost
-    return [tuple(c) for c in out]
-
-
-def match_args(fm: FamilyMatch) -> list[list[str]]:
-    """The match as alternatives of iptables arguments (one rule each).
-
-    Lists expand to one rule per element; the elements are disjoint (merged
-    prefixes, merged port ranges, one protocol per packet), so no packet
-    matches two of them and none is copied twice.
-    """
-    protos: list[list[str]] = [[]]
-    if fm.protocols:
-        protos = [["-p", PROTOCOL_NAMES.get(p, str(p))] for p in fm.protocols]
-    srcs: list[list[str]] = [["-s", str(n)] for n in fm.sources] or [[]]
-    dsts: list[list[str]] = [["-d", str(n)] for n in fm.destinations] or [[]]
-    ports: list[list[str]] = []
-    for clause in fm.port_clauses:
-        variants: list[list[str]] = [[]]
-        for field, ranges, negated in clause.tests:
-            flag = "--sports" if field == "sport" else "--dports"
-            if negated:
-                # AND of negations: several multiport matches in one rule.
-                neg = [a for c in _chunks(ranges) for a in ("-m", "multiport", "!", flag, _ports(c))]
-                variants = [v + neg for v in variants]
-            else:
-                variants = [[*v, "-m", "multiport", flag, _ports(c)] for v in variants
-                            for c in _chunks(ranges)]
-        ports.extend(variants)
-    return [p + s + d + pt for p in protos for s in srcs for d in dsts for pt in ports]
+def flavour_capabilities(nft: bool, versions: frozenset[int] = BOTH) -> Capabilities:
+    owner = "iptables-nft" if nft else "iptables-legacy"
+    return Capabilities(
+        versions=versions,
+        # iptables-legacy changes produce no nftables events: polled.
+        watch_tables=MANGLE_TABLES if nft else frozenset(),
+        event_driven=nft,
+        kernel_owner=owner,
+        removes=f"chains MIRRORD_* in the mangle tables of {owner}, and the jumps to them",
+    )
 
 
 class IptablesBackend(Backend):
@@ -88,9 +61,24 @@ class IptablesBackend(Backend):
     binary_suffix = ""
 
     def __init__(self) -> None:
-        self._event_driven: Optional[bool] = None
-        # Per IP version: final counts of rule generations replaced (see apply).
+        self._uses_nft: Optional[bool] = None
+        # Per IP version: the `carry` of the apply that found none of our
+        # chains, plus the final counts of the rule generations retired since
+        # (see apply). counters() goes on from these; that is this backend's
+        # whole counter duty, and it keeps no other totals (the daemon does).
         self.banked: dict[int, Counts] = {}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Which flavour the `iptables` command is, is known only by running it."""
+        return flavour_capabilities(self.uses_nft)
+
+    @classmethod
+    def possible_capabilities(cls) -> tuple[Capabilities, ...]:
+        caps: object = cls.capabilities
+        if isinstance(caps, Capabilities):  # a subclass that knows its flavour
+            return (caps,)
+        return (flavour_capabilities(True), flavour_capabilities(False))
 
     # -- commands ----------------------------------------------------------
     def _bin(self, version: int, tool: str) -> str:
@@ -119,19 +107,11 @@ class IptablesBackend(Backend):
         return {r.version for r in plan.clones}
 
     @property
-    def kernel_owner(self) -> str:
-        return "iptables-nft" if self.uses_nft else "iptables-legacy"
-
-    @property
-    def event_driven(self) -> bool:
-        return self.uses_nft
-
-    @property
     def uses_nft(self) -> bool:
-        if self._event_driven is None:
+        if self._uses_nft is None:
             p = self._run([self._bin(4, ""), "--version"]) if shutil.which(self._bin(4, "")) else None
-            self._event_driven = bool(p and "nf_tables" in p.stdout)
-        return self._event_driven
+            self._uses_nft = bool(p and "nf_tables" in p.stdout)
+        return self._uses_nft
 
     # -- probing -------------------------------------------------------------
     def unsupported(self) -> Optional[str]:
@@ -143,18 +123,14 @@ class IptablesBackend(Backend):
             return f"cannot read the iptables tables: {p.stderr.strip()}"
         return self._probe_target()
 
-    def _target_args(self, gateway: str, device: Optional[str]) -> list[str]:
-        args = ["-j", "TEE", "--gateway", gateway]
-        if device:
-            args += ["--oif", device]
-        return args
+    def _target(self) -> Target:
+        return tee_target
 
     def _probe_target(self) -> Optional[str]:
         chain = "MIRRORD_PROBE"
-        rule = " ".join(self._target_args("192.0.2.1", None))
-        add = f"*mangle\n:{chain} - [0:0]\n-A {chain} {rule}\nCOMMIT\n"
+        rule = " ".join(self._target()("192.0.2.1", None))
         had_table = bool(self._save(4))
-        p = self._restore(4, add)
+        p = self._restore(4, f"*mangle\n:{chain} - [0:0]\n-A {chain} {rule}\nCOMMIT\n")
         self._restore(4, f"*mangle\n-F {chain}\n-X {chain}\nCOMMIT\n")
         if not had_table:
             self._drop_empty_table(4)
@@ -183,60 +159,7 @@ class IptablesBackend(Backend):
         out: dict[int, str] = {}
         for version in sorted(self.versions_wanted(plan)):
             rules = [r for r in plan.clones if r.version == version]
-            out[version] = self._render_family(rules, plan.clone_egress, generation)
-        return out
-
-    def _render_family(self, rules: list[CloneRule], egress: frozenset[str],
-                       generation: str = "A") -> str:
-        """The restore input for one family.
-
-        The per-collector chains carry a generation letter (A or B): a
-        replacement loads the other generation and repoints the top chains
-        in one commit, so the old chains stop counting at that instant and
-        their final counts can be banked before they are deleted.
-        """
-        collectors = list(dict.fromkeys((str(r.gateway), r.device) for r in rules))
-        # Every rule carries the same exclusions (one tuple, shared by the
-        # plan): walk each distinct tuple once, not once per rule.
-        lists = {id(r.exclude): (r.version, r.exclude) for r in rules}.values()
-        excluded = sorted({r.gateway for r in rules}
-                          | {a for v, ex in lists for a in ex if a.version == v}, key=int)
-        grouped = _by_collector(rules)
-        lines = ["*mangle", f":{PRE} - [0:0]", f":{POST} - [0:0]"]
-        body: list[str] = []
-        for direction, (_, top, _flag) in HOOKS.items():
-            if any(r.direction == direction for r in rules):
-                for addr in excluded:
-                    body.append(f"-A {top} -s {addr} -j RETURN")
-                    body.append(f"-A {top} -d {addr} -j RETURN")
-            for i, (gw, dev) in enumerate(collectors, 1):
-                mine = grouped.get((direction, gw, dev), [])
-                if not mine:
-                    continue
-                chain = f"{top}_{generation}{i}"
-                lines.append(f":{chain} - [0:0]")
-                body.append(f"-A {top} -j {chain}")
-                if direction == "out":
-                    for ifname in sorted({i for r in mine for i in r.interfaces} & egress):
-                        # Clones leave here and pass POSTROUTING (untracked):
-                        # their copy is suppressed by the kernel, but they
-                        # must not be counted either.
-                        body.append(f"-A {chain} -o {ifname} -m conntrack --ctstate UNTRACKED "
-                                    "-j RETURN")
-                for r in mine:
-                    body += self._rule_lines(chain, r)
-        lines += body
-        lines.append("COMMIT")
-        return "\n".join(lines) + "\n"
-
-    def _rule_lines(self, chain: str, r: CloneRule) -> list[str]:
-        flag = HOOKS[r.direction][2]
-        note = ["-m", "comment", "--comment", f'"{comment(r.mirror, r.direction)}"']
-        target = self._target_args(str(r.gateway), r.device)
-        out = []
-        for ifname in r.interfaces:
-            for alt in match_args(r.match):
-                out.append(" ".join([f"-A {chain}", flag, ifname, *alt, *note, *target]))
+            out[version] = render_family(rules, plan.clone_egress, self._target(), generation)
         return out
 
     # -- the kernel --------------------------------------------------------------
@@ -264,10 +187,6 @@ class IptablesBackend(Backend):
                 out.append(ln)
         return out
 
-    def _jumps_present(self, lines: list[str]) -> set[str]:
-        return {c for c in (PRE, POST) for ln in lines if ln.endswith(f"-j {c}") and
-                re.match(r"^(\[\d+:\d+\] )?-A (PREROUTING|POSTROUTING) -j MIRRORD_", ln)}
-
     def apply(self, rendered: Rendered, carry: Counts) -> None:
         """Switch every family to a new generation, then retire the old ones.
 
@@ -285,15 +204,15 @@ class IptablesBackend(Backend):
             if shutil.which(self._bin(version, "-restore")) is None:
                 continue
             current = self._save(version)
-            ours = _our_chains(current)
+            ours = our_chains(current)
             if version not in wanted:
                 if ours:
                     switched.append(_Switch(version, current, ours, set(), remove=True))
                 continue
             generation = "B" if any(c.startswith((f"{PRE}_A", f"{POST}_A")) for c in ours) else "A"
-            text = self._render_family(*wanted[version], generation)
+            text = render_family(*wanted[version], self._target(), generation)
             missing = [f"-I {hook} 1 -j {top}" for hook, top, _ in HOOKS.values()
-                       if top not in self._jumps_present(current)]
+                       if top not in jumps_present(current)]
             # --noflush keeps PREROUTING's other rules, so our jump is added
             # only when missing, in the same commit as the chains it targets.
             text = text.replace("COMMIT\n", "".join(f"{e}\n" for e in missing) + "COMMIT\n")
@@ -317,7 +236,7 @@ class IptablesBackend(Backend):
                 self._restore(sw.version, "*mangle\n" + "\n".join(drop) + "\nCOMMIT\n")
             bank = self.banked.setdefault(sw.version, {})
             if sw.before:
-                _add(bank, final)
+                add(bank, final)
             else:
                 # Nothing of ours was there (first start, or a flush removed
                 # it): go on from the totals the daemon last saw.
@@ -344,21 +263,14 @@ class IptablesBackend(Backend):
                           p.stderr.strip())
 
     def _chain_counts(self, version: int, chains: set[str]) -> Counts:
-        out: Counts = {}
-        for ln in self._save(version, counters=True):
-            m = _COUNTED_RULE.match(ln)
-            if m and m.group(3) in chains:
-                key = parse_comment(m.group(4) or m.group(5))
-                if key:
-                    _add(out, {key: (int(m.group(1)), int(m.group(2)))})
-        return out
+        return chain_counts(self._save(version, counters=True), chains)
 
     def _remove(self, version: int, current: list[str]) -> None:
         lines = ["*mangle"]
         for hook, top, _ in HOOKS.values():
-            if top in self._jumps_present(current):
+            if top in jumps_present(current):
                 lines.append(f"-D {hook} -j {top}")
-        chains = _our_chains(current)
+        chains = our_chains(current)
         lines += [f"-F {c}" for c in chains] + [f"-X {c}" for c in chains]
         lines.append("COMMIT")
         p = self._restore(version, "\n".join(lines) + "\n")
@@ -398,7 +310,7 @@ class IptablesBackend(Backend):
         want: Counter[tuple[str, ...]] = Counter()
         for version, (rules, egress) in wanted.items():
             jumps = "".join(f"-A {hook} -j {top}\n" for hook, top, _ in HOOKS.values())
-            want.update(_fingerprint(version, self._render_family(rules, egress) + jumps))
+            want.update(fingerprint(version, render_family(rules, egress, self._target()) + jumps))
         blocks: dict[int, list[str]] = {}
         lines: list[str] = []
         for ln in snapshot.splitlines():
@@ -408,7 +320,7 @@ class IptablesBackend(Backend):
                 lines.append(ln)
         have: Counter[tuple[str, ...]] = Counter()
         for version, block in blocks.items():
-            have.update(_fingerprint(version, "\n".join(block)))
+            have.update(fingerprint(version, "\n".join(block)))
         if want == have:
             return None
         missing, extra = want - have, have - want
@@ -420,12 +332,12 @@ class IptablesBackend(Backend):
         """Totals: the live rules' counts plus those of retired generations."""
         out: Counts = {}
         for bank in self.banked.values():
-            _add(out, bank)
+            add(out, bank)
         for version in (4, 6):
             if shutil.which(self._bin(version, "-save")) is None:
                 continue
             current = self._save(version)
-            _add(out, self._chain_counts(version, set(_our_chains(current))))
+            add(out, self._chain_counts(version, set(our_chains(current))))
         return out
 
     def flush(self) -> None:
@@ -448,79 +360,10 @@ class _Switch:
     remove: bool = False
 
 
-_COUNTED_RULE = re.compile(
-    r'^\[(\d+):(\d+)\] -A (MIRRORD_\S+) .*--comment (?:"([^"]+)"|(\S+))')
-
-
-_GENERATION = re.compile(r"^(MIRRORD_(?:PRE|POST))_[AB](\d+)$")
-_LINE = re.compile(r"^-[AI] (\S+) (?:\d+ )?(.*)$")
-_COMMENT = re.compile(r'--comment (?:"([^"]*)"|(\S+))')
-_TARGET = re.compile(r"(?:^| )-j (\S+)")
-_GATEWAY = re.compile(r" --(?:gateway|gw) (\S+)")
-
-
-def _generic(chain: str) -> str:
-    """A chain's name without its generation letter: A and B hold the same rules."""
-    return _GENERATION.sub(r"\1_\2", chain)
-
-
-def _fingerprint(version: int, text: str) -> Counter[tuple[str, ...]]:
-    """What of mirrord's lines iptables-save lists as they were restored, as a multiset.
-
-    Matches come back rewritten (`-s A` as `-s A/32`, extra `-m` modules),
-    so a rule is known by its chain, target, gateway and comment; jumps from
-    the built-in chains count by presence, as apply() adds a missing one
-    and leaves anyone else's alone.
-    """
-    out: Counter[tuple[str, ...]] = Counter()
-    v = str(version)
-    for ln in text.splitlines():
-        if ln.startswith(":MIRRORD_"):
-            out["chain", v, _generic(ln[1:].split()[0])] += 1
-            continue
-        m = _LINE.match(ln)
-        if m is None:
-            continue
-        chain, rest = m.group(1), m.group(2)
-        target = _TARGET.search(rest)
-        if not chain.startswith("MIRRORD_"):
-            if rest in (f"-j {PRE}", f"-j {POST}"):
-                out["jump", v, chain, rest[3:]] = 1
-            continue
-        note = _COMMENT.search(rest)
-        gw = _GATEWAY.search(rest)
-        gateway = ""
-        if gw is not None:
-            try:
-                gateway = str(ipaddress.ip_address(gw.group(1)))
-            except ValueError:
-                gateway = gw.group(1)
-        out["rule", v, _generic(chain), _generic(target.group(1)) if target else "",
-            gateway, (note.group(1) or note.group(2) or "") if note else ""] += 1
-    return out
-
-
-def _by_collector(rules: list[CloneRule]) -> dict[tuple[str, str, Optional[str]], list[CloneRule]]:
-    """(direction, gateway, device) -> its rules in order: one pass, not one per collector."""
-    out: dict[tuple[str, str, Optional[str]], list[CloneRule]] = {}
-    for r in rules:
-        out.setdefault((r.direction, str(r.gateway), r.device), []).append(r)
-    return out
-
-
-def _our_chains(lines: list[str]) -> list[str]:
-    return [ln[1:].split()[0] for ln in lines if ln.startswith(":MIRRORD_")]
-
-
-def _add(total: Counts, more: Counts) -> None:
-    for key, (p, b) in more.items():
-        tp, tb = total.get(key, (0, 0))
-        total[key] = (tp + p, tb + b)
-
-
 class IptablesLegacyBackend(IptablesBackend):
     name = "iptables-legacy"
     binary_suffix = "-legacy"
+    capabilities = flavour_capabilities(nft=False)
 
     @property
     def uses_nft(self) -> bool:
@@ -532,16 +375,15 @@ class RouteTeeBackend(IptablesBackend):
 
     name = "route-tee"
     dialect = "route"
-    versions = frozenset({4})
+    # ROUTE exists only on old patch-o-matic kernels, whose iptables is the
+    # legacy one (on any other kernel unsupported() refuses this backend).
+    capabilities = flavour_capabilities(nft=False, versions=frozenset({4}))
 
     def versions_wanted(self, plan: Plan) -> set[int]:
         return {4} if any(r.version == 4 for r in plan.clones) else set()
 
-    def _target_args(self, gateway: str, device: Optional[str]) -> list[str]:
-        args = ["-j", "ROUTE"]
-        if device:
-            args += ["--oif", device]
-        return [*args, "--gw", gateway, "--tee"]
+    def _target(self) -> Target:
+        return route_target
 
     def _missing_target(self, err: str) -> str:
         return (f"this kernel has no ROUTE target ({err}); ROUTE --tee exists only on old "
