@@ -171,7 +171,7 @@ class Bench:
     def start_worker(self, interfaces: tuple[str, ...] = ("m0",),
                      cpus: str = "1") -> subprocess.Popen[str]:
         argv = ["ip", "netns", "exec", self.rtr, "taskset", "-c", cpus, sys.executable, "-m",
-                "mirrord.tzsp.supervisor", "--direction", "in",
+                "mirrord.tzsp.worker", "--direction", "in",
                 "--collector", COLLECTOR, "--port", str(PORT), "--log-level", "WARNING"]
         for name in interfaces:
             argv += ["--interface", name]
@@ -311,7 +311,7 @@ class Bench:
 
 SEND_FLOOR = r"""
 import ctypes, resource, sys, time
-from mirrord.tzsp.ring import IOV_PAIR, IOV_PAIR_SIZE, UdpBatchSender
+from mirrord.tzsp.send import IOV_PAIR, IOV_PAIR_SIZE, UdpBatchSender
 s = UdpBatchSender(sys.argv[1], int(sys.argv[2]))
 buf = ctypes.create_string_buffer(b"\x01\x00\x00\x01\x01" + b"A" * 64)
 a = ctypes.addressof(buf)

@@ -139,8 +139,8 @@ def _bpf_probe(spec: dict[str, Any]) -> dict[str, Any]:
     are sent on `dev` itself (outgoing there). `dev` t0 means a tun device:
     "in" frames are written to its fd, "out" frames sent through it."""
     from mirrord.tzsp.bpf import attach, compile_filter
+    from mirrord.tzsp.job import match_from_dict
     from mirrord.tzsp.ring import link_kind
-    from mirrord.tzsp.supervisor import match_from_dict
 
     dev = spec.get("dev", "vb")
     match = match_from_dict(spec.get("match", {}))
@@ -200,7 +200,8 @@ def _bpf_probe(spec: dict[str, Any]) -> dict[str, Any]:
 # -- running a worker through the daemon's handle ---------------------------------
 
 def _run_worker(job_json: str, timeout: float) -> int:
-    from mirrord.tzsp.supervisor import TzspJob, TzspWorker
+    from mirrord.tzsp.job import TzspJob
+    from mirrord.tzsp.worker import TzspWorker
 
     job = TzspJob.from_json(job_json)
     w = TzspWorker(job)

@@ -1,13 +1,13 @@
 """The TZSP capture process: every tap of the daemon in one process.
 
 Started by the daemon (mirrord.tzsp.supervisor.CaptureProcess) as
-`python -I -S -c ...`, it reads the set of taps on stdin (see
-tzsp_protocol), and for each tap opens an AF_PACKET socket with its classic
-BPF program (compiled by the daemon: direction, match, never a collector)
-attached before any packet can be queued, and a TPACKET_V3 ring. One poll(2)
-loop serves every ring: each frame is wrapped in TZSP (VLAN tags re-inserted,
-snap length honoured, tag 41 when cut) and sent in batches with sendmmsg to
-the tap's collector; the kernel routes them, through any interface.
+`python -I -S -c ...`, it reads the set of taps on stdin (see protocol.py),
+and for each tap opens an AF_PACKET socket with its classic BPF program
+(compiled by the daemon: direction, match, never a collector) attached before
+any packet can be queued, and a TPACKET_V3 ring (ring.py). One poll(2) loop
+serves every ring: each tap's Forwarder (forward.py, the hot loop) wraps its
+frames in TZSP and sends them in batches with sendmmsg (send.py) to the tap's
+collector; the kernel routes them, through any interface.
 
 Counters go to the tap's slot of the shared block; a tap that ends (its
 interface down or gone, or removed from the set) says so with an `X` event
@@ -23,15 +23,12 @@ lines go to the daemon, which logs them where its own lines go.
 from __future__ import annotations
 
 import _socket
-import ctypes
 import errno
 import os
 import select
-import struct
 import sys
-import time
 
-from . import codec as tzsp
+from .forward import Forwarder, StopFlag
 from .protocol import (
     EXIT_CONFIG,
     EXIT_ERROR,
@@ -44,27 +41,8 @@ from .protocol import (
     TapLine,
     map_block,
 )
-from .ring import (
-    BLOCK_HDR,
-    BLOCK_STATUS_BYTE,
-    DEFAULT_RING_BYTES,
-    IOV_PAIR,
-    IOV_PAIR_SIZE,
-    PACKET_OUTGOING,
-    PKT_HDR,
-    SCRATCH_SLOT,
-    SLL_OFF,
-    SLL_PKTTYPE_OFF,
-    SLL_PROTOCOL,
-    TP_STATUS_USER,
-    TP_STATUS_VLAN_TPID_VALID,
-    TP_STATUS_VLAN_VALID,
-    CaptureError,
-    RxRing,
-    UdpBatchSender,
-    libc,
-    synth_ethernet,
-)
+from .ring import DEFAULT_RING_BYTES, CaptureError, RxRing, libc
+from .send import UdpBatchSender
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -79,195 +57,6 @@ else:
 # logging's levels, without logging.
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 _LEVELS = {"DEBUG": DEBUG, "INFO": INFO, "WARNING": WARNING, "ERROR": ERROR, "CRITICAL": 50}
-
-
-class StopFlag:
-    """Set from a signal handler; the hot loop checks it once per block."""
-
-    def __init__(self) -> None:
-        self.set = False
-
-
-class Forwarder:
-    """Ring -> TZSP -> sendmmsg. The hot loop is `pump`."""
-
-    def __init__(self, ring: RxRing, sender: UdpBatchSender, shared: Optional[Slot],
-                 stop: StopFlag) -> None:
-        self.ring, self.sender, self.shared = ring, sender, shared
-        self.stop = stop
-        self.header = ctypes.create_string_buffer(tzsp.HEADER, len(tzsp.HEADER))
-        self.header_addr = ctypes.addressof(self.header)
-        self.scratch = memoryview(sender.scratch).cast("B")
-        self.captured = self.sent = self.bytes = self.send_errors = self.truncated = 0
-        self.max_held = max(1, ring.block_nr // 4)
-        # Blocks per pump() at most: under sustained load on one tap the loop
-        # still comes round to the others (and to the daemon's messages).
-        self.budget = max(2, ring.block_nr // 2)
-        self._stats_due = 0.0
-        self._eth_cache: dict[tuple[int, bool], bytes] = {}
-
-    def counters(self) -> tuple[int, ...]:
-        return (self.captured, self.sent, self.bytes, self.ring.drops, self.send_errors,
-                self.truncated)
-
-    def publish(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now < self._stats_due:
-            return
-        self._stats_due = now + 0.25
-        self.ring.statistics()
-        if self.shared is not None:
-            self.shared.write(self.counters())
-
-    def _flush(self, n: int, nbytes: int) -> None:
-        sent, errors = self.sender.flush(n)
-        self.sent += sent
-        self.send_errors += errors
-        self.bytes += nbytes if sent == n else self.sender.datagram_bytes(sent)
-        # Under sustained load pump() does not return: publish from here too.
-        self.publish()
-
-    def pump(self) -> int:
-        """Forward the frames of the ready blocks (`budget` at most); returns how many."""
-        ring = self.ring
-        m = ring.map
-        assert m is not None
-        if ring.link == "raw":
-            return self._pump_raw()
-        base, bs, nblocks = ring.address, ring.block_size, ring.block_nr
-        iov = self.sender.iov
-        cap = self.sender.capacity
-        pack = IOV_PAIR.pack_into
-        unpack = PKT_HDR.unpack_from
-        hdr_addr, hdr_len = self.header_addr, tzsp.HEADER_LEN
-        special = self._special
-        slot = nbytes = handled = blocks = 0
-        budget = self.budget
-        held: list[int] = []
-        stop = self.stop
-        while not stop.set:
-            b = ring.cursor
-            boff = b * bs
-            if not m[boff + BLOCK_STATUS_BYTE] & TP_STATUS_USER:
-                break
-            num, off = BLOCK_HDR.unpack_from(m, boff + 12)
-            off += boff
-            self.captured += num
-            for _ in range(num):
-                nxt, snap, plen, status, mac, _net, tci, tpid = unpack(m, off)
-                if status & TP_STATUS_VLAN_VALID or snap != plen:
-                    nbytes += special(slot, off, mac, snap, plen, status, tci, tpid)
-                else:
-                    pack(iov, slot * IOV_PAIR_SIZE, hdr_addr, hdr_len, base + off + mac, snap)
-                    nbytes += snap + hdr_len
-                slot += 1
-                if slot == cap:
-                    self._send_and_release(slot, nbytes, held)
-                    slot = nbytes = 0
-                off += nxt
-            handled += num
-            held.append(b)
-            ring.cursor = (b + 1) % nblocks
-            blocks += 1
-            if len(held) >= self.max_held:
-                self._send_and_release(slot, nbytes, held)
-                slot = nbytes = 0
-            if blocks >= budget:
-                break
-        self._send_and_release(slot, nbytes, held)
-        return handled
-
-    def _send_and_release(self, slot: int, nbytes: int, held: list[int]) -> None:
-        """Send the batch, then give its ring blocks back: the iovecs point into them."""
-        self._flush(slot, nbytes)
-        for h in held:
-            self.ring.release(h)
-        held.clear()
-
-    def _special(self, slot: int, off: int, mac: int, snap: int, plen: int, status: int,
-                 tci: int, tpid: int) -> int:
-        """A frame whose VLAN tag must be re-inserted, or that was cut: build
-        its header (and the first 12 bytes + tag) in the slot's scratch."""
-        m = self.ring.map
-        assert m is not None
-        frame = self.ring.address + off + mac
-        at = slot * SCRATCH_SLOT
-        cut = snap != plen
-        if cut:
-            self.truncated += 1
-        if status & TP_STATUS_VLAN_VALID and snap >= 12:
-            if not status & TP_STATUS_VLAN_TPID_VALID:
-                tpid = 0x8100
-            head = tzsp.header(plen + 4) if cut else tzsp.HEADER
-            start = off + mac
-            piece = head + m[start:start + 12] + struct.pack("!HH", tpid, tci)
-            skip = 12
-        else:
-            piece = tzsp.header(plen)
-            skip = 0
-        self.scratch[at:at + len(piece)] = piece
-        IOV_PAIR.pack_into(self.sender.iov, slot * IOV_PAIR_SIZE,
-                           self.sender.scratch_addr + at, len(piece), frame + skip, snap - skip)
-        return len(piece) + snap - skip
-
-    def _pump_raw(self) -> int:
-        """Devices without a link header: every frame gets a synthesized
-        Ethernet header (tzsp2pcap assumes Ethernet)."""
-        ring = self.ring
-        m = ring.map
-        assert m is not None
-        base, bs, nblocks = ring.address, ring.block_size, ring.block_nr
-        cap = self.sender.capacity
-        slot = nbytes = handled = blocks = 0
-        budget = self.budget
-        held: list[int] = []
-        while not self.stop.set:
-            b = ring.cursor
-            boff = b * bs
-            if not m[boff + BLOCK_STATUS_BYTE] & TP_STATUS_USER:
-                break
-            num, off = BLOCK_HDR.unpack_from(m, boff + 12)
-            off += boff
-            self.captured += num
-            for _ in range(num):
-                nxt, snap, plen, _status, mac, net, _tci, _tpid = PKT_HDR.unpack_from(m, off)
-                (proto,) = SLL_PROTOCOL.unpack_from(m, off + SLL_OFF + 2)
-                outgoing = m[off + SLL_PKTTYPE_OFF] == PACKET_OUTGOING
-                lead = max(0, net - mac)
-                flen, olen = max(0, snap - lead), max(0, plen - lead)
-                if proto not in (0x0800, 0x86DD) and flen:
-                    version = m[off + net] >> 4
-                    proto = 0x0800 if version == 4 else 0x86DD if version == 6 else proto
-                eth = self._eth_cache.get((proto, outgoing))
-                if eth is None:
-                    eth = self._eth_cache[(proto, outgoing)] = synth_ethernet(proto, outgoing)
-                if flen != olen:
-                    self.truncated += 1
-                    piece = tzsp.header(olen + 14) + eth
-                else:
-                    piece = tzsp.HEADER + eth
-                at = slot * SCRATCH_SLOT
-                self.scratch[at:at + len(piece)] = piece
-                IOV_PAIR.pack_into(self.sender.iov, slot * IOV_PAIR_SIZE,
-                                   self.sender.scratch_addr + at, len(piece),
-                                   base + off + net, flen)
-                nbytes += len(piece) + flen
-                slot += 1
-                if slot == cap:
-                    self._send_and_release(slot, nbytes, held)
-                    slot = nbytes = 0
-                off += nxt
-            handled += num
-            held.append(b)
-            ring.cursor = (b + 1) % nblocks
-            blocks += 1
-            if len(held) >= self.max_held:
-                self._send_and_release(slot, nbytes, held)
-                slot = nbytes = 0
-            if blocks >= budget:
-                break
-        self._send_and_release(slot, nbytes, held)
-        return handled
 
 
 def _interface_state(ifindex: int, name: str) -> Optional[str]:

@@ -24,7 +24,7 @@ import pytest
 
 from mirrord.match import Match, PortRange
 from mirrord.tzsp import codec as tzsp
-from mirrord.tzsp.supervisor import TzspJob
+from mirrord.tzsp.job import TzspJob
 from tests.lab import LAN_HOST, ROOT, RTR_COL, RTR_LAN, WAN_HOST, Lab, have_root_netns
 from tests.tzsp_helpers import (
     WorkerRun,

@@ -16,7 +16,7 @@ import pytest
 
 from mirrord.match import Match, PortRange
 from mirrord.tzsp.bpf import JA, JMP, RET, BpfError, compile_filter, disassemble
-from mirrord.tzsp.supervisor import match_to_dict
+from mirrord.tzsp.job import match_to_dict
 from tests.lab import have_root_netns
 from tests.tzsp_helpers import bpf_probe, marker, veth_namespace
 
@@ -305,7 +305,7 @@ def test_every_collector_is_never_captured_fragments_included(ns: str, match: Ma
 
 
 def test_worker_filter_excludes_the_jobs_exclusions() -> None:
-    from mirrord.tzsp.supervisor import TzspJob
+    from mirrord.tzsp.job import TzspJob
 
     own, other, other6 = (ipaddress.ip_address(a) for a in (COLLECTOR, OTHER, OTHER6))
     job = TzspJob(mirror="m", interface="wan", ifindex=3, directions=("in", "out"),

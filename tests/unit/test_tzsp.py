@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import ipaddress
 import json
@@ -10,7 +11,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import pytest
 from hypothesis import given, settings
@@ -18,15 +19,15 @@ from hypothesis import strategies as st
 
 from mirrord.match import Address, Match, PortRange
 from mirrord.tzsp import codec as tzsp
-from mirrord.tzsp.receive import PcapWriter, ReceiveError, Receiver, parse_listen
-from mirrord.tzsp.supervisor import (
-    SHM_SIZE,
+from mirrord.tzsp.job import (
     SharedCounters,
     TzspCounters,
     TzspJob,
     match_from_dict,
     match_to_dict,
 )
+from mirrord.tzsp.protocol import SHM_SIZE
+from mirrord.tzsp.receive import PcapWriter, ReceiveError, Receiver, parse_listen
 
 FRAME = bytes.fromhex("0200000000bb0200000000aa0800") + b"\x45" + bytes(40)
 
@@ -242,8 +243,9 @@ def test_worker_module_does_not_import_scapy() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, mirrord.tzsp.supervisor, mirrord.tzsp.capture, mirrord.tzsp.bpf, "
-            "mirrord.tzsp.codec, mirrord.tzsp.receive; print('scapy' in sys.modules)")
+    code = ("import sys, mirrord.tzsp.supervisor, mirrord.tzsp.worker, mirrord.tzsp.job, "
+            "mirrord.tzsp.capture, mirrord.tzsp.bpf, mirrord.tzsp.codec, mirrord.tzsp.receive; "
+            "print('scapy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
@@ -314,7 +316,7 @@ def test_tap_line_roundtrip_and_rejects() -> None:
 
 def test_tap_line_carries_the_daemons_compiled_filters() -> None:
     from mirrord.tzsp.bpf import compile_filter, pack
-    from mirrord.tzsp.supervisor import tap_line
+    from mirrord.tzsp.job import tap_line
 
     job = TzspJob("m", "wan", 3, ("out",), Match(protocols=(17,)),
                   ipaddress.ip_address("203.0.113.10"), 37008, 200,
@@ -338,7 +340,8 @@ def test_capture_process_imports_little() -> None:
     mods = set(subprocess.run([sys.executable, "-I", "-S", "-c", code, root],
                               capture_output=True, text=True, check=True).stdout.split())
     heavy = {"logging", "typing", "dataclasses", "socket", "signal", "enum", "json", "argparse",
-             "re", "ipaddress", "subprocess", "mirrord.tzsp.bpf", "mirrord.match", "mirrord.tzsp.supervisor"}
+             "re", "ipaddress", "subprocess", "mirrord.tzsp.bpf", "mirrord.match", "mirrord.tzsp.supervisor",
+             "mirrord.tzsp.job", "mirrord.tzsp.worker"}
     assert not mods & heavy, sorted(mods & heavy)
     assert {"mirrord.tzsp.ring", "mirrord.tzsp.protocol", "ctypes"} <= mods
 
@@ -417,3 +420,126 @@ def test_receive_tap_needs_allow(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--tap needs --allow" in err and "--allow any" in err
     assert main(["--write", "/dev/null", "--allow", "192.0.2.1/24"]) == 2
     assert "did you mean 192.0.2.0/24" in capsys.readouterr().err
+
+
+# -- a planned tap becomes a job in one place ----------------------------------------
+
+def _planned_tap() -> Any:
+    from mirrord.plan.build import TzspTap
+    from mirrord.spec import Collector
+
+    ip = ipaddress.ip_address
+    return TzspTap(mirror="m", interface="wan", ifindex=3, directions=("in",),
+                   collector=Collector(name="ids", address=ip("203.0.113.10"), interface=None,
+                                       transport="tzsp", port=37009, snaplen=1500, ring_mib=2),
+                   match=Match(protocols=(17,)), exclude=(ip("198.51.100.5"),))
+
+
+def _another(path: str, v: Any) -> Any:
+    """A value of v's type other than v (any type a TzspTap field may hold)."""
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, int):
+        return v + 1
+    if isinstance(v, str):
+        return v + "2"
+    if v is None:
+        return "x0"
+    if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return v + 1
+    if isinstance(v, Match):
+        return Match(protocols=(6,))
+    if isinstance(v, tuple) and v:
+        return v + v
+    pytest.fail(f"{path}: teach this test another value of a {type(v).__name__}")
+
+
+def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Every field of a dataclass, those of a nested dataclass (other than a Match) dotted."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, Match):
+            out.update(_leaves(v, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = v
+    return out
+
+
+def _replace(obj: Any, path: str, value: Any) -> Any:
+    head, _, rest = path.partition(".")
+    if rest:
+        return dataclasses.replace(obj, **{head: _replace(getattr(obj, head), rest, value)})
+    return dataclasses.replace(obj, **{head: value})
+
+
+def test_job_from_tap_maps_every_field() -> None:
+    from mirrord.tzsp.job import TAP_FIELDS_UNUSED
+
+    tap = _planned_tap()
+    job = TzspJob.from_tap(tap)
+    assert job == TzspJob("m", "wan", 3, ("in",), Match(protocols=(17,)),
+                          ipaddress.ip_address("203.0.113.10"), 37009, 1500, None,
+                          ring_bytes=2 << 20, exclude=(ipaddress.ip_address("198.51.100.5"),))
+    leaves = _leaves(tap)
+    assert set(TAP_FIELDS_UNUSED) <= set(leaves), "TAP_FIELDS_UNUSED names a field no tap has"
+    reached: set[str] = set()
+    for path, value in leaves.items():
+        other = TzspJob.from_tap(_replace(tap, path, _another(path, value)))
+        changed = {f.name for f in dataclasses.fields(TzspJob)
+                   if getattr(other, f.name) != getattr(job, f.name)}
+        if path in TAP_FIELDS_UNUSED:
+            assert not changed, f"{path} is listed as unused but changes {changed}"
+        else:
+            # A field added to TzspTap (or its Collector) lands here until
+            # from_tap carries it, or TAP_FIELDS_UNUSED says why not.
+            assert changed, f"TzspTap field {path} does not reach the TzspJob"
+        reached |= changed
+    # Every job field comes from the tap, but the standalone worker's source address.
+    assert reached == {f.name for f in dataclasses.fields(TzspJob)} - {"source"}
+
+
+# -- a tap handle counts one run --------------------------------------------------------
+
+def test_tap_handle_counts_its_own_run_and_keeps_its_final_counters() -> None:
+    """A handle's counters are its run's; stop() keeps them past the slot's reuse, and a
+    handle runs once (the daemon's ledger, not the handle, sums runs)."""
+    import time
+
+    from mirrord.tzsp.job import SharedCounters
+    from mirrord.tzsp.supervisor import CaptureProcess, TapHandle
+
+    # No such interface: the capture process ends the tap at once, opening nothing.
+    job = TzspJob("m", "mirrord-none0", 2**31 - 7, ("in",), Match(),
+                  ipaddress.ip_address("203.0.113.10"), 37008, 65535)
+    proc = CaptureProcess()
+    try:
+        first = TapHandle(proc, job)
+        assert (first.state(), first.counters()) == ("not started", TzspCounters())
+        first.start()
+        deadline = time.monotonic() + 20
+        while first.poll() is None:
+            assert time.monotonic() < deadline, "the capture process did not end the tap"
+            proc.read_events()
+            time.sleep(0.01)
+        assert "mirrord-none0 went away" in (first.poll() or "")
+        # What the capture process would have published before the end.
+        SharedCounters(proc._buf, first.slot_index).write((5, 4, 300, 1, 1, 0))  # type: ignore[arg-type]
+        assert first.counters() == TzspCounters(5, 4, 300, 1, 1, 0)
+        first.stop()
+        assert first.state() == "exited" and first.counters() == TzspCounters(5, 4, 300, 1, 1, 0)
+        with pytest.raises(RuntimeError, match="a new run is a new TapHandle"):
+            first.start()
+        # The next run: a new handle, in the slot the first gave back, from zero.
+        second = TapHandle(proc, job)
+        second.start()
+        assert second.slot_index == first.slot_index
+        assert second.counters() == TzspCounters()
+        SharedCounters(proc._buf, second.slot_index).write((2, 2, 100, 0, 0, 0))  # type: ignore[arg-type]
+        assert second.counters() == TzspCounters(2, 2, 100, 0, 0, 0)
+        assert first.counters() == TzspCounters(5, 4, 300, 1, 1, 0)
+        second.stop()
+        assert second.counters() == TzspCounters(2, 2, 100, 0, 0, 0)
+    finally:
+        proc.close()
+    assert not proc.running()
