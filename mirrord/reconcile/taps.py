@@ -129,7 +129,8 @@ class TapPool:
             self._capture.stop()
 
     def _capture_handle(self, tap: TzspTap) -> Any:
-        from ..tzsp.supervisor import TapHandle, TzspJob
+        from ..tzsp.job import TzspJob
+        from ..tzsp.supervisor import TapHandle
 
         return TapHandle(self._capture_process(), TzspJob.from_tap(tap))
 
