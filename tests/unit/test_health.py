@@ -49,7 +49,7 @@ def status_json(p: plan.Plan, topo: Topology, backend_error: str,
 
     # The host's own firewall is no input of these cases.
     monkeypatch.setattr(health, "offload_findings", lambda: [])
-    snap = Snapshot(spec=spec.parse("mirrors: []\n", "t.yaml"), started=0.0, plan=p,
+    snap = Snapshot(spec=spec.parse(BRIDGE_PORTS, "t.yaml"), started=0.0, plan=p,
                     topology=topo, backend_error=backend_error)
     doc = status.build_status(snap, None, status.RateMeter())
     return json.dumps({"mirrors": doc["mirrors"], "findings": doc["findings"]}, indent=1) + "\n"
