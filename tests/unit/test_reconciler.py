@@ -143,6 +143,8 @@ def test_totals_survive_replacement_and_deletion() -> None:
     k.count(("lan", "in"), 2)
     k.delete_everything()  # the two were counted, then the table went
     assert r.read().clones[("lan", "in")] == (5, 500)  # seen last: 5 (never lower)
+    k.counts = {("lan", "in"): (1, 100)}  # a rule someone re-created, counting from zero
+    assert r.read().clones[("lan", "in")] == (5, 500)
     r.reconcile(["table deleted"], refresh_topology=False)
     assert k.counts[("lan", "in")] == (5, 500)  # the new rules start from the total
     k.count(("lan", "in"), 1)
