@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What mirrord costs a router in memory. Prints figures; not a test.
 
-In the namespace lab of tests/lab.py the real daemon runs (`mirrord run`) in
+In the namespace lab of tests/harness/lab.py the real daemon runs (`mirrord run`) in
 the router namespace; once its status says every mirror is active it is left
 idle for `--settle` seconds and its /proc/PID/status and smaps_rollup are read.
 
@@ -40,7 +40,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import openwrt_split
-from tests.lab import COLLECTOR, ROOT, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, ROOT, Lab, have_root_netns
 
 TARGET_CLONE1_MIB = 22.0
 TARGET_TZSP4_MIB = 36.0

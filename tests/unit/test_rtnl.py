@@ -182,18 +182,3 @@ def test_requests_layout() -> None:
     assert dump == (struct.pack("=IHHII", 16 + 12 + 8, 30, 0x301, 9, 0)
                     + struct.pack("=BBHiHBB", 10, 0, 0, 0, 0, 0, 0)
                     + struct.pack("=HHI", 8, 8, 4))
-
-
-# -- this machine's own kernel, read only ----------------------------------------------
-
-
-def test_rtnl_reads_this_namespace() -> None:
-    with rtnl.Rtnl() as nl:
-        links = {lk.name: lk for lk in nl.links()}
-        assert links["lo"].arphrd == 772
-        local = nl.route_get(ip("127.0.0.1"))
-        assert local is not None and local.type == topology.RTN_LOCAL
-        assert local.oif == links["lo"].index
-        with pytest.raises(rtnl.NetlinkError) as e:
-            nl.route_get(ip("192.0.2.1"), oif=2**31 - 1)  # no such device
-        assert e.value.errno == errno.ENODEV

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from tests.lab import COLLECTOR, ROOT, WAN_HOST, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, ROOT, WAN_HOST, Lab, have_root_netns
 
 pytestmark = [
     pytest.mark.integration,

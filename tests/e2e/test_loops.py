@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab import COLLECTOR, WAN_HOST, Lab, Netns, have_root_netns
+from tests.harness.lab import COLLECTOR, WAN_HOST, Lab, Netns, have_root_netns
 
 pytestmark = [
     pytest.mark.integration,

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab import COLLECTOR, ROOT, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, ROOT, Lab, have_root_netns
 
 pytestmark = [
     pytest.mark.integration,
