@@ -12,7 +12,10 @@ from typing import Iterator
 
 import pytest
 
+from tests.harness.fixtures import lab, offlink_lab
 from tests.harness.lab import Netns, have_root_netns, scratch_netns
+
+__all__ = ["lab", "netns", "offlink_lab"]  # fixtures, used by name
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -38,7 +38,7 @@ def test_counter_dump_agrees_with_libnftables() -> None:
     import subprocess
     import sys
 
-    from tests.lab import have_root_netns
+    from tests.harness.lab import have_root_netns
 
     if have_root_netns() is not None:
         pytest.skip(str(have_root_netns()))
