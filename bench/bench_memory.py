@@ -40,24 +40,13 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import openwrt_split
-from tests.harness.lab import COLLECTOR, ROOT, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, ROOT, Lab, have_root_netns, spec_text
 
 TARGET_CLONE1_MIB = 22.0
 TARGET_TZSP4_MIB = 36.0
 TZSP_IFACES = ("lan1", "lan2", "lan3", "lan4")
 
-CLONE1 = f"""\
-backend: nftables
-collectors:
-  ids:
-    address: {COLLECTOR}
-    transport: clone
-mirrors:
-  - name: lan
-    interfaces: [br-lan]
-    direction: both
-    collector: ids
-"""
+CLONE1 = spec_text("nftables", name="lan")
 
 TZSP4 = f"""\
 backend: nftables

@@ -30,6 +30,7 @@ from tests.harness.lab import (
     WAN_HOST6,
     Lab,
     Netns,
+    spec_text,
 )
 from tests.harness.wait import wait_until
 
@@ -41,26 +42,6 @@ T = TypeVar("T")
 
 
 # -- helpers -------------------------------------------------------------------
-def spec_text(backend: str, *, collector: str = COLLECTOR, direction: str = "both",
-              match: str = "", interfaces: str = "[br-lan]", name: str = "m",
-              more_mirrors: str = "") -> str:
-    text = f"""\
-backend: {backend}
-collectors:
-  ids:
-    address: "{collector}"
-    transport: clone
-mirrors:
-  - name: {name}
-    interfaces: {interfaces}
-    direction: {direction}
-    collector: ids
-"""
-    if match:
-        text += f"    match: {match}\n"
-    return text + more_mirrors
-
-
 def ping(src: Netns, dst: str, count: int = N) -> None:
     """`count` echo requests, every one answered (a lost one would skew every count)."""
     p = src.run("ping", "-n", "-c", str(count), "-i", "0.01", "-W", "2", dst,

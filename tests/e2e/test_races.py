@@ -18,7 +18,7 @@ nearly every time.
 
 MIRRORD_RACE_SCALE multiplies the iteration counts (default 1: about a
 minute for the whole file); a big round, with the figures printed:
-`MIRRORD_RACE_SCALE=5 python -m pytest -s tests/integration/test_races.py`.
+`MIRRORD_RACE_SCALE=5 python -m pytest -s tests/e2e/test_races.py`.
 """
 
 from __future__ import annotations

@@ -21,25 +21,14 @@ from typing import Callable, Optional
 
 import pytest
 
-from tests.harness.lab import COLLECTOR, ROOT, WAN_HOST, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, ROOT, WAN_HOST, Lab, have_root_netns, spec_text
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(have_root_netns() is not None, reason=str(have_root_netns())),
 ]
 
-SPEC = f"""\
-backend: nftables
-collectors:
-  ids:
-    address: {COLLECTOR}
-    transport: clone
-mirrors:
-  - name: lan
-    interfaces: [br-lan]
-    direction: both
-    collector: ids
-"""
+SPEC = spec_text("nftables", name="lan")
 
 Message = tuple[list[str], int]  # assignments, sender pid
 

@@ -52,6 +52,27 @@ RTR_COL6 = "2001:db8:3::1"
 _counter = itertools.count()
 
 
+def spec_text(backend: str, *, collector: str = COLLECTOR, direction: str = "both",
+              match: str = "", interfaces: str = "[br-lan]", name: str = "m",
+              more_mirrors: str = "") -> str:
+    """A spec of one clone mirror of `interfaces` to the lab's collector (and `more_mirrors`)."""
+    text = f"""\
+backend: {backend}
+collectors:
+  ids:
+    address: "{collector}"
+    transport: clone
+mirrors:
+  - name: {name}
+    interfaces: {interfaces}
+    direction: {direction}
+    collector: ids
+"""
+    if match:
+        text += f"    match: {match}\n"
+    return text + more_mirrors
+
+
 def have_root_netns() -> Optional[str]:
     """Why the lab cannot run here, or None when it can."""
     if os.geteuid() != 0:

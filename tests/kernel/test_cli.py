@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 
-from tests.harness.lab import have_root_netns
+from tests.harness.lab import Netns
 from tests.unit.test_cli import mirrord
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(have_root_netns() is not None, reason=str(have_root_netns()))
 @pytest.mark.parametrize("command", [("run", "-c", "/nonexistent.yaml"), ("flush",),
                                      ("flush", "--dry-run"), ("trace", "--protocol", "icmp")])
-def test_without_root_one_clear_line(command: tuple[str, ...]) -> None:
+def test_without_root_one_clear_line(command: tuple[str, ...], netns: Netns) -> None:
     """Root without CAP_NET_ADMIN (what a non-root user lacks; root keeps reading the
     interpreter wherever it lives), in a namespace of its own."""
-    ns = f"mrdcli{os.getpid() % 100000}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        pre = ("ip", "netns", "exec", ns, "setpriv", "--bounding-set=-net_admin",
-               "--inh-caps=-net_admin")
-        p = mirrord(*command, pre=pre)
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
+    pre = ("ip", "netns", "exec", netns.name, "setpriv", "--bounding-set=-net_admin",
+           "--inh-caps=-net_admin")
+    p = mirrord(*command, pre=pre)
     assert p.returncode == 1
     assert p.stdout == ""
     lines = p.stderr.splitlines()

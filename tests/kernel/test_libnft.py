@@ -11,32 +11,23 @@ from pathlib import Path
 import pytest
 
 from mirrord.backends.libnft import SONAME
-from tests.harness.lab import have_root_netns
+from tests.harness.lab import Netns, have_root_netns
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(have_root_netns() is not None, reason=str(have_root_netns()))
-def test_fallback_applies_and_lists_in_a_namespace() -> None:
-    ns = "mrdlibnft"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        code = (
-            "from mirrord.backends.libnft import _CtypesNftables\n"
-            "n = _CtypesNftables(); n.set_handle_output(False)\n"
-            "t = {'family': 'ip', 'table': 't'}\n"
-            "rc, out, err = n.json_cmd({'nftables': [{'add': {'table': {'family': 'ip', 'name': 't'}}},"
-            " {'add': {'counter': {**t, 'name': 'c', 'packets': 7, 'bytes': 9}}}]})\n"
-            "assert rc == 0, err\n"
-            "rc, out, err = n.json_cmd({'nftables': [{'list': {'table': {'family': 'ip', 'name': 't'}}}]})\n"
-            "c = [o['counter'] for o in out['nftables'] if 'counter' in o][0]\n"
-            "print(c['packets'], c['bytes'])\n"
-        )
-        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code],
-                           capture_output=True, text=True, timeout=30)
-        assert p.returncode == 0, p.stderr
-        assert p.stdout.split() == ["7", "9"]
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
+def test_fallback_applies_and_lists_in_a_namespace(netns: Netns) -> None:
+    code = (
+        "from mirrord.backends.libnft import _CtypesNftables\n"
+        "n = _CtypesNftables(); n.set_handle_output(False)\n"
+        "t = {'family': 'ip', 'table': 't'}\n"
+        "rc, out, err = n.json_cmd({'nftables': [{'add': {'table': {'family': 'ip', 'name': 't'}}},"
+        " {'add': {'counter': {**t, 'name': 'c', 'packets': 7, 'bytes': 9}}}]})\n"
+        "assert rc == 0, err\n"
+        "rc, out, err = n.json_cmd({'nftables': [{'list': {'table': {'family': 'ip', 'name': 't'}}}]})\n"
+        "c = [o['counter'] for o in out['nftables'] if 'counter' in o][0]\n"
+        "print(c['packets'], c['bytes'])\n"
+    )
+    assert netns.python(code).split() == ["7", "9"]
 
 
 def _libnftables_path() -> str:
@@ -69,23 +60,14 @@ def test_missing_library_is_one_clear_message_without_a_traceback() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(have_root_netns() is not None, reason=str(have_root_netns()))
-def test_fallback_stateless_output_drops_the_counts() -> None:
-    ns = "mrdlibnft2"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        code = (
-            "from mirrord.backends.libnft import _CtypesNftables\n"
-            "n = _CtypesNftables()\n"
-            "rc, out, err = n.cmd('add table ip t; add counter ip t c { packets 7 bytes 9 }')\n"
-            "assert rc == 0, err\n"
-            "print(n.cmd('list counter ip t c')[1].count('packets 7'))\n"
-            "n.set_stateless_output(True)\n"
-            "print(n.cmd('list counter ip t c')[1].count('packets 7'))\n"
-        )
-        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code],
-                           capture_output=True, text=True, timeout=30)
-        assert p.returncode == 0, p.stderr
-        assert p.stdout.split() == ["1", "0"]
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
+def test_fallback_stateless_output_drops_the_counts(netns: Netns) -> None:
+    code = (
+        "from mirrord.backends.libnft import _CtypesNftables\n"
+        "n = _CtypesNftables()\n"
+        "rc, out, err = n.cmd('add table ip t; add counter ip t c { packets 7 bytes 9 }')\n"
+        "assert rc == 0, err\n"
+        "print(n.cmd('list counter ip t c')[1].count('packets 7'))\n"
+        "n.set_stateless_output(True)\n"
+        "print(n.cmd('list counter ip t c')[1].count('packets 7'))\n"
+    )
+    assert netns.python(code).split() == ["1", "0"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+
+from tests.harness.lab import Netns
 
 COUNTERS_IN_NS = """
 import json, sys
@@ -33,22 +33,10 @@ print(json.dumps(out))
 
 
 @pytest.mark.integration
-def test_counter_dump_agrees_with_libnftables() -> None:
+def test_counter_dump_agrees_with_libnftables(netns: Netns) -> None:
     import json
-    import subprocess
     import sys
 
-    from tests.harness.lab import have_root_netns
-
-    if have_root_netns() is not None:
-        pytest.skip(str(have_root_netns()))
-    ns = f"mrdscalecnt{__import__('os').getpid() % 100000}"
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
-    try:
-        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", COUNTERS_IN_NS],
-                           capture_output=True, text=True, timeout=120,
-                           cwd=str(Path(__file__).resolve().parents[2]))
-        assert p.returncode == 0, p.stderr
-        assert json.loads(p.stdout) == {"ip": [True, 301], "ip6": [True, 1], "gone": []}
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
+    p = netns.run(sys.executable, "-c", COUNTERS_IN_NS, check=False, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"ip": [True, 301], "ip6": [True, 1], "gone": []}
