@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import pytest
 
 from tests.harness.lab import COLLECTOR, ROOT, WAN_HOST, Lab, have_root_netns, spec_text
+from tests.harness.wait import wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -353,10 +354,7 @@ class Booted:
         return self.journal().count("SIGHUP: reloading")
 
     def wait(self, pred: Callable[[], bool], what: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            assert time.monotonic() < deadline, f"{what}\n{self.journal()[-3000:]}"
-            time.sleep(0.2)
+        wait_until(pred, timeout, 0.2, what=lambda: f"{what}\n{self.journal()[-3000:]}")
 
     def close(self) -> None:
         if self.pid1 is not None:
