@@ -1,6 +1,6 @@
 """How fast does mirrord restore copying after a disruption? Prints figures; not a test.
 
-In a namespace lab (tests/lab.py) the real daemon mirrors a sequenced UDP
+In a namespace lab (tests/harness/lab.py) the real daemon mirrors a sequenced UDP
 stream (default 2000 packets/s) from the LAN host to the WAN host; a capture
 in the collector namespace timestamps every copy (SO_TIMESTAMPNS). A driver
 in the router namespace disrupts the mirror N times, stamping each disruption
@@ -38,8 +38,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchlab import Stream, Trial, analyse, ms, summarize
-from tests.lab import COLLECTOR, RTR_COL, WAN_HOST, Lab, have_root_netns
+from bench.benchlab import Trial, analyse, ms, summarize
+from tests.harness.lab import COLLECTOR, RTR_COL, WAN_HOST, Lab, have_root_netns
+from tests.harness.stream import Stream
 
 # Runs in the router namespace. argv: case, trials, out file, collector netns,
 # spread of the random pause between trials (seconds).
@@ -146,7 +147,7 @@ def run_case(case: str, trials: int, rate: float, poll: float, workdir: str) -> 
         out_path = os.path.join(workdir, f"driver-{case}.json")
         # The stream outlives the trials: bounded by a generous limit.
         limit = trials * (2 * poll + 1.5 if case == "legacy-flush" else 1.5) + 10
-        with Stream(lab, WAN_HOST, rate, limit, workdir) as stream:
+        with Stream(lab, limit, dst=WAN_HOST, rate=rate, open_ended=True) as stream:
             time.sleep(0.5)
             # For the poll, disruptions must fall at random phases of its period.
             spread = poll if case == "legacy-flush" else 0.2

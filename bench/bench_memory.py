@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What mirrord costs a router in memory. Prints figures; not a test.
 
-In the namespace lab of tests/lab.py the real daemon runs (`mirrord run`) in
+In the namespace lab of tests/harness/lab.py the real daemon runs (`mirrord run`) in
 the router namespace; once its status says every mirror is active it is left
 idle for `--settle` seconds and its /proc/PID/status and smaps_rollup are read.
 
@@ -40,24 +40,13 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import openwrt_split
-from tests.lab import COLLECTOR, ROOT, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, ROOT, Lab, have_root_netns, spec_text
 
 TARGET_CLONE1_MIB = 22.0
 TARGET_TZSP4_MIB = 36.0
 TZSP_IFACES = ("lan1", "lan2", "lan3", "lan4")
 
-CLONE1 = f"""\
-backend: nftables
-collectors:
-  ids:
-    address: {COLLECTOR}
-    transport: clone
-mirrors:
-  - name: lan
-    interfaces: [br-lan]
-    direction: both
-    collector: ids
-"""
+CLONE1 = spec_text("nftables", name="lan")
 
 TZSP4 = f"""\
 backend: nftables

@@ -1,6 +1,6 @@
 """What do mirrord's rules cost the router's forwarding? Prints figures; not a test.
 
-In a namespace lab (tests/lab.py) trafgen (one CPU) floods UDP from the LAN
+In a namespace lab (tests/harness/lab.py) trafgen (one CPU) floods UDP from the LAN
 host through the router to the WAN host, which drops it at ingress after its
 veth counted it; the collector does the same with the copies. On veth the
 whole forwarding path runs in the sender's context, so the packets per second
@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import COLLECTOR, LAN_HOST, ROOT, WAN_HOST, Lab, Netns, have_root_netns
+from tests.harness.lab import COLLECTOR, LAN_HOST, ROOT, WAN_HOST, Lab, Netns, have_root_netns
 
 PORT = 5555
 EXTRA = 49  # interfaces x1..x49, besides br-lan

@@ -40,7 +40,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mirrord.service.control import request  # noqa: E402 - after the path set-up above
-from tests.lab import Netns  # noqa: E402
+from tests.harness.lab import Netns  # noqa: E402
+from tests.harness.wait import WaitTimeout, wait_until  # noqa: E402
 
 RTR_COL = "203.0.113.1"
 COLLECTOR = "203.0.113.10"
@@ -119,14 +120,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, poll: float = 0.01) -> Optional[float]:
+def seconds_until(pred: Callable[[], bool], timeout: float, poll: float = 0.01) -> Optional[float]:
     """Seconds until pred() held, or None at the deadline."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(poll)
-    return None
+    try:
+        wait_until(pred, timeout, poll)
+    except WaitTimeout:
+        return None
+    return time.monotonic() - t0
 
 
 def table_present(rtr: Netns) -> bool:
@@ -181,7 +182,7 @@ def run_case(case: str, n: int, flood: int, timeout: float, profile: Optional[st
                     return False
 
             res["start"] = None
-            if wait_until(answers, timeout, poll=0.05) is not None:
+            if seconds_until(answers, timeout, poll=0.05) is not None:
                 res["start"] = time.monotonic() - t0
             else:
                 print(f"status never answered; daemon log:\n{log_path.read_text()[-3000:]}")
@@ -201,7 +202,7 @@ def run_case(case: str, n: int, flood: int, timeout: float, profile: Optional[st
             for _ in range(3):
                 c0 = cpu_seconds(pid)
                 lab.rtr.run("nft", "flush", "ruleset")
-                heals.append(wait_until(lambda: table_present(lab.rtr), timeout))
+                heals.append(seconds_until(lambda: table_present(lab.rtr), timeout))
                 heal_cpu.append(cpu_seconds(pid) - c0)
                 wait_quiet(pid, timeout)
             res["heal"] = heals
@@ -219,7 +220,7 @@ def run_case(case: str, n: int, flood: int, timeout: float, profile: Optional[st
             res["flood_cmd"] = time.monotonic() - t
             t_flush = time.monotonic()
             lab.rtr.run("nft", "flush", "ruleset")
-            back = wait_until(lambda: table_present(lab.rtr), timeout)
+            back = seconds_until(lambda: table_present(lab.rtr), timeout)
             res["flood_heal"] = back
             quiet = wait_quiet(pid, timeout)
             res["flood_quiet"] = None if quiet is None else (t_flush - t) + quiet

@@ -41,6 +41,11 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.harness.lab import Netns, python_env  # noqa: E402 - after the path set-up above
+
 COLLECTOR = "203.0.113.2"
 ROUTER = "203.0.113.1"
 PORT = 37008
@@ -68,11 +73,7 @@ while True:
 
 
 def sh(ns: str, script: str, check: bool = True) -> str:
-    p = subprocess.run(["ip", "netns", "exec", ns, "sh", "-ec", script], capture_output=True,
-                       text=True, timeout=60)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"[{ns}] {script}: {p.stderr}")
-    return p.stdout
+    return Netns(ns).sh(script, check=check, timeout=60)
 
 
 def counter(ns: str, dev: str, what: str = "rx_packets") -> int:
@@ -127,8 +128,7 @@ class Bench:
         self.seconds = seconds
         self.ring_mib = ring_mib
         self.tmp = tempfile.mkdtemp(prefix="bench-tzsp-")
-        self.env = dict(os.environ)
-        self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.env = python_env()
 
     def __enter__(self) -> Bench:
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import COLLECTOR, WAN_HOST, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, WAN_HOST, Lab, have_root_netns
 
 SPEC = f"""\
 collectors:

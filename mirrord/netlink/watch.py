@@ -19,11 +19,12 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
-# The attribute parsing is rtnl.py's, which the topology queries share.
+# The message and attribute parsing is rtnl.py's, which the topology queries share.
 from .rtnl import address as _address
 from .rtnl import attr as _attr
 from .rtnl import attrs as _attrs
 from .rtnl import cstr as _cstr
+from .rtnl import messages as _messages
 
 NETLINK_ROUTE = 0
 NETLINK_NETFILTER = 12
@@ -56,9 +57,6 @@ NFT_MSG_NAMES = {
 }
 NFT_MSG_NEWGEN = 15
 NFPROTO_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
-NLMSG_HDR = struct.Struct("=IHHII")
-
-
 @dataclass(frozen=True)
 class Change:
     what: str  # for the log: "link deleted: wan", "table deleted: ip mirrord"
@@ -69,7 +67,23 @@ class Change:
     neighbour_failed: Optional[str] = None
 
 
-class _Source:
+class _Parser:
+    """What a datagram of netlink events reports, from its bytes alone (no socket)."""
+
+    def changes(self, buf: bytes) -> list[Change]:
+        """The changes one datagram reports (the unit tests feed it crafted bytes)."""
+        changes: list[Change] = []
+        for m in _messages(buf):
+            change = self.parse(m.type, buf, m.start, m.end)
+            if change is not None:
+                changes.append(change)
+        return changes
+
+    def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
+        raise NotImplementedError
+
+
+class _Source(_Parser):
     def __init__(self, protocol: int, groups: int) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                                   protocol)
@@ -99,29 +113,13 @@ class _Source:
                     changes.append(Change("netlink events were lost (ENOBUFS)", resync=True))
                     continue
                 raise
-            offset = 0
-            while offset + NLMSG_HDR.size <= len(buf):
-                length, kind, _flags, _seq, _pid = NLMSG_HDR.unpack_from(buf, offset)
-                if length < NLMSG_HDR.size:
-                    break
-                change = self.parse(kind, buf, offset + NLMSG_HDR.size, offset + length)
-                if change is not None:
-                    changes.append(change)
-                offset += (length + 3) & ~3
-
-    def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
-        raise NotImplementedError
+            changes.extend(self.changes(buf))
 
 
-class RouteEvents(_Source):
-    """Links, addresses, routes, neighbours: what decides a plan's topology."""
+class RouteChanges(_Parser):
+    """Which rtnetlink events (links, addresses, routes, neighbours) can change a plan."""
 
     def __init__(self) -> None:
-        super().__init__(
-            NETLINK_ROUTE,
-            RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
-            | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE,
-        )
         # Collector addresses (packed) the daemon considers FAILED: any news
         # of them matters, since it may be their recovery.
         self.failed_neighbours: set[bytes] = set()
@@ -151,11 +149,23 @@ class RouteEvents(_Source):
         return Change(f"{name}: {detail}" if detail else name)
 
 
-class NftEvents(_Source):
-    """nftables changes, including those iptables-nft makes; filtered by table."""
+class RouteEvents(RouteChanges, _Source):
+    """Links, addresses, routes, neighbours: what decides a plan's topology."""
+
+    def __init__(self) -> None:
+        RouteChanges.__init__(self)
+        _Source.__init__(
+            self,
+            NETLINK_ROUTE,
+            RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+            | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE,
+        )
+
+
+class NftChanges(_Parser):
+    """Which nftables events (including iptables-nft's) touch the given tables."""
 
     def __init__(self, tables: frozenset[tuple[str, str]]) -> None:
-        super().__init__(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))
         self.tables = tables  # (family, name) pairs whose changes matter
         self._changes: dict[tuple[int, str, str], Change] = {}
 
@@ -178,3 +188,11 @@ class NftEvents(_Source):
         if change is None:
             change = self._changes[key] = Change(f"{name}: {family} {table}")
         return change
+
+
+class NftEvents(NftChanges, _Source):
+    """nftables changes, including those iptables-nft makes; filtered by table."""
+
+    def __init__(self, tables: frozenset[tuple[str, str]]) -> None:
+        NftChanges.__init__(self, tables)
+        _Source.__init__(self, NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))

@@ -8,10 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.lab import have_root_netns
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,25 +55,3 @@ def test_receive_says_where_it_listens_and_writes(tmp_path: Path) -> None:
     assert first == (f"mirrord receive: listening for TZSP on {listen} (from any sender), "
                      f"writing to {out}; Ctrl-C ends it"), r
     assert out.read_bytes()[:4] == bytes.fromhex("d4c3b2a1")  # a pcap file, even if empty
-
-
-@pytest.mark.integration
-@pytest.mark.skipif(have_root_netns() is not None, reason=str(have_root_netns()))
-@pytest.mark.parametrize("command", [("run", "-c", "/nonexistent.yaml"), ("flush",),
-                                     ("flush", "--dry-run"), ("trace", "--protocol", "icmp")])
-def test_without_root_one_clear_line(command: tuple[str, ...]) -> None:
-    """Root without CAP_NET_ADMIN (what a non-root user lacks; root keeps reading the
-    interpreter wherever it lives), in a namespace of its own."""
-    ns = f"mrdcli{os.getpid() % 100000}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        pre = ("ip", "netns", "exec", ns, "setpriv", "--bounding-set=-net_admin",
-               "--inh-caps=-net_admin")
-        p = mirrord(*command, pre=pre)
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
-    assert p.returncode == 1
-    assert p.stdout == ""
-    lines = p.stderr.splitlines()
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith(f"mirrord {command[0]}: needs root (CAP_NET_ADMIN)"), p.stderr

@@ -3,7 +3,7 @@
 A plan is built with plan.build() from spec text and a Topology written here:
 the links and collector routes a router would report, plain input data for a
 pure function. The kernel-facing half of each finding is in
-tests/integration/test_health.py.
+tests/e2e/test_health.py.
 """
 
 from __future__ import annotations

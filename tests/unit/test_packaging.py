@@ -12,7 +12,6 @@ import importlib.util
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -193,17 +192,6 @@ def test_security_exposure(tmp_path: Path) -> None:
                               if line.startswith(keep)) + "\n")
     bare_score = exposure(bare, tmp_path)
     assert bare_score is not None and bare_score > score + 5
-
-
-@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="needs systemd-tmpfiles")
-def test_tmpfiles_creates_the_xtables_lock(tmp_path: Path) -> None:
-    (tmp_path / "run").mkdir()
-    p = subprocess.run(["systemd-tmpfiles", "--create", f"--root={tmp_path}", str(TMPFILES)],
-                       capture_output=True, text=True, timeout=30)
-    assert p.returncode == 0, p.stderr
-    lock = tmp_path / "run/xtables.lock"
-    assert lock.is_file() and stat.S_IMODE(lock.stat().st_mode) == 0o600
-    assert "-/run/xtables.lock" in one(unit()["Service"], "ReadWritePaths")
 
 
 # -- shellcheck --------------------------------------------------------------------

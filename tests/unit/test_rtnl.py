@@ -164,6 +164,24 @@ def test_link_with_an_unknown_operstate_and_no_attributes() -> None:
     assert (lk.index, lk.name, lk.operstate, lk.mtu, lk.master, lk.kind) == (7, "", "9", 0, None, None)
 
 
+def test_address_message() -> None:
+    # ifaddrmsg: family, prefixlen, flags, scope, index; then IFA_LOCAL (2) and IFA_ADDRESS (1).
+    ifa = struct.pack("=BBBBI", socket.AF_INET6, 64, 0, 0, 5)
+    body = ifa + nla(2, ip("2001:db8:1::1").packed) + nla(rtnl.IFA_ADDRESS, ip("2001:db8:1::9").packed)
+    a = rtnl.parse_addr(next(rtnl.messages(nlmsg(rtnl.RTM_NEWADDR, body))))
+    assert (a.family, a.prefixlen, a.index, a.address) == (socket.AF_INET6, 64, 5, ip("2001:db8:1::9"))
+    bare = rtnl.parse_addr(next(rtnl.messages(nlmsg(rtnl.RTM_NEWADDR, ifa))))
+    assert bare.address is None
+    with pytest.raises(rtnl.ParseError):
+        rtnl.parse_addr(next(rtnl.messages(nlmsg(rtnl.RTM_NEWADDR, ifa[:4]))))
+
+
+def test_address_attributes_of_an_odd_length() -> None:
+    assert rtnl.ip_address(b"\x01\x02\x03") is None and rtnl.address(b"\x01\x02\x03") == "?"
+    assert rtnl.address(None) == "?" and rtnl.address(ip("192.0.2.1").packed) == "192.0.2.1"
+    assert rtnl.u32(b"\x01\x00") is None and rtnl.cstr(None) == "" and rtnl.cstr(b"ab\0cd") == "ab"
+
+
 @pytest.mark.parametrize("parse", [rtnl.parse_link, rtnl.parse_route, rtnl.parse_neigh])
 def test_short_messages_are_refused(parse: object) -> None:
     m = next(rtnl.messages(nlmsg(rtnl.RTM_NEWLINK, b"\0" * 8)))
@@ -182,18 +200,3 @@ def test_requests_layout() -> None:
     assert dump == (struct.pack("=IHHII", 16 + 12 + 8, 30, 0x301, 9, 0)
                     + struct.pack("=BBHiHBB", 10, 0, 0, 0, 0, 0, 0)
                     + struct.pack("=HHI", 8, 8, 4))
-
-
-# -- this machine's own kernel, read only ----------------------------------------------
-
-
-def test_rtnl_reads_this_namespace() -> None:
-    with rtnl.Rtnl() as nl:
-        links = {lk.name: lk for lk in nl.links()}
-        assert links["lo"].arphrd == 772
-        local = nl.route_get(ip("127.0.0.1"))
-        assert local is not None and local.type == topology.RTN_LOCAL
-        assert local.oif == links["lo"].index
-        with pytest.raises(rtnl.NetlinkError) as e:
-            nl.route_get(ip("192.0.2.1"), oif=2**31 - 1)  # no such device
-        assert e.value.errno == errno.ENODEV

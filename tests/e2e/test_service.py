@@ -21,25 +21,15 @@ from typing import Callable, Optional
 
 import pytest
 
-from tests.lab import COLLECTOR, ROOT, WAN_HOST, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, ROOT, WAN_HOST, Lab, have_root_netns, spec_text
+from tests.harness.wait import wait_until
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(have_root_netns() is not None, reason=str(have_root_netns())),
 ]
 
-SPEC = f"""\
-backend: nftables
-collectors:
-  ids:
-    address: {COLLECTOR}
-    transport: clone
-mirrors:
-  - name: lan
-    interfaces: [br-lan]
-    direction: both
-    collector: ids
-"""
+SPEC = spec_text("nftables", name="lan")
 
 Message = tuple[list[str], int]  # assignments, sender pid
 
@@ -364,10 +354,7 @@ class Booted:
         return self.journal().count("SIGHUP: reloading")
 
     def wait(self, pred: Callable[[], bool], what: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            assert time.monotonic() < deadline, f"{what}\n{self.journal()[-3000:]}"
-            time.sleep(0.2)
+        wait_until(pred, timeout, 0.2, what=lambda: f"{what}\n{self.journal()[-3000:]}")
 
     def close(self) -> None:
         if self.pid1 is not None:

@@ -1,6 +1,6 @@
-"""Helpers for the TZSP tests: pcap reading, namespace probes, a worker runner.
+"""TZSP and BPF probes that run inside a namespace, and a worker runner.
 
-Run inside a namespace as `python -m tests.tzsp_helpers COMMAND ...`:
+Run inside a namespace as `python -m tests.harness.tzsp COMMAND ...`:
 
 - `bpf-probe JSON`: open an unfiltered and a filtered packet socket on an
   interface, send the given frames in both directions, print which markers
@@ -8,13 +8,14 @@ Run inside a namespace as `python -m tests.tzsp_helpers COMMAND ...`:
 - `run-worker JOB_JSON`: start a TzspWorker, print "ready PID" once it is
   capturing, stop it on SIGTERM (or when it exits by itself) and print its
   counters and exit reason (JSON).
+- `send-frames IFACE HEX...`, `send-udp ADDR PORT HEX...`, `tun-write TUN HEX...`:
+  put the given frames, datagrams or packets on the wire.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import signal
 import socket
@@ -22,97 +23,19 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-MARK_RE = re.compile(rb"MRK(\d{4})")
-
-
-def marker(i: int) -> bytes:
-    return b"MRK%04d" % i
-
-
-def markers_in(data: bytes) -> list[int]:
-    return [int(m.group(1)) for m in MARK_RE.finditer(data)]
-
-
-# -- pcap ----------------------------------------------------------------------
-
-def read_pcap(path: str) -> tuple[int, list[tuple[bytes, int]]]:
-    """(linktype, [(frame, original length)]) of a classic pcap file."""
-    data = Path(path).read_bytes()
-    if len(data) < 24:
-        raise ValueError(f"{path}: not a pcap file ({len(data)} bytes)")
-    magic = data[:4]
-    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
-        e = "<"
-    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
-        e = ">"
-    else:
-        raise ValueError(f"{path}: bad pcap magic {magic.hex()}")
-    linktype = struct.unpack_from(e + "I", data, 20)[0]
-    out = []
-    pos = 24
-    while pos + 16 <= len(data):
-        _s, _us, incl, orig = struct.unpack_from(e + "IIII", data, pos)
-        pos += 16
-        out.append((data[pos:pos + incl], orig))
-        pos += incl
-    return linktype, out
-
-
-def udp_payloads(frames: list[tuple[bytes, int]], dport: int) -> list[bytes]:
-    """Payloads of unfragmented IPv4/UDP datagrams to `dport` in Ethernet frames."""
-    out = []
-    for f, _orig in frames:
-        if len(f) < 42 or f[12:14] != b"\x08\x00":
-            continue
-        ihl = (f[14] & 0x0F) * 4
-        if f[23] != 17 or struct.unpack_from("!H", f, 20)[0] & 0x3FFF:
-            continue
-        l4 = 14 + ihl
-        if struct.unpack_from("!H", f, l4 + 2)[0] != dport:
-            continue
-        ulen = struct.unpack_from("!H", f, l4 + 4)[0]
-        out.append(f[l4 + 8:l4 + ulen])
-    return out
-
-
-# -- namespaces for unit-level kernel tests -------------------------------------
-
-_ns_counter = iter(range(1 << 30))
-
-
-@contextmanager
-def veth_namespace(mtu: int = 1500, tun: bool = False) -> Iterator[str]:
-    """A namespace with a veth pair va <-> vb (both up) and optionally a tun t0."""
-    name = f"mrdt{os.getpid() % 100000}x{next(_ns_counter)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-    try:
-        script = (f"ip link set lo up; ip link add va mtu {mtu} type veth peer name vb mtu {mtu};"
-                  " ip link set va up; ip link set vb up;"
-                  " sysctl -qw net.ipv6.conf.all.disable_ipv6=1")
-        if tun:
-            script += "; ip tuntap add mode tun name t0; ip link set t0 up"
-        subprocess.run(["ip", "netns", "exec", name, "sh", "-ec", script], check=True,
-                       capture_output=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+from tests.harness.capture import markers_in
+from tests.harness.lab import ROOT, python_env
 
 
 def in_netns(ns: str, *args: str, input: Optional[str] = None, timeout: float = 60) -> str:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "tests.tzsp_helpers",
-                        *args], capture_output=True, text=True, timeout=timeout, env=env,
+    p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "tests.harness.tzsp",
+                        *args], capture_output=True, text=True, timeout=timeout, env=python_env(),
                        cwd=str(ROOT), input=input)
     if p.returncode != 0:
-        raise RuntimeError(f"tzsp_helpers {args[:1]} in {ns} -> {p.returncode}\n"
+        raise RuntimeError(f"tests.harness.tzsp {args[:1]} in {ns} -> {p.returncode}\n"
                            f"{p.stdout}\n{p.stderr}")
     return p.stdout
 
@@ -240,13 +163,11 @@ class WorkerRun:
     def __init__(self, ns: str, job_json: str, timeout: float = 120) -> None:
         import tempfile
 
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.errfile = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the run
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.tzsp_helpers", "run-worker",
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.harness.tzsp", "run-worker",
              job_json, str(timeout)],
-            stdout=subprocess.PIPE, stderr=self.errfile, text=True, env=env, cwd=str(ROOT))
+            stdout=subprocess.PIPE, stderr=self.errfile, text=True, env=python_env(), cwd=str(ROOT))
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("ready"):
@@ -302,58 +223,6 @@ class WorkerRun:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-
-
-class Background:
-    """A process in a namespace that says on stderr when it is ready."""
-
-    def __init__(self, ns: str, argv: list[str], ready: str, timeout: float = 15) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
-        assert self.proc.stderr is not None
-        self.early = b""
-        deadline = time.monotonic() + timeout
-        os.set_blocking(self.proc.stderr.fileno(), False)
-        while ready.encode() not in self.early:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.kill()
-                raise RuntimeError(f"{argv[:3]} not ready: {self.early.decode(errors='replace')}")
-            select.select([self.proc.stderr], [], [], 0.1)
-            chunk = self.proc.stderr.read()
-            if chunk:
-                self.early += chunk
-        os.set_blocking(self.proc.stderr.fileno(), True)
-        self.stdout = b""
-        self.stderr = ""
-
-    def wait(self, timeout: float = 30) -> int:
-        out, err = self.proc.communicate(timeout=timeout)
-        self.stdout = out
-        self.stderr = (self.early + err).decode(errors="replace")
-        return self.proc.returncode
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
-
-
-def tcpdump(ns: str, iface: str, path: str, bpf: str = "") -> Background:
-    argv = ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-s", "0", "-w", path]
-    return Background(ns, argv + ([bpf] if bpf else []), "listening on")
-
-
-def receiver(ns: str, *args: str) -> Background:
-    """`mirrord receive ARGS` (through the real CLI), once it is listening."""
-    return Background(ns, [sys.executable, "-m", "mirrord", "receive", "-v", *args],
-                      "listening for TZSP")
 
 
 def _send_frames(iface: str, frames: list[str]) -> None:

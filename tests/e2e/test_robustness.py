@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab import COLLECTOR, OFFLINK_COLLECTOR, WAN_HOST, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, OFFLINK_COLLECTOR, WAN_HOST, Lab, have_root_netns
 
 pytestmark = [
     pytest.mark.integration,

@@ -11,214 +11,25 @@ the daemon did (reapplies, last heal, state and reason).
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import pytest
 
-from tests.lab import COLLECTOR, RTR_COL, WAN_HOST, Lab, Netns, have_root_netns
+from tests.harness.lab import COLLECTOR, RTR_COL, WAN_HOST, Lab, have_root_netns
+from tests.harness.stream import SENDER, STREAM_PORT, Copies, Stream
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(have_root_netns() is not None, reason=str(have_root_netns())),
 ]
 
-STREAM_PORT = 5555
-TZSP_PORT = 37008
-RATE = 500.0  # packets/s: one every 2 ms, fine enough to see a 10 ms gap
 # The second LAN-side port that interface cases create and destroy (a /28 of
 # the WAN prefix: more specific than the router's /24 on `wan`).
 LAN2_RTR = "198.51.100.238"
 LAN2_HOST = "198.51.100.225"
-
-# Runs in the collector namespace: records every copy of the stream, whether a
-# kernel clone (the original UDP packet) or TZSP-wrapped, until stdin closes.
-# Bound to no interface, so it keeps seeing copies when eth0 is re-created.
-CAPTURE = r"""
-import json, select, socket, struct, sys, time
-port, tzsp_port = int(sys.argv[1]), int(sys.argv[2])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-out = []
-
-def udp(frame, off):
-    if len(frame) < off + 20 or frame[off - 2:off] != b"\x08\x00" or frame[off + 9] != 17:
-        return None
-    ihl = (frame[off] & 15) * 4
-    sport, dport = struct.unpack_from("!HH", frame, off + ihl)
-    return dport, frame[off + ihl + 8:]
-
-def stream(payload):
-    parts = payload.split()
-    if len(parts) == 3 and parts[0] == b"hx":
-        return int(parts[1]), float(parts[2])
-    return None
-
-print("ready", flush=True)
-while True:
-    r, _, _ = select.select([s, sys.stdin], [], [], 1.0)
-    if sys.stdin in r:
-        break
-    if s not in r:
-        continue
-    frame, addr = s.recvfrom(65535)
-    t = time.time()
-    if addr[0] == "lo" or addr[2] == socket.PACKET_OUTGOING:
-        continue
-    u = udp(frame, 14)
-    if u is None:
-        continue
-    kind, payload = "clone", u[1]
-    if u[0] == tzsp_port:
-        # version, type, encapsulation, then tags up to END (1); PAD (0) is one byte.
-        body, i = u[1], 4
-        while i < len(body) and body[i] not in (1,):
-            i += 1 if body[i] == 0 else 2 + body[i + 1]
-        inner = udp(body[i + 1:], 14)
-        if inner is None:
-            continue
-        kind, payload = "tzsp", inner[1]
-    elif u[0] != port:
-        continue
-    got = stream(payload)
-    if got is not None:
-        out.append([got[0], got[1], t, kind])
-print(json.dumps(out), flush=True)
-"""
-
-# Runs in the sender's namespace: `count` datagrams "hx SEQ T_SEND", paced.
-# A send that fails (the route is gone for a moment) is skipped, not retried.
-SENDER = r"""
-import socket, sys, time
-dst, port, count, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-errors = 0
-print("go", flush=True)
-t0 = time.monotonic()
-for i in range(count):
-    try:
-        s.sendto(b"hx %d %.6f" % (i, time.time()), (dst, port))
-    except OSError:
-        errors += 1
-    d = t0 + (i + 1) / rate - time.monotonic()
-    if d > 0:
-        time.sleep(d)
-print(errors, flush=True)
-"""
-
-
-@dataclass
-class Copies:
-    """What the collector received of one stream of `sent` packets."""
-
-    sent: int
-    rate: float
-    rows: list[tuple[int, float, float, str]] = field(default_factory=list)
-
-    def per_seq(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for seq, *_ in self.rows:
-            out[seq] = out.get(seq, 0) + 1
-        return out
-
-    def missing(self) -> list[int]:
-        got = self.per_seq()
-        return [i for i in range(self.sent) if i not in got]
-
-    def duplicated(self, start: int = 0) -> list[int]:
-        return [s for s, n in self.per_seq().items() if n > 1 and s >= start]
-
-    def gaps(self) -> list[tuple[int, int]]:
-        """Runs of missing sequence numbers, as (first, last)."""
-        runs: list[tuple[int, int]] = []
-        for s in self.missing():
-            if runs and runs[-1][1] == s - 1:
-                runs[-1] = (runs[-1][0], s)
-            else:
-                runs.append((s, s))
-        return runs
-
-    def gap_seconds(self, run: tuple[int, int]) -> float:
-        """Send-time span of a gap: last copy before it to first copy after it."""
-        sent_at = {seq: ts for seq, ts, _, _ in self.rows}
-        before = sent_at.get(run[0] - 1, run[0] / self.rate)
-        after = sent_at.get(run[1] + 1, (run[1] + 1) / self.rate)
-        return after - before
-
-    def first_sent_after(self, t: float) -> int:
-        """The first sequence number copied among those sent at wall time `t` or later."""
-        return min((seq for seq, ts, _, _ in self.rows if ts >= t), default=self.sent)
-
-    def complete_from(self, first: int) -> bool:
-        """Every packet from `first` to the end copied exactly once."""
-        per = self.per_seq()
-        return first < self.sent and all(per.get(s) == 1 for s in range(first, self.sent))
-
-    def kinds(self, first: int) -> set[str]:
-        return {k for seq, _, _, k in self.rows if seq >= first}
-
-    def summary(self) -> str:
-        return (f"sent {self.sent}, copies {len(self.rows)}, gaps {self.gaps()[:5]}, "
-                f"duplicates {len(self.duplicated())}")
-
-
-class Stream:
-    """A paced UDP stream from `src` to `dst`, with a capture at the collector."""
-
-    def __init__(self, lab: Lab, seconds: float, src: Optional[Netns] = None,
-                 dst: str = WAN_HOST, rate: float = RATE) -> None:
-        self.lab, self.src, self.dst, self.rate = lab, src or lab.lan, dst, rate
-        self.count = int(seconds * rate)
-        self.capture: Optional[subprocess.Popen[str]] = None
-        self.sender: Optional[subprocess.Popen[str]] = None
-        self.copies: Optional[Copies] = None
-        self.t0 = self.wall0 = 0.0
-
-    def __enter__(self) -> Stream:
-        self.capture = self.lab.col.popen(sys.executable, "-c", CAPTURE, str(STREAM_PORT),
-                                          str(TZSP_PORT), stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, text=True)
-        assert self.capture.stdout is not None
-        assert self.capture.stdout.readline().strip() == "ready"
-        self.sender = self.src.popen(sys.executable, "-c", SENDER, self.dst, str(STREAM_PORT),
-                                     str(self.count), str(self.rate), stdout=subprocess.PIPE,
-                                     text=True)
-        assert self.sender.stdout is not None
-        assert self.sender.stdout.readline().strip() == "go"
-        self.t0, self.wall0 = time.monotonic(), time.time()
-        return self
-
-    def at(self, seconds: float) -> None:
-        """Sleep until `seconds` after the stream started."""
-        time.sleep(max(0.0, self.t0 + seconds - time.monotonic()))
-
-    def wall(self, seconds: float) -> float:
-        """The wall-clock time `seconds` after the stream started (send stamps use it)."""
-        return self.wall0 + seconds
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.sender is not None and self.capture is not None
-        try:
-            self.sender.wait(timeout=self.count / self.rate + 20)
-        finally:
-            if self.sender.poll() is None:
-                self.sender.kill()
-                self.sender.wait()
-            # Copies in flight (TZSP batches, queued ARP) still land.
-            time.sleep(0.3)
-            out, _ = self.capture.communicate("", timeout=20)
-        self.copies = Copies(self.count, self.rate,
-                             [(int(a), float(b), float(c), str(d)) for a, b, c, d in json.loads(out)])
-
-    @property
-    def result(self) -> Copies:
-        assert self.copies is not None
-        return self.copies
 
 
 def spec(backend: str = "nftables", interfaces: str = "[br-lan]", direction: str = "in",

@@ -13,14 +13,13 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import pytest
 
-from tests.lab import (
+from tests.harness.lab import (
     COLLECTOR,
     COLLECTOR6,
     LAN_HOST,
@@ -31,7 +30,9 @@ from tests.lab import (
     WAN_HOST6,
     Lab,
     Netns,
+    spec_text,
 )
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,39 +42,6 @@ T = TypeVar("T")
 
 
 # -- helpers -------------------------------------------------------------------
-def spec_text(backend: str, *, collector: str = COLLECTOR, direction: str = "both",
-              match: str = "", interfaces: str = "[br-lan]", name: str = "m",
-              more_mirrors: str = "") -> str:
-    text = f"""\
-backend: {backend}
-collectors:
-  ids:
-    address: "{collector}"
-    transport: clone
-mirrors:
-  - name: {name}
-    interfaces: {interfaces}
-    direction: {direction}
-    collector: ids
-"""
-    if match:
-        text += f"    match: {match}\n"
-    return text + more_mirrors
-
-
-def wait_for(probe: Callable[[], T], ok: Callable[[T], bool], what: str,
-             timeout: float = 10.0) -> T:
-    """Poll `probe` until `ok` holds; fail naming `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if ok(value):
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
-        time.sleep(0.05)
-
-
 def ping(src: Netns, dst: str, count: int = N) -> None:
     """`count` echo requests, every one answered (a lost one would skew every count)."""
     p = src.run("ping", "-n", "-c", str(count), "-i", "0.01", "-W", "2", dst,
@@ -105,9 +73,8 @@ def wait_counts(lab: Lab, want: dict[str, int], ns: Optional[Netns] = None,
     Counters wanted at 0 are not waited for: the caller asserts on them after
     the positive ones arrived (or checks the originals arrived elsewhere).
     """
-    return wait_for(lambda: counts(lab, ns),
-                    lambda c: all(c[k] >= v for k, v in want.items()),
-                    f"counters {want}", timeout)
+    return wait_until(lambda: counts(lab, ns), timeout, what=f"counters {want}",
+                      ok=lambda c: all(c[k] >= v for k, v in want.items()))
 
 
 def status(lab: Lab) -> tuple[int, dict[str, Any]]:
@@ -153,8 +120,8 @@ def status_matches_collector(lab: Lab, name: str = "m", counter: str = "every") 
         m = mirror(status(lab)[1], name)
         return (m["packets"], m["bytes"]), collector_totals(lab, counter)
 
-    daemon, _ = wait_for(both, lambda t: t[0] == t[1],
-                         "status (packets, bytes) == copies at the collector")
+    daemon, _ = wait_until(both, what="status (packets, bytes) == copies at the collector",
+                           ok=lambda t: t[0] == t[1])
     return daemon
 
 
@@ -370,8 +337,8 @@ def test_sighup_switches_spec_without_a_gap(lab: Lab, backend: str, tmp_path: Pa
     sender: Optional[subprocess.Popen[str]] = None
     try:
         # The pcap header is written once the capture is open.
-        wait_for(lambda: Path(pcap).exists() and Path(pcap).stat().st_size >= 24, bool,
-                 "tcpdump to open its capture")
+        wait_until(lambda: Path(pcap).exists() and Path(pcap).stat().st_size >= 24,
+                   what="tcpdump to open its capture")
         daemon = lab.start_daemon(path)
         # Spec A: port 6000 is not copied.
         lab.udp_send(lab.lan, WAN_HOST, 6000, N, sport=40001)
@@ -394,8 +361,8 @@ def test_sighup_switches_spec_without_a_gap(lab: Lab, backend: str, tmp_path: Pa
 
         got = wait_counts(lab, {"s5000": sent}, timeout=15)
         assert got["s5000"] == sent
-        seqs = wait_for(lambda: pcap_sequences(pcap, LAN_HOST, 5000), lambda s: len(s) >= sent,
-                        f"{sent} copies in the capture", timeout=15)
+        seqs = wait_until(lambda: pcap_sequences(pcap, LAN_HOST, 5000), 15,
+                          what=f"{sent} copies in the capture", ok=lambda s: len(s) >= sent)
         per_seq = Counter(seqs)
         missing = sorted(set(range(sent)) - set(per_seq))
         twice = sorted(s for s, n in per_seq.items() if n > 1)
@@ -490,8 +457,8 @@ def test_broken_spec_on_sighup_keeps_the_running_rules(lab: Lab, backend: str) -
     ):
         rejected = log_count(lab, "reload rejected") + 1
         sighup(lab, daemon, text.format(backend=backend, collector=COLLECTOR), path)
-        wait_for(lambda: log_count(lab, "reload rejected"), rejected.__le__,
-                 "the reload to be rejected")
+        wait_until(lambda: log_count(lab, "reload rejected"), what="the reload to be rejected",
+                   ok=rejected.__le__)
         log = lab.daemon_log()
         assert where + message in log, log
         assert daemon.poll() is None, log

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab import COLLECTOR, LAN_HOST, WAN_HOST, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, LAN_HOST, WAN_HOST, Lab, have_root_netns
 
 pytestmark = [
     pytest.mark.integration,

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab import COLLECTOR, WAN_HOST, Lab, Netns, have_root_netns
+from tests.harness.lab import COLLECTOR, WAN_HOST, Lab, Netns, have_root_netns
+from tests.harness.wait import wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -76,14 +77,11 @@ mirrors:
 
 def wait_capturing(lab: Lab, n: int, timeout: float = 20, what: str = ": capturing out on ") -> None:
     """Until `n` workers logged that their socket (with its filter) is open."""
-    deadline = time.monotonic() + timeout
-    while lab.daemon_log().count(what) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"workers did not start capturing:\n{lab.daemon_log()}")
-        for d in lab.daemons:
-            if d.poll() is not None:
-                raise RuntimeError(f"daemon exited with {d.returncode}:\n{lab.daemon_log()}")
-        time.sleep(0.05)
+    def capturing() -> bool:
+        lab.check_daemons()
+        return lab.daemon_log().count(what) >= n
+
+    wait_until(capturing, timeout, what=lambda: f"workers to start capturing:\n{lab.daemon_log()}")
 
 
 def counts(lab: Lab, where: dict[str, Netns]) -> dict[str, int]:

@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from mirrord.backends import create
-from tests.lab import ROOT
-from tests.unit.test_render import CASES, Netns, _dup_devices, _make_devices, build, netns
-
-__all__ = ["netns"]  # the fixture, used by name
+from tests.harness.lab import ROOT, Netns
+from tests.kernel.test_render import _dup_devices, _make_devices
+from tests.unit.test_render import CASES, build
 
 ROUND_TRIP = r"""
 import json, pickle, subprocess, sys

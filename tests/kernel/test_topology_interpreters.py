@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.lab import COLLECTOR, ROOT, RTR_LAN, WAN_HOST, Lab
+from tests.harness.lab import COLLECTOR, ROOT, RTR_LAN, WAN_HOST, Lab
 
 pytestmark = pytest.mark.integration
 

@@ -25,15 +25,9 @@ import pytest
 from mirrord.match import Match, PortRange
 from mirrord.tzsp import codec as tzsp
 from mirrord.tzsp.job import TzspJob
-from tests.lab import LAN_HOST, ROOT, RTR_COL, RTR_LAN, WAN_HOST, Lab, have_root_netns
-from tests.tzsp_helpers import (
-    WorkerRun,
-    in_netns,
-    read_pcap,
-    receiver,
-    tcpdump,
-    udp_payloads,
-)
+from tests.harness.capture import read_pcap, receiver, tcpdump, udp_payloads
+from tests.harness.lab import LAN_HOST, ROOT, RTR_COL, RTR_LAN, WAN_HOST, Lab, have_root_netns
+from tests.harness.tzsp import WorkerRun, in_netns
 
 pytestmark = [
     pytest.mark.integration,
@@ -441,7 +435,7 @@ mirrors:
 def test_ipv6_collector() -> None:
     """Copies over IPv6; a second worker on the interface the copies leave
     through does not copy them again (the exclusion holds for IPv6 too)."""
-    from tests.lab import COLLECTOR6, WAN_HOST6
+    from tests.harness.lab import COLLECTOR6, WAN_HOST6
 
     n = 10
     with Lab(offlink=False, ipv6=True) as lab6:

@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from tests.lab import (
+from tests.harness.lab import (
     COLLECTOR,
     LAN_HOST,
     ROOT,
@@ -28,6 +27,7 @@ from tests.lab import (
     Lab,
     have_root_netns,
 )
+from tests.harness.wait import wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -49,15 +49,6 @@ mirrors:
 """
 
 
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(what)
-
-
 def has_table(lab: Lab, family: str, name: str) -> bool:
     return lab.rtr.run("nft", "list", "table", family, name, check=False).returncode == 0
 
@@ -72,8 +63,8 @@ def lab() -> Iterator[Lab]:
     with Lab() as lab:
         spec = lab.write_spec(SPEC)
         lab.start_daemon(spec, wait_active=False)
-        wait_for(lambda: has_table(lab, "ip", "mirrord"), 20,
-                 f"the daemon never created table ip mirrord:\n{lab.daemon_log()}")
+        wait_until(lambda: has_table(lab, "ip", "mirrord"), 20,
+                   what=lambda: f"the daemon to create table ip mirrord:\n{lab.daemon_log()}")
         yield lab
 
 
@@ -99,8 +90,8 @@ def start_trace(lab: Lab, *args: str, wait: bool = True,
                       stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
     if wait:
         try:
-            wait_for(lambda: has_table(lab, "inet", "mirrord_trace") or p.poll() is not None,
-                     15, "the trace table never appeared")
+            wait_until(lambda: has_table(lab, "inet", "mirrord_trace") or p.poll() is not None,
+                       15, what="the trace table")
         except BaseException:
             p.kill()
             p.communicate()

@@ -17,7 +17,7 @@ from typing import Callable
 
 import pytest
 
-from tests.lab import COLLECTOR, ROOT, WAN_HOST, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, ROOT, WAN_HOST, Lab, have_root_netns
 
 pytestmark = [
     pytest.mark.integration,

@@ -18,7 +18,7 @@ nearly every time.
 
 MIRRORD_RACE_SCALE multiplies the iteration counts (default 1: about a
 minute for the whole file); a big round, with the figures printed:
-`MIRRORD_RACE_SCALE=5 python -m pytest -s tests/integration/test_races.py`.
+`MIRRORD_RACE_SCALE=5 python -m pytest -s tests/e2e/test_races.py`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab import COLLECTOR, ROOT, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, ROOT, Lab, have_root_netns
 
 pytestmark = [
     pytest.mark.integration,

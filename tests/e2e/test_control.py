@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab import COLLECTOR, ROOT, Lab, have_root_netns
+from tests.harness.lab import ROOT, Lab, have_root_netns, spec_text
 
 pytestmark = [
     pytest.mark.integration,
@@ -27,18 +27,7 @@ pytestmark = [
 ]
 
 ROUNDS = 5
-SPEC = f"""\
-backend: nftables
-collectors:
-  ids:
-    address: {COLLECTOR}
-    transport: clone
-mirrors:
-  - name: lan
-    interfaces: [br-lan]
-    direction: in
-    collector: ids
-"""
+SPEC = spec_text("nftables", direction="in", name="lan")
 
 # Runs in the router namespace: ROUNDS heals, one JSON list of seconds (None: no heal in 5 s).
 PROBE = r"""

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import pytest
 
 from mirrord.netlink import topology
-from tests.lab import COLLECTOR, COLLECTOR6, RTR_LAN, RTR_WAN, Lab, Netns, have_root_netns
+from tests.harness.lab import COLLECTOR, COLLECTOR6, RTR_LAN, RTR_WAN, Lab, Netns, have_root_netns
 
 pytestmark = [
     pytest.mark.integration,

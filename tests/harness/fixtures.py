@@ -1,4 +1,4 @@
-"""Shared fixtures for the namespace-lab integration tests."""
+"""pytest fixtures of the namespace lab, shared by the kernel and e2e layers (their conftest imports them)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.lab import Lab, have_root_netns
+from tests.harness.lab import Lab, have_root_netns
 
 
 def _skip_unless_root_netns() -> None:

@@ -12,6 +12,9 @@ port and the collector, so the collector is routed, not on-link:
 Every namespace gets a unique name and is deleted by `close()`. Only the
 documentation address ranges are used. The router's interfaces use the names
 an OpenWrt router has (br-lan, wan) so specs read like real ones.
+
+Smaller pieces for tests that need a kernel but not the whole lab:
+`scratch_netns()` (one empty namespace) and `veth_namespace()` (a veth pair).
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.harness.wait import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LAN_HOST = "192.0.2.10"
 RTR_LAN = "192.0.2.1"
@@ -46,6 +52,27 @@ RTR_COL6 = "2001:db8:3::1"
 _counter = itertools.count()
 
 
+def spec_text(backend: str, *, collector: str = COLLECTOR, direction: str = "both",
+              match: str = "", interfaces: str = "[br-lan]", name: str = "m",
+              more_mirrors: str = "") -> str:
+    """A spec of one clone mirror of `interfaces` to the lab's collector (and `more_mirrors`)."""
+    text = f"""\
+backend: {backend}
+collectors:
+  ids:
+    address: "{collector}"
+    transport: clone
+mirrors:
+  - name: {name}
+    interfaces: {interfaces}
+    direction: {direction}
+    collector: ids
+"""
+    if match:
+        text += f"    match: {match}\n"
+    return text + more_mirrors
+
+
 def have_root_netns() -> Optional[str]:
     """Why the lab cannot run here, or None when it can."""
     if os.geteuid() != 0:
@@ -54,6 +81,14 @@ def have_root_netns() -> Optional[str]:
         if shutil.which(tool) is None:
             return f"needs the '{tool}' command"
     return None
+
+
+def python_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """This environment, with this checkout first on PYTHONPATH (for `python -m mirrord`)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
 
 
 @dataclass
@@ -85,6 +120,31 @@ class Netns:
         """Run Python code inside the namespace (for raw sockets and senders)."""
         p = self.run(sys.executable, "-c", code, *args, timeout=timeout)
         return p.stdout
+
+
+@contextmanager
+def scratch_netns(prefix: str = "mrdk") -> Iterator[Netns]:
+    """One empty namespace (loopback up), deleted afterwards."""
+    ns = Netns(f"{prefix}{os.getpid() % 100000}x{next(_counter)}")
+    subprocess.run(["ip", "netns", "add", ns.name], check=True, capture_output=True, timeout=30)
+    try:
+        ns.run("ip", "link", "set", "lo", "up")
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, timeout=30)
+
+
+@contextmanager
+def veth_namespace(mtu: int = 1500, tun: bool = False) -> Iterator[str]:
+    """A namespace with a veth pair va <-> vb (both up) and optionally a tun t0."""
+    with scratch_netns("mrdt") as ns:
+        script = (f"ip link add va mtu {mtu} type veth peer name vb mtu {mtu};"
+                  " ip link set va up; ip link set vb up;"
+                  " sysctl -qw net.ipv6.conf.all.disable_ipv6=1")
+        if tun:
+            script += "; ip tuntap add mode tun name t0; ip link set t0 up"
+        ns.sh(script)
+        yield ns.name
 
 
 class Lab:
@@ -249,12 +309,10 @@ class Lab:
                      ns: Optional[Netns] = None) -> subprocess.Popen[str]:
         ns = ns or self.rtr
         log = open(f"/tmp/{self.tag}-daemon.log", "a")  # noqa: SIM115 - closed with the lab
-        full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
-        full_env.update(env or {})
         p = ns.popen(sys.executable, "-m", "mirrord", "run", "-c", spec_path,
                      "--socket", self.socket_path(), "-v", *extra,
-                     stdout=log, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=str(ROOT))
+                     stdout=log, stderr=subprocess.STDOUT, text=True, env=python_env(env),
+                     cwd=str(ROOT))
         self.daemons.append(p)
         if wait_active:
             self.wait_for_status(lambda s: s is not None, timeout=20)
@@ -272,19 +330,21 @@ class Lab:
             return None
         return result
 
+    def check_daemons(self) -> None:
+        """Raise if a daemon this lab started has exited (a wait for it would be in vain)."""
+        for d in self.daemons:
+            if d.poll() is not None:
+                raise RuntimeError(f"daemon exited with {d.returncode}:\n{self.daemon_log()}")
+
     def wait_for_status(self, pred: Any, timeout: float = 10) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            for d in self.daemons:
-                if d.poll() is not None:
-                    raise RuntimeError(f"daemon exited with {d.returncode}:\n{self.daemon_log()}")
-            last = self.status()
-            if pred(last):
-                assert last is not None
-                return last
-            time.sleep(0.1)
-        raise TimeoutError(f"status never matched; last: {last}\n{self.daemon_log()}")
+        def status() -> Optional[dict[str, Any]]:
+            self.check_daemons()
+            return self.status()
+
+        last = wait_until(status, timeout, 0.1, what=lambda: f"a status to match\n{self.daemon_log()}",
+                          ok=pred)
+        assert last is not None
+        return last
 
     def daemon_log(self) -> str:
         try:
