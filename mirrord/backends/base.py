@@ -61,20 +61,6 @@ class Backend(ABC):
         """A class attribute where every value is known from the class; a
         property where one depends on the system (the iptables flavour)."""
 
-    # TEMPORARY, removed by this branch's last commit: the old attributes, for
-    # mirrord/service/daemon.py until the lead switches it to capabilities.
-    @property
-    def event_driven(self) -> bool:
-        return self.capabilities.event_driven
-
-    @property
-    def versions(self) -> frozenset[int]:
-        return self.capabilities.versions
-
-    @property
-    def kernel_owner(self) -> str:
-        return self.capabilities.kernel_owner
-
     @classmethod
     def possible_capabilities(cls) -> tuple[Capabilities, ...]:
         """Every Capabilities an instance may report, without probing the system."""
