@@ -27,7 +27,7 @@ from .selection import Selection, TraceError
 log = logging.getLogger(__package__)  # the command's one logger, whichever module logs
 
 TRACE_FAMILY = "inet"
-TRACE_TABLE = "mirrord_trace"  # also mirrord.backends.nftables.TRACE_TABLE (flush removes it)
+TRACE_TABLE = "mirrord_trace"  # the daemon never removes it; `mirrord flush` only a dead trace's
 PRIO_RAW = -300
 # (chain, hook, priority). Marking happens in prerouting (everything that
 # arrives) and output (what the router itself sends): every packet's first
