@@ -8,16 +8,13 @@ that made it is no longer running.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
-from typing import Callable
 
 import pytest
 
-from tests.harness.lab import COLLECTOR, ROOT, WAN_HOST, Lab, have_root_netns
+from tests.harness.lab import COLLECTOR, WAN_HOST, Lab, have_root_netns
+from tests.harness.trace import TRACE_TABLE, finish, has_table, start_trace
 
 pytestmark = [
     pytest.mark.integration,
@@ -38,50 +35,12 @@ mirrors:
     match:
       protocol: icmp
 """
-TRACE = ("inet", "mirrord_trace")
+TRACE = TRACE_TABLE
 
 
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def has_table(lab: Lab, family: str, name: str) -> bool:
-    return lab.rtr.run("nft", "list", "table", family, name, check=False).returncode == 0
-
-
-def start_trace(lab: Lab) -> subprocess.Popen[str]:
+def start_icmp_trace(lab: Lab) -> subprocess.Popen[str]:
     """A trace of ICMP that ends by itself after 60 s at the latest."""
-    env = dict(os.environ)
-    env.pop("SSH_CONNECTION", None)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    p = lab.rtr.popen(sys.executable, "-m", "mirrord", "trace", "--protocol", "icmp",
-                      "--timeout", "60", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                      text=True, env=env, cwd=str(ROOT))
-    try:
-        wait_for(lambda: has_table(lab, *TRACE) or p.poll() is not None, 15,
-                 "the trace table")
-    except BaseException:
-        p.kill()
-        p.communicate()
-        raise
-    if p.poll() is not None:
-        out, err = p.communicate()
-        raise AssertionError(f"trace exited early with {p.returncode}:\n{out}{err}")
-    return p
-
-
-def finish(p: subprocess.Popen[str], timeout: float = 15) -> tuple[int, str, str]:
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        raise AssertionError(f"trace did not end in {timeout}s:\n{out}{err}") from None
-    return p.returncode, out, err
+    return start_trace(lab, "--protocol", "icmp", "--timeout", "60")
 
 
 def test_stopping_the_daemon_leaves_a_running_trace_alone() -> None:
@@ -89,7 +48,7 @@ def test_stopping_the_daemon_leaves_a_running_trace_alone() -> None:
         daemon = lab.start_daemon(lab.write_spec(SPEC))
         lab.wait_for_status(lambda s: s is not None and s["mirrors"][0]["state"] == "active",
                             timeout=20)
-        trace = start_trace(lab)
+        trace = start_icmp_trace(lab)
         try:
             assert lab.stop_daemon(daemon) == 0, lab.daemon_log()
             # The stop did flush (what the daemon owns is gone) ...
@@ -116,7 +75,7 @@ def test_stopping_the_daemon_leaves_a_running_trace_alone() -> None:
 
 def test_flush_removes_the_table_of_a_trace_that_is_gone() -> None:
     with Lab() as lab:
-        trace = start_trace(lab)
+        trace = start_icmp_trace(lab)
         trace.kill()
         finish(trace)
         assert has_table(lab, *TRACE)

@@ -9,10 +9,7 @@ before, whichever way the trace ended.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from typing import Any, Iterator
 
 import pytest
@@ -20,13 +17,13 @@ import pytest
 from tests.harness.lab import (
     COLLECTOR,
     LAN_HOST,
-    ROOT,
     RTR_LAN,
     WAN_HOST,
     WAN_HOST6,
     Lab,
     have_root_netns,
 )
+from tests.harness.trace import finish, has_table, start_trace
 from tests.harness.wait import wait_until
 
 pytestmark = [
@@ -47,10 +44,6 @@ mirrors:
     match:
       protocol: icmp
 """
-
-
-def has_table(lab: Lab, family: str, name: str) -> bool:
-    return lab.rtr.run("nft", "list", "table", family, name, check=False).returncode == 0
 
 
 def ruleset(lab: Lab) -> str:
@@ -77,39 +70,6 @@ def before(lab: Lab) -> Iterator[str]:
     yield rules
     assert not has_table(lab, "inet", "mirrord_trace")
     assert ruleset(lab) == rules
-
-
-def start_trace(lab: Lab, *args: str, wait: bool = True,
-                ssh: str = "") -> subprocess.Popen[str]:
-    env = dict(os.environ)
-    env.pop("SSH_CONNECTION", None)
-    if ssh:
-        env["SSH_CONNECTION"] = ssh
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    p = lab.rtr.popen(sys.executable, "-m", "mirrord", "trace", *args, stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
-    if wait:
-        try:
-            wait_until(lambda: has_table(lab, "inet", "mirrord_trace") or p.poll() is not None,
-                       15, what="the trace table")
-        except BaseException:
-            p.kill()
-            p.communicate()
-            raise
-        if p.poll() is not None:
-            out, err = p.communicate()
-            raise AssertionError(f"trace exited early with {p.returncode}:\n{out}{err}")
-    return p
-
-
-def finish(p: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str, str]:
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        raise AssertionError(f"trace did not end in {timeout}s:\n{out}{err}") from None
-    return p.returncode, out, err
 
 
 def packets(out: str) -> list[dict[str, Any]]:
