@@ -152,7 +152,6 @@ class NftSession:
         self.nft = nft
         nft.set_json_output(True)
         nft.set_handle_output(False)
-        self._checker: Any = None
 
     @classmethod
     def open(cls) -> NftSession:
@@ -190,19 +189,14 @@ class NftSession:
 
     def check(self, cmds: list[dict[str, Any]]) -> tuple[int, str]:
         """Validate a batch in the kernel without committing it (dry run)."""
-        checker = self._dry_run_context()
+        # PyPI's copy of the bindings has no set_dry_run; a context of the
+        # ctypes twin (the library is loaded already) runs the check instead,
+        # and is freed right after: a context holds about 1 MiB of the
+        # library's caches, and the check runs once, at start.
+        checker = self.nft if hasattr(self.nft, "set_dry_run") else _CtypesNftables()
         checker.set_dry_run(True)
         try:
             rc, _, err = checker.json_cmd({"nftables": cmds})
         finally:
             checker.set_dry_run(False)
         return int(rc), str(err or "")
-
-    def _dry_run_context(self) -> Any:
-        # PyPI's copy of the bindings has no set_dry_run; a context of the
-        # ctypes twin (the library is loaded already) runs the check instead.
-        if hasattr(self.nft, "set_dry_run"):
-            return self.nft
-        if self._checker is None:
-            self._checker = _CtypesNftables()
-        return self._checker

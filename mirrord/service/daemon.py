@@ -180,6 +180,7 @@ class Daemon:
         self.nft_events: Optional[NftEvents] = None
         self.control: Optional[ControlServer] = None
         self.trim_heap = _heap_trimmer()
+        self.answered = False  # a control request was answered since the last trim
         self.next_poll: Optional[float] = None
         self.next_watchdog: Optional[float] = None
 
@@ -280,6 +281,10 @@ class Daemon:
         while not self.flags.term:
             for key, _ in self.sel.select(self._timeout()):
                 self._dispatch(key.data, key.fileobj, wake)
+            if self.answered:
+                # A status answer's JSON and health's listings are garbage now.
+                self.answered = False
+                self.trim_heap()
             if self.flags.term:
                 break
             if self.flags.hup:
@@ -460,6 +465,7 @@ class Daemon:
         cmd = request.get("cmd", "status")
         if cmd != "status":
             return {"error": f"unknown command {cmd!r}"}
+        self.answered = True
         reading = self.reconciler.read() if self.reconciler is not None else None
         # The control socket answers plain JSON objects (service/control.py).
         return cast("dict[str, Any]", build_status(self.snapshot, reading, self.rates))
