@@ -71,9 +71,6 @@ class TapPool:
         due = [t.restart_at for t in self._taps.values() if t.exited]
         return min(due) if due else None
 
-    def restart_due(self, now: float) -> bool:
-        return any(t.exited and now >= t.restart_at for t in self._taps.values())
-
     def read_events(self) -> list[str]:
         """Taps that ended since the last call, as log-friendly reasons."""
         if self._capture is None:

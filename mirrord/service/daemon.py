@@ -181,6 +181,7 @@ class Daemon:
         self.control: Optional[ControlServer] = None
         self.trim_heap = _heap_trimmer()
         self.answered = False  # a control request was answered since the last trim
+        self.restart_asked: Optional[float] = None  # the tap restart deadline already asked for
         self.next_poll: Optional[float] = None
         self.next_watchdog: Optional[float] = None
 
@@ -300,7 +301,11 @@ class Daemon:
         """Whatever the clock made due: a pending change, a poll, a retry, a tap restart."""
         if self.control is not None:
             self.control.expire()
-        if self.taps.restart_due(now):
+        restart = self._restart_due(now)
+        if restart is not None:
+            # Asked once per deadline: if this reconcile fails, the retry
+            # after a failed apply restarts the tap, not a loop of asks.
+            self.restart_asked = restart
             self.pending.add(Change("TZSP tap restart"), topology_changed=True)
             self.pending.due = now
         if self.pending.due is not None and now >= self.pending.due:
@@ -315,10 +320,17 @@ class Daemon:
             self.notifier.watchdog()
             self.next_watchdog = now + (self.notifier.watchdog_interval() or 1.0)
 
+    def _restart_due(self, now: Optional[float]) -> Optional[float]:
+        """The next TZSP tap restart not asked for yet (with `now`: only if it is due)."""
+        due = self.taps.next_restart()
+        if due is None or due == self.restart_asked or (now is not None and now < due):
+            return None
+        return due
+
     def _timeout(self) -> Optional[float]:
         control = self.control.next_deadline() if self.control is not None else None
         deadlines = [d for d in (self.pending.due, self.next_poll, self.next_watchdog,
-                                 self.retry_at, control, self.taps.next_restart()) if d]
+                                 self.retry_at, control, self._restart_due(None)) if d]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())

@@ -1,0 +1,56 @@
+"""The daemon's loop around the reconciler: what it asks for, and how often.
+Pure: a fake reconciler and fake TZSP tap handles, no sockets opened."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from mirrord import spec
+from mirrord.backends.base import ApplyError
+from mirrord.plan import TzspTap
+from mirrord.reconcile.snapshot import Snapshot
+from mirrord.service.daemon import Daemon
+from mirrord.service.notify import Notifier
+from tests.unit.test_reconciler import TZSP, FakeHandle, reconciler
+
+
+class RefusingReconciler:
+    """Every reconcile is refused by the kernel, as in a long apply failure."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snapshot = snap
+        self.backend = None
+        self.failed_neighbours: set[Any] = set()
+        self.calls = 0
+
+    def reconcile(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        raise ApplyError("refused")
+
+    def failed(self, error: str) -> Snapshot:
+        return self.snapshot
+
+
+def test_a_due_tap_restart_is_asked_once_while_reconciles_fail() -> None:
+    handles: list[FakeHandle] = []
+
+    def make(tap: TzspTap) -> FakeHandle:
+        handles.append(FakeHandle(tap))
+        return handles[-1]
+
+    d = Daemon(spec.parse(TZSP), "/nonexistent/mirrord.sock", Notifier(None))
+    d.taps._make_handle = make
+    r, _ = reconciler(TZSP, pool=d.taps)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    first = handles[0]
+    first.ended, first.slot_index = "interface went away", 3
+    assert d.taps.collect_exits([3])
+    d.taps._taps[first.tap].restart_at = time.monotonic() - 1  # its delay has passed
+    fake = RefusingReconciler(r.snapshot)
+    d.reconciler = fake  # type: ignore[assignment]
+    for _ in range(20):
+        d._due(time.monotonic())
+    assert fake.calls == 1  # asked once; the retry after the failure takes it from here
+    timeout = d._timeout()
+    assert timeout is not None and timeout > 0.5  # no busy loop: the next thing is the retry
