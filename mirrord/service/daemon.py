@@ -301,6 +301,10 @@ class Daemon:
         """Whatever the clock made due: a pending change, a poll, a retry, a tap restart."""
         if self.control is not None:
             self.control.expire()
+        # A tap start may have found the capture process dead before its EOF
+        # was read: those taps end without an event.
+        for reason in self.taps.collect_exits([]):
+            self.pending.add(Change(reason), topology_changed=True)
         restart = self._restart_due(now)
         if restart is not None:
             # Asked once per deadline: if this reconcile fails, the retry

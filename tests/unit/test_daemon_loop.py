@@ -54,3 +54,33 @@ def test_a_due_tap_restart_is_asked_once_while_reconciles_fail() -> None:
     assert fake.calls == 1  # asked once; the retry after the failure takes it from here
     timeout = d._timeout()
     assert timeout is not None and timeout > 0.5  # no busy loop: the next thing is the retry
+
+
+class _DeadCapture:
+    """A capture process found dead by a tap's start: the tap is orphaned, no event comes."""
+
+    def __init__(self, orphans: list[FakeHandle]) -> None:
+        self.orphans = orphans
+
+    def take_orphans(self) -> list[FakeHandle]:
+        out, self.orphans = self.orphans, []
+        return out
+
+
+def test_taps_orphaned_without_an_event_are_noticed_on_the_next_turn() -> None:
+    handles: list[FakeHandle] = []
+
+    def make(tap: TzspTap) -> FakeHandle:
+        handles.append(FakeHandle(tap))
+        return handles[-1]
+
+    d = Daemon(spec.parse(TZSP), "/nonexistent/mirrord.sock", Notifier(None))
+    d.taps._make_handle = make
+    r, _ = reconciler(TZSP, pool=d.taps)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    d.reconciler = r
+    handles[0].ended = "capture process exited with status 1"
+    d.taps._capture = _DeadCapture([handles[0]])
+    d._due(time.monotonic())
+    assert "worker exited: capture process exited with status 1" in d.pending.reasons
+    assert d.taps.next_restart() is not None  # and it will be restarted after its delay
