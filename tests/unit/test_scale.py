@@ -32,6 +32,7 @@ from mirrord.spec import yaml_tree
 
 GOLDEN = Path(__file__).parent / "golden"
 LINEAR_BOUND = 3.0
+PENDING_BOUND = 5.0  # see test_pending_events_are_linear
 FACTOR = 8
 
 
@@ -157,9 +158,12 @@ def test_pending_events_are_linear() -> None:
 
         return add_all
 
-    # One set of 16,000 reasons misses the caches more than eight of 2,000:
-    # 1.3-2.1x seen under load; the old list search gives 8-12x.
-    assert growth(make, 2000) < LINEAR_BOUND
+    # One set of 16,000 reasons costs more per entry than eight of 2,000:
+    # its table is large enough to come fresh from the kernel at each step
+    # (page faults the small tables never pay) and misses the caches more:
+    # 1.1-2.1x usually, 3.18x once in a full CI run on a quiet machine
+    # (Debian's Python). The old list search gives 8.3-9.8x (quadratic).
+    assert growth(make, 2000) < PENDING_BOUND
 
 
 def test_plan_lookup_and_findings_are_linear() -> None:
