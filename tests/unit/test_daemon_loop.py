@@ -15,6 +15,21 @@ from mirrord.service.notify import Notifier
 from tests.unit.test_reconciler import TZSP, FakeHandle, reconciler
 
 
+def _started_daemon() -> tuple[Daemon, Any, list[FakeHandle]]:
+    """A daemon (no sockets) whose reconciler started the TZSP spec's taps as fakes."""
+    handles: list[FakeHandle] = []
+
+    def make(tap: TzspTap) -> FakeHandle:
+        handles.append(FakeHandle(tap))
+        return handles[-1]
+
+    d = Daemon(spec.parse(TZSP), "/nonexistent/mirrord.sock", Notifier(None))
+    d.taps._make_handle = make
+    r, _ = reconciler(TZSP, pool=d.taps)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    return d, r, handles
+
+
 class RefusingReconciler:
     """Every reconcile is refused by the kernel, as in a long apply failure."""
 
@@ -33,16 +48,7 @@ class RefusingReconciler:
 
 
 def test_a_due_tap_restart_is_asked_once_while_reconciles_fail() -> None:
-    handles: list[FakeHandle] = []
-
-    def make(tap: TzspTap) -> FakeHandle:
-        handles.append(FakeHandle(tap))
-        return handles[-1]
-
-    d = Daemon(spec.parse(TZSP), "/nonexistent/mirrord.sock", Notifier(None))
-    d.taps._make_handle = make
-    r, _ = reconciler(TZSP, pool=d.taps)
-    r.reconcile(["start"], refresh_topology=True, force=True)
+    d, r, handles = _started_daemon()
     first = handles[0]
     first.ended, first.slot_index = "interface went away", 3
     assert d.taps.collect_exits([3])
@@ -68,16 +74,7 @@ class _DeadCapture:
 
 
 def test_taps_orphaned_without_an_event_are_noticed_on_the_next_turn() -> None:
-    handles: list[FakeHandle] = []
-
-    def make(tap: TzspTap) -> FakeHandle:
-        handles.append(FakeHandle(tap))
-        return handles[-1]
-
-    d = Daemon(spec.parse(TZSP), "/nonexistent/mirrord.sock", Notifier(None))
-    d.taps._make_handle = make
-    r, _ = reconciler(TZSP, pool=d.taps)
-    r.reconcile(["start"], refresh_topology=True, force=True)
+    d, r, handles = _started_daemon()
     d.reconciler = r
     handles[0].ended = "capture process exited with status 1"
     d.taps._capture = _DeadCapture([handles[0]])
