@@ -10,7 +10,7 @@ from typing import cast
 
 from . import backends, plan, spec
 from .cli import add_config_argument
-from .netlink import topology
+from .netlink import links, topology
 from .observe.document import StatusDocument
 from .observe.status import format_prometheus, format_table, healthy
 from .service.control import default_socket, try_request
@@ -61,13 +61,14 @@ def _print_problems(e: spec.SpecError) -> int:
 def describe_mirror(s: spec.Spec, m: spec.Mirror) -> str:
     c = s.collector_of(m)
     ways = {"in": "in", "out": "out", "both": "in+out"}[m.direction]
-    via = f" via {c.interface}" if c.interface else ""
-    extra = f":{c.port}" if c.transport == "tzsp" else ""
+    via = f" via {c.interface}" if c.interface and c.address is not None else ""
+    extra = {"tzsp": f":{c.port}", "vxlan": f":{c.port} vni {c.vni}",
+             "erspan": f" session {c.session}"}.get(c.transport, "")
     note = ""
-    if c.transport == "clone" and m.match.family == "any":
+    if c.transport == "clone" and m.match.family == "any" and c.address is not None:
         note = f" (IPv{c.address.version} only: a clone goes to a next hop of its own family)"
     return (f"{m.name}: {', '.join(m.interfaces)} {ways}, {m.match.describe()} -> "
-            f"{c.name} {c.address}{extra}{via} (transport {c.transport}){note}")
+            f"{c.name} {c.where()}{extra}{via} (transport {c.transport}){note}")
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -115,11 +116,12 @@ def offline_topology(s: spec.Spec) -> topology.Topology:
     names = list(dict.fromkeys(
         [i for m in s.mirrors for i in m.interfaces]
         + [c.interface for c in s.collectors.values() if c.interface]
+        + [t.name for t in plan.tunnels(s)]
     ))
     links = {n: topology.Link(n, i, True, None, topology.ARPHRD_ETHER, 1500)
              for i, n in enumerate(names, 2)}
     reach = {(c.address, c.interface): topology.Reach(c.address, oif=c.interface)
-             for c in s.collectors.values()}
+             for c in s.collectors.values() if c.address is not None}
     return topology.Topology(links=links, reach=reach)
 
 
@@ -142,6 +144,27 @@ def run_status(args: argparse.Namespace) -> int:
     else:
         print(format_table(doc))
     return 0 if healthy(doc) else EXIT_NOT_ACTIVE
+
+
+def _flush_tunnels(dry_run: bool) -> tuple[bool, int]:
+    """mirrord's tunnel devices (alias "mirrord ..."): after the rules, which copy into them."""
+    try:
+        owned = links.owned()
+    except OSError as e:
+        log.debug("tunnel devices: not readable (%s)", e)
+        return False, 0
+    rc = 0
+    for name, t in sorted(owned.items()):
+        if dry_run:
+            print(f"would remove tunnel device {name} ({t.kind} to {t.remote})")
+            continue
+        try:
+            links.delete(name)
+            print(f"removed tunnel device {name} ({t.kind} to {t.remote})")
+        except (OSError, links.LinkError) as e:
+            print(f"tunnel device {name}: {e}", file=sys.stderr)
+            rc = 1
+    return bool(owned), rc
 
 
 def run_flush(args: argparse.Namespace) -> int:
@@ -177,6 +200,8 @@ def run_flush(args: argparse.Namespace) -> int:
             rc = 1
     trace_found, trace_rc = _flush_trace_table(args.dry_run)
     found, rc = found or trace_found, max(rc, trace_rc)
+    tunnels_found, tunnels_rc = _flush_tunnels(args.dry_run)
+    found, rc = found or tunnels_found, max(rc, tunnels_rc)
     if not looked:
         print("mirrord flush: no kernel clone backend is usable here ("
               f"{', '.join(backends.FLUSH_ORDER)}); nothing to remove", file=sys.stderr)

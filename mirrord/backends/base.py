@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from ..plan import Plan
+from ..plan import FrameSupport, Plan
 
 # (mirror name, "in" | "out") -> (packets, bytes)
 CounterKey = tuple[str, str]
@@ -33,6 +33,9 @@ class ApplyError(BackendError):
 class Rendered:
     text: str  # exactly what would be applied, for humans (`mirrord render`)
     payload: Any  # what apply() consumes
+    # (device, ifindex) the rules bind to when loaded: the same text over
+    # another ifindex is other rules (see nftables.tables.bindings).
+    binds: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,12 @@ class Backend(ABC):
     @abstractmethod
     def unsupported(self) -> Optional[str]:
         """None when usable here; otherwise why not, naming what to install."""
+
+    def frame_support(self) -> FrameSupport:
+        """Whether this backend can copy whole frames (netdev ingress, egress)."""
+        why = (f"backend {self.name} cannot copy whole frames: transports span, vxlan, gretap "
+               "and erspan need backend nftables (its netdev family)")
+        return FrameSupport(ingress=why, egress=why)
 
     @abstractmethod
     def render(self, plan: Plan) -> Rendered: ...

@@ -18,10 +18,16 @@ class DirectionCount(TypedDict):
     bytes: int
 
 
-class CollectorRow(TypedDict):
+class _CollectorKeys(TypedDict):
     name: str
-    address: str
+    address: Optional[str]  # None: a span collector, a port of this router
     reach: Optional[str]  # None: its route was never looked up
+
+
+class CollectorRow(_CollectorKeys, total=False):
+    # Whole-frame transports only: the device copies leave through, the span
+    # port or mirrord's tunnel device (clone and tzsp copies go where routed).
+    device: str
 
 
 class Rate(TypedDict):

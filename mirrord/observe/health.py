@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..netlink.topology import Topology
+from ..netlink.topology import Reach, Topology
 from ..plan import Plan, reasons
 from ..plan.reasons import Code, Reason
 from .document import FindingRow, MirrorRow
@@ -60,26 +60,31 @@ def plan_findings(p: Plan, backend_error: str, topo: Optional[Topology] = None) 
                 if t.cause is not None and t.cause.code is Code.INTERFACE_ABSENT
                 and t.direction == first]
         reach = mp.reach
-        if reach is None:
-            continue
-        # From the collector's reach, not from a reason: a TZSP mirror's
-        # collector that does not answer ARP/ND is no plan reason (the
-        # datagrams go out regardless) and is still worth a finding.
-        if reach.neighbour == "FAILED":
-            out.append(Finding(
-                "collector-neighbour-failed", "error",
-                f"mirror {name}: collector {reach.address} does not answer ARP/ND on {reach.oif}",
-                reasons.neighbour_failed(reach.address, reach.oif).fix, name))
-        if reach.oif and reach.oif in mirrored:
-            users = ", ".join(mirrored[reach.oif])
-            out.append(Finding(
-                "collector-via-mirrored-interface", "warning",
-                f"mirror {name}: collector {reach.address} is reached through {reach.oif}, which "
-                f"mirror(s) {users} observe: copies share that link with the traffic they copy "
-                "(the collector's own traffic is excluded)",
-                "give the collector its own port or VLAN if that link is busy", name))
+        if reach is not None:
+            out += _reach_findings(name, reach, mirrored)
         if mp.state == "error":
-            out += [_finding(name, r) for r in mp.reasons if r.code is Code.COLLECTOR_OFFLINK]
+            out += [_finding(name, r) for r in mp.reasons if r.code in _MIRROR_ERRORS]
+    return out
+
+
+def _reach_findings(name: str, reach: Reach, mirrored: dict[str, list[str]]) -> list[Finding]:
+    out: list[Finding] = []
+    # From the collector's reach, not from a reason: a TZSP mirror's
+    # collector that does not answer ARP/ND is no plan reason (the
+    # datagrams go out regardless) and is still worth a finding.
+    if reach.neighbour == "FAILED":
+        out.append(Finding(
+            "collector-neighbour-failed", "error",
+            f"mirror {name}: collector {reach.address} does not answer ARP/ND on {reach.oif}",
+            reasons.neighbour_failed(reach.address, reach.oif).fix, name))
+    if reach.oif and reach.oif in mirrored:
+        users = ", ".join(mirrored[reach.oif])
+        out.append(Finding(
+            "collector-via-mirrored-interface", "warning",
+            f"mirror {name}: collector {reach.address} is reached through {reach.oif}, which "
+            f"mirror(s) {users} observe: copies share that link with the traffic they copy "
+            "(the collector's own traffic is excluded)",
+            "give the collector its own port or VLAN if that link is busy", name))
     return out
 
 
@@ -88,7 +93,14 @@ FINDING_OF: dict[Code, tuple[str, str]] = {
     Code.BRIDGE_PORT: ("bridge-port", "error"),
     Code.INTERFACE_ABSENT: ("interface-absent", "warning"),
     Code.COLLECTOR_OFFLINK: ("collector-offlink", "error"),
+    # Both name what to install (kmod-nft-netdev, kmod-vxlan, kmod-gre).
+    Code.FRAMES_UNSUPPORTED: ("frames-unsupported", "error"),
+    Code.TUNNEL_FAILED: ("tunnel-failed", "error"),
 }
+
+
+# Reasons of a mirror in error that are findings of their own.
+_MIRROR_ERRORS = frozenset({Code.COLLECTOR_OFFLINK, Code.FRAMES_UNSUPPORTED, Code.TUNNEL_FAILED})
 
 
 def _finding(mirror: str, r: Reason) -> Finding:
@@ -127,7 +139,13 @@ def tzsp_findings(mirrors: list[MirrorRow]) -> list[Finding]:
 
 # Tables a flow offload rule never lives in: mirrord's own, which hold
 # thousands of rules with many mirrors and would make every status slow.
-OWN_TABLES = frozenset({("ip", "mirrord"), ("ip6", "mirrord"), ("inet", "mirrord_trace")})
+OWN_TABLES = frozenset({("ip", "mirrord"), ("ip6", "mirrord"), ("netdev", "mirrord"),
+                        ("inet", "mirrord_trace")})
+# Who is spared by flow offloading: a netdev ingress chain at a priority below
+# the flowtable's (fw4: 0; mirrord: -300) and an AF_PACKET capture see every
+# frame; the IP hooks a clone uses see an offloaded flow's first packets only.
+IMMUNE = ("transports span, vxlan, gretap, erspan (netdev hooks, before the flowtable) and tzsp "
+          "copy every packet; transport clone copies only their first packets")
 _ruleset_at: Optional[tuple[int, Optional[dict[str, Any]]]] = None
 
 
@@ -206,7 +224,9 @@ def offload_findings() -> list[Finding]:
         out.append(Finding(
             "flow-offload", "warning",
             f"flow offloading is enabled in {uci} ({', '.join(options)}): offloaded flows skip "
-            "prerouting and postrouting, so mirrors copy only their first packets",
+            f"prerouting and postrouting: {IMMUNE}"
+            + ("; hardware offloading (flow_offloading_hw) bypasses the CPU: no mirror sees "
+               "those flows" if "flow_offloading_hw" in options else ""),
             "uci set firewall.@defaults[0].flow_offloading='0'; uci set "
             "firewall.@defaults[0].flow_offloading_hw='0'; uci commit firewall; "
             "/etc/init.d/firewall restart"))
@@ -220,7 +240,7 @@ def offload_findings() -> list[Finding]:
                 out.append(Finding(
                     "flow-offload", "warning",
                     f"flow offloading is active ({where}): offloaded flows skip prerouting and "
-                    "postrouting, so mirrors copy only their first packets",
+                    f"postrouting: {IMMUNE}",
                     "OpenWrt: uci set firewall.@defaults[0].flow_offloading='0'; uci commit "
                     "firewall; /etc/init.d/firewall restart"))
                 break

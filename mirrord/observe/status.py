@@ -7,10 +7,20 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from .. import __version__
-from .document import TZSP_COUNTERS, DirectionCount, MirrorRow, Rate, StatusDocument, TzspRow
+from .document import (
+    TZSP_COUNTERS,
+    CollectorRow,
+    DirectionCount,
+    MirrorRow,
+    Rate,
+    StatusDocument,
+    TzspRow,
+)
 
 if TYPE_CHECKING:  # the `mirrord status` client needs none of the daemon's modules
+    from ..netlink.topology import Reach
     from ..reconcile.snapshot import Reading, Snapshot
+    from ..spec import Collector
 
 
 def _iso(t: float) -> str:
@@ -82,7 +92,8 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
                     row[k] = t.counters[k]
             workers.append(row)
         state, reason = mp.state, mp.reason
-        if snap.apply_error and mp.transport == "clone":
+        kernel = mp.transport == "clone" or mp.collector.copies_frames
+        if snap.apply_error and kernel:
             # The kernel refused the last apply: what runs may not be this plan.
             state, reason = "error", f"rules could not be applied: {snap.apply_error}"
         mirrors.append({
@@ -93,14 +104,10 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
             "interfaces": list(m.interfaces),
             "direction": m.direction,
             "match": m.match.describe(),
-            "collector": {
-                "name": mp.collector.name,
-                "address": str(mp.collector.address),
-                "reach": mp.reach.describe() if mp.reach else None,
-            },
+            "collector": _collector_row(mp.collector, mp.reach),
             "packets": totals[m.name][0],
             "bytes": totals[m.name][1],
-            "directions": per_dir if mp.transport == "clone" else {},
+            "directions": per_dir if kernel else {},
             "taps": [{"interface": t.interface, "direction": t.direction, "state": t.state,
                       "reason": t.reason} for t in mp.taps],
             "tzsp": workers,
@@ -149,6 +156,24 @@ def _human_count(n: int) -> str:
     return f"{n}P"
 
 
+def _collector_row(c: Collector, reach: Optional[Reach]) -> CollectorRow:
+    from ..plan.frames import target_of
+
+    row: CollectorRow = {"name": c.name, "address": str(c.address) if c.address else None,
+                         "reach": reach.describe() if reach else None}
+    if c.copies_frames:
+        row["device"] = target_of(c)
+    return row
+
+
+def _collector_cell(c: CollectorRow) -> str:
+    device = c.get("device")
+    if c.get("address") is None:
+        return f"{device} (span port)"
+    via = f", via {device}" if device else ""
+    return f"{c['address']} ({c.get('reach') or '?'}{via})"
+
+
 def format_table(status: StatusDocument) -> str:
     lines = [
         f"mirrord {status.get('version')} pid {status.get('pid')}, backend "
@@ -166,7 +191,7 @@ def format_table(status: StatusDocument) -> str:
         rows.append((
             m["name"], m["state"], m.get("transport") or "-", str(m["packets"]),
             _human_count(m["bytes"]) + "B",
-            f"{m['collector']['address']} ({m['collector'].get('reach') or '?'})", detail,
+            _collector_cell(m["collector"]), detail,
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:

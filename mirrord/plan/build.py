@@ -7,109 +7,32 @@ which is what lets start-up, SIGHUP and every heal share one reconcile path.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Literal, Optional, Protocol
+from collections.abc import Mapping
+from typing import Optional
 
-from ..match import Address, FamilyMatch, Match
+from ..match import Address
 from ..netlink.topology import ARPHRD_ETHER, Reach, Topology
 from ..spec import Collector, Mirror, Spec
 from . import reasons as why
+from .frames import Result, carriers, plan_frames, tunnels
+from .model import (
+    CloneRule,
+    FrameRule,
+    FrameSupport,
+    MirrorPlan,
+    Plan,
+    State,
+    TapState,
+    TransportName,
+    TzspTap,
+    summarize,
+)
 from .reasons import Reason
-
-State = Literal["active", "waiting", "degraded", "error"]
-Way = Literal["in", "out"]
-TransportName = Literal["clone", "tzsp"]
-
-
-@dataclass(frozen=True)
-class CloneRule:
-    """One kernel copy rule: packets crossing `interfaces` in `direction` go to `gateway`."""
-
-    mirror: str
-    direction: Way
-    interfaces: tuple[str, ...]
-    match: FamilyMatch
-    gateway: Address
-    device: Optional[str]
-    # Every collector address of the spec: their traffic, mirrord's own
-    # copies (TZSP datagrams and their fragments) included, is never cloned.
-    exclude: tuple[Address, ...] = ()
-
-    @property
-    def version(self) -> int:
-        return self.match.version
-
-
-@dataclass(frozen=True)
-class TzspTap:
-    """One capture socket: a mirrored interface, its directions, where copies go."""
-
-    mirror: str
-    interface: str
-    ifindex: int
-    directions: tuple[Way, ...]
-    collector: Collector
-    # Part of the tap's identity: a reload that changes only the match must
-    # replace the worker, whose BPF program was compiled from it.
-    match: Match = field(default_factory=Match)
-    # Every collector address of the spec, never captured (see exclusions());
-    # part of the identity for the same reason as the match.
-    exclude: tuple[Address, ...] = ()
-
-
-@dataclass(frozen=True)
-class TapState:
-    interface: str
-    direction: Way
-    state: State
-    cause: Optional[Reason] = None  # None exactly when active
-
-    @property
-    def reason(self) -> str:
-        return self.cause.text if self.cause else ""
-
-
-@dataclass(frozen=True)
-class MirrorPlan:
-    mirror: Mirror
-    collector: Collector
-    transport: Optional[Literal["clone", "tzsp"]]
-    state: State
-    reasons: tuple[Reason, ...]
-    taps: tuple[TapState, ...] = ()
-    reach: Optional[Reach] = None
-    # A clone mirror's interfaces that are bridge ports, whatever their taps'
-    # state: a port copies nothing with a kernel clone (health: bridge-port).
-    bridge_ports: tuple[Reason, ...] = ()
-
-    @property
-    def reason(self) -> str:
-        """What status and the log show: the reasons' texts, each once, "; " between."""
-        return why.join(self.reasons)
-
-
-@dataclass(frozen=True)
-class Plan:
-    backend: Optional[str]
-    mirrors: tuple[MirrorPlan, ...]
-    clones: tuple[CloneRule, ...] = ()
-    tzsp: tuple[TzspTap, ...] = ()
-    # Interfaces that kernel clones leave through: an `out` mirror there must
-    # not count the clones themselves (they carry the original headers).
-    clone_egress: frozenset[str] = field(default_factory=frozenset)
-
-    def mirror(self, name: str) -> Optional[MirrorPlan]:
-        return self._by_name.get(name)
-
-    @cached_property
-    def _by_name(self) -> dict[str, MirrorPlan]:
-        # Built on first use: a scan per lookup is quadratic over thousands of mirrors.
-        return {m.mirror.name: m for m in reversed(self.mirrors)}
 
 
 def collector_keys(spec: Spec) -> list[tuple[Address, Optional[str]]]:
-    return [(c.address, c.interface) for c in spec.collectors.values()]
+    """The (address, interface) pairs whose reach the topology must look up."""
+    return [(c.address, c.interface) for c in spec.collectors.values() if c.address is not None]
 
 
 def exclusions(spec: Spec) -> tuple[Address, ...]:
@@ -121,8 +44,11 @@ def exclusions(spec: Spec) -> tuple[Address, ...]:
     otherwise copy on. Excluding every collector (not only a mirror's own)
     is what keeps two mirrors from copying each other's copies for ever.
     """
-    addrs = {c.address for c in spec.collectors.values()}
+    addrs = {c.address for c in spec.collectors.values() if c.address is not None}
     return tuple(sorted(addrs, key=lambda a: (a.version, int(a))))
+
+
+_FRAMES_SUPPORTED = FrameSupport()
 
 
 def build(
@@ -131,26 +57,49 @@ def build(
     backend: Optional[str],
     backend_error: Optional[str] = None,
     versions: frozenset[int] = frozenset({4, 6}),
+    frame_support: FrameSupport = _FRAMES_SUPPORTED,
+    tunnel_errors: Optional[Mapping[str, str]] = None,
 ) -> Plan:
-    """`versions`: the IP versions the backend can clone (route-tee: IPv4 only)."""
+    """`versions`: the IP versions the backend can clone (route-tee: IPv4 only);
+    `frame_support`: whether it can copy whole frames; `tunnel_errors`: why a
+    tunnel device of plan.tunnels(spec) could not be made, by device name."""
     mirrors: list[MirrorPlan] = []
     clones: list[CloneRule] = []
     taps: list[TzspTap] = []
+    frames: list[FrameRule] = []
     egress: set[str] = set()
     exclude = exclusions(spec)
+    ctx = _Context(topo, backend, backend_error, versions, frame_support,
+                   tunnel_errors or {}, carriers(spec))
     for mirror in spec.mirrors:
         collector = spec.collector_of(mirror)
-        reach = topo.reach.get((collector.address, collector.interface))
-        mp, rules, tz = _plan_mirror(mirror, collector, reach, topo, backend, backend_error,
-                                     versions)
+        reach = (topo.reach.get((collector.address, collector.interface))
+                 if collector.address is not None else None)
+        mp, rules, tz, fr = _plan_mirror(mirror, collector, reach, ctx)
         mirrors.append(mp)
         clones.extend(dataclasses.replace(r, exclude=exclude) for r in rules)
         taps.extend(dataclasses.replace(t, exclude=exclude) for t in tz)
+        frames.extend(dataclasses.replace(r, exclude=exclude) for r in fr)
         if rules and reach is not None and reach.oif:
             egress.add(reach.oif)
-    if egress and taps:
-        _keep_clones_from_taps(mirrors, taps, egress, topo)
-    return Plan(backend, tuple(mirrors), tuple(clones), tuple(taps), frozenset(egress))
+    if egress and (taps or frames):
+        _keep_clones_from_taps(mirrors, taps, frames, egress, topo)
+    return Plan(backend, tuple(mirrors), tuple(clones), tuple(taps), clone_egress=frozenset(egress),
+                frames=tuple(frames), tunnels=tunnels(spec) if frames or any(
+                    mp.collector.copies_frames for mp in mirrors) else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """What every mirror's planning reads besides the mirror and its collector."""
+
+    topo: Topology
+    backend: Optional[str]
+    backend_error: Optional[str]
+    versions: frozenset[int]
+    frame_support: FrameSupport
+    tunnel_errors: Mapping[str, str]
+    carriers: Mapping[str, str]
 
 
 def _sees_egress(name: str, egress: set[str], topo: Topology) -> Optional[str]:
@@ -165,39 +114,51 @@ def _sees_egress(name: str, egress: set[str], topo: Topology) -> Optional[str]:
     return None
 
 
-def _keep_clones_from_taps(mirrors: list[MirrorPlan], taps: list[TzspTap], egress: set[str],
-                           topo: Topology) -> None:
-    """Kernel clones are no input to a TZSP mirror.
+def _keep_clones_from_taps(mirrors: list[MirrorPlan], taps: list[TzspTap],
+                           frames: list[FrameRule], egress: set[str], topo: Topology) -> None:
+    """Kernel clones are no input to a TZSP or whole-frame mirror.
 
     A clone carries the original packet's addresses, so no address filter
-    can tell it apart; a capture of what leaves the interface the clones
-    leave through would copy them. That direction of that tap is an error
-    state (its worker is not started); the rest of the mirror goes on.
+    can tell it apart; a capture (or netdev egress copy) of what leaves the
+    interface the clones leave through would copy them. That direction of
+    that tap is an error state (no worker, no rule); the rest of the mirror
+    goes on.
     """
-    blocked: dict[tuple[str, str], str] = {}
+    blocked: dict[tuple[str, str], Reason] = {}
     for i, t in enumerate(taps):
         via = _sees_egress(t.interface, egress, topo) if "out" in t.directions else None
         if via is None:
             continue
-        blocked[(t.mirror, t.interface)] = via
+        blocked[(t.mirror, t.interface)] = why.tzsp_sees_clones(t.interface, via)
         left = tuple(w for w in t.directions if w != "out")
         taps[i] = dataclasses.replace(t, directions=left)
     taps[:] = [t for t in taps if t.directions]
-    if not blocked:
-        return
+    kept: list[FrameRule] = []
+    for r in frames:
+        via = _sees_egress(r.interface, egress, topo) if r.direction == "out" else None
+        if via is None:
+            kept.append(r)
+        else:
+            blocked[(r.mirror, r.interface)] = why.carries_copies(
+                r.interface, f"mirrord's kernel clones (they leave through {via})")
+    frames[:] = kept
+    if blocked:
+        _block_out_taps(mirrors, blocked)
+
+
+def _block_out_taps(mirrors: list[MirrorPlan], blocked: dict[tuple[str, str], Reason]) -> None:
     for i, mp in enumerate(mirrors):
-        if mp.transport != "tzsp":
+        if mp.transport in (None, "clone"):
             continue
         states = list(mp.taps)
         hit = False
         for j, ts in enumerate(states):
-            via = blocked.get((mp.mirror.name, ts.interface))
-            if via is not None and ts.direction == "out" and ts.state == "active":
-                states[j] = TapState(ts.interface, "out", "error",
-                                     why.tzsp_sees_clones(ts.interface, via))
+            cause = blocked.get((mp.mirror.name, ts.interface))
+            if cause is not None and ts.direction == "out" and ts.state == "active":
+                states[j] = TapState(ts.interface, "out", "error", cause)
                 hit = True
         if hit:
-            state, causes = _summarize(states)
+            state, causes = summarize(states)
             mirrors[i] = dataclasses.replace(mp, state=state, reasons=causes, taps=tuple(states))
 
 
@@ -215,16 +176,6 @@ def _interface_taps(mirror: Mirror, topo: Topology) -> list[TapState]:
     return out
 
 
-def _summarize(taps: list[TapState]) -> tuple[State, tuple[Reason, ...]]:
-    idle = [t for t in taps if t.state != "active"]
-    if not idle:
-        return "active", ()
-    causes = tuple(dict.fromkeys(t.cause for t in idle if t.cause is not None))
-    if len(idle) == len(taps):
-        return ("error" if any(t.state == "error" for t in idle) else "waiting"), causes
-    return "degraded", causes
-
-
 def _bridge_ports(taps: list[TapState], ports: tuple[Reason, ...]) -> list[TapState]:
     """Active taps on bridge ports are errors: a kernel clone copies nothing there."""
     by_name = {r.interface: r for r in ports}
@@ -232,20 +183,13 @@ def _bridge_ports(taps: list[TapState], ports: tuple[Reason, ...]) -> list[TapSt
             if t.state == "active" and t.interface in by_name else t for t in taps]
 
 
-class _Result(Protocol):
-    def __call__(self, transport: Optional[TransportName], state: State,
-                 *causes: Reason) -> MirrorPlan: ...
-
-
 def _plan_mirror(
     mirror: Mirror,
     collector: Collector,
     reach: Optional[Reach],
-    topo: Topology,
-    backend: Optional[str],
-    backend_error: Optional[str],
-    versions: frozenset[int],
-) -> tuple[MirrorPlan, list[CloneRule], list[TzspTap]]:
+    ctx: _Context,
+) -> tuple[MirrorPlan, list[CloneRule], list[TzspTap], list[FrameRule]]:
+    topo, backend = ctx.topo, ctx.backend
     taps = _interface_taps(mirror, topo)
     ports: tuple[Reason, ...] = ()
 
@@ -254,14 +198,25 @@ def _plan_mirror(
         return MirrorPlan(mirror, collector, transport, state, causes, tuple(taps), reach,
                           ports if transport == "clone" else ())
 
+    def frames() -> tuple[MirrorPlan, list[CloneRule], list[TzspTap], list[FrameRule]]:
+        if backend is None:
+            t: TransportName = collector.transport  # type: ignore[assignment]
+            return result(t, "error", why.no_backend(ctx.backend_error or "")), [], [], []
+        mp, rules = plan_frames(mirror, collector, topo, taps, ctx.frame_support,
+                                ctx.tunnel_errors, ctx.carriers, result)
+        return mp, [], [], rules
+
+    if collector.address is None:  # span: the collector is a port, not a host
+        return frames()
     if reach is None or reach.error:
         if reach is not None and reach.error:
-            return result(None, "waiting", why.collector_unreachable(reach.error)), [], []
-        return result(None, "waiting", why.collector_not_looked_up(collector.address)), [], []
+            return result(None, "waiting", why.collector_unreachable(reach.error)), [], [], []
+        return (result(None, "waiting", why.collector_not_looked_up(collector.address)),
+                [], [], [])
     if reach.local:
-        return result(None, "error", why.collector_local(collector.address)), [], []
+        return result(None, "error", why.collector_local(collector.address)), [], [], []
     if (not_host := _not_a_host(collector.address, reach)) is not None:
-        return result(None, "error", why.collector_not_a_host(not_host)), [], []
+        return result(None, "error", why.collector_not_a_host(not_host)), [], [], []
 
     transport: TransportName
     if collector.transport == "auto":
@@ -270,30 +225,34 @@ def _plan_mirror(
         transport = collector.transport
 
     if transport == "tzsp":
-        return _plan_tzsp(mirror, collector, topo, taps, result)
+        mp, jobs = _plan_tzsp(mirror, collector, topo, taps, ctx.carriers, result)
+        return mp, [], jobs, []
+    if transport != "clone":
+        return frames()
 
     # Whatever else stops this clone mirror, its bridge ports would copy nothing.
     ports = tuple(r for name in mirror.interfaces if (r := why.bridge_port(name, topo)))
     if not reach.onlink:
-        return result("clone", "error", why.collector_offlink(collector.address, reach)), [], []
+        return (result("clone", "error", why.collector_offlink(collector.address, reach)),
+                [], [], [])
     version = collector.address.version
     fm = mirror.match.for_version(4 if version == 4 else 6)
     if fm is None:
-        return result("clone", "error", why.no_family_traffic(version)), [], []
+        return result("clone", "error", why.no_family_traffic(version)), [], [], []
     if backend is None:
-        return result("clone", "error", why.no_backend(backend_error or "")), [], []
-    if version not in versions:
-        return result("clone", "error", why.backend_cannot_clone(backend, version)), [], []
+        return result("clone", "error", why.no_backend(ctx.backend_error or "")), [], [], []
+    if version not in ctx.versions:
+        return result("clone", "error", why.backend_cannot_clone(backend, version)), [], [], []
     rules = [
         CloneRule(mirror.name, way, mirror.interfaces, fm, collector.address, collector.interface)
         for way in mirror.directions
     ]
     taps[:] = _bridge_ports(taps, ports)
-    state, causes = _summarize(taps)
+    state, causes = summarize(taps)
     if reach.neighbour == "FAILED":
         state = "degraded"
         causes = (why.neighbour_failed(collector.address, reach.oif), *causes)
-    return result("clone", state, *causes), rules, []
+    return result("clone", state, *causes), rules, [], []
 
 
 def _not_a_host(address: Address, reach: Reach) -> Optional[str]:
@@ -320,16 +279,21 @@ def _plan_tzsp(
     collector: Collector,
     topo: Topology,
     taps: list[TapState],
-    result: _Result,
-) -> tuple[MirrorPlan, list[CloneRule], list[TzspTap]]:
+    carried: Mapping[str, str],
+    result: Result,
+) -> tuple[MirrorPlan, list[TzspTap]]:
+    for i, tap in enumerate(taps):
+        what = carried.get(tap.interface)
+        if what is not None and tap.direction == "out" and tap.state == "active":
+            taps[i] = TapState(tap.interface, "out", "error", why.carries_copies(tap.interface, what))
     jobs: list[TzspTap] = []
     for name in mirror.interfaces:
         link = topo.link(name)
-        if link is None or not link.up:
+        ways = tuple(t.direction for t in taps if t.interface == name and t.state == "active")
+        if link is None or not ways:
             continue
-        jobs.append(TzspTap(mirror.name, name, link.index, mirror.directions, collector,
-                            mirror.match))
-    state, causes = _summarize(taps)
+        jobs.append(TzspTap(mirror.name, name, link.index, ways, collector, mirror.match))
+    state, causes = summarize(taps)
     notes = tuple(
         why.not_ethernet(t.interface)
         for t in jobs
@@ -337,4 +301,4 @@ def _plan_tzsp(
     )
     if notes and state == "active":
         causes = notes
-    return result("tzsp", state, *causes), [], jobs
+    return result("tzsp", state, *causes), jobs

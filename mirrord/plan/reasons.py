@@ -32,6 +32,12 @@ class Code(enum.Enum):
     NO_FAMILY_TRAFFIC = "no-family-traffic"
     NO_BACKEND = "no-backend"
     BACKEND_CANNOT_CLONE_FAMILY = "backend-cannot-clone-family"
+    # What a whole-frame copy (netdev dup) needs.
+    FRAMES_UNSUPPORTED = "frames-unsupported"
+    EGRESS_UNSUPPORTED = "egress-unsupported"  # a tap's: no netdev egress hook
+    COLLECTOR_PORT = "collector-port"  # a span port absent, down or not Ethernet
+    TUNNEL_FAILED = "tunnel-failed"
+    COPIES_COPIED = "copies-copied"  # a tap's: its interface carries mirrord's copies
     # A note on an active TZSP mirror, no fault.
     NOT_ETHERNET = "not-ethernet"
 
@@ -150,3 +156,36 @@ def backend_cannot_clone(backend: str, version: int) -> Reason:
 def not_ethernet(name: str) -> Reason:
     return Reason(Code.NOT_ETHERNET, f"{name} is not Ethernet (a header is synthesized)",
                   interface=name)
+
+
+# -- whole-frame transports (span, vxlan, gretap, erspan) ------------------------
+def frames_unsupported(text: str) -> Reason:
+    """`text`: the backend's own words (what it tried, what to install)."""
+    return Reason(Code.FRAMES_UNSUPPORTED, text,
+                  "install kmod-nft-netdev (OpenWrt), or use transport clone or tzsp")
+
+
+def egress_unsupported(name: str, text: str) -> Reason:
+    return Reason(Code.EGRESS_UNSUPPORTED, f"copies of frames sent on {name}: {text}",
+                  "use direction: in here (and mirror the other end's in), or transport tzsp",
+                  interface=name)
+
+
+def span_port(name: str, problem: str) -> Reason:
+    """The span collector's port is absent, down or no Ethernet port."""
+    fix = ("check the name with `ip link`; mirrord starts copying when it appears"
+           if problem == "does not exist" else "")
+    return Reason(Code.COLLECTOR_PORT, f"span port {name} {problem}", fix, interface=name)
+
+
+def tunnel_failed(name: str, error: str) -> Reason:
+    return Reason(Code.TUNNEL_FAILED, error or f"tunnel device {name} is missing",
+                  "install the kernel module named above" if "install" in error else "",
+                  interface=name)
+
+
+def carries_copies(name: str, what: str) -> Reason:
+    """A mirror of `name` would copy what mirrord itself sends through it."""
+    return Reason(Code.COPIES_COPIED,
+                  f"{name} carries {what}: mirroring what leaves it would copy the copies",
+                  "mirror another interface, or direction: in for this one", interface=name)

@@ -14,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import Any, Optional
 
 from .. import backends, plan
 from ..backends.base import Backend, Counts, Rendered
 from ..match import Address
+from ..netlink import links
+from ..netlink.links import Tunnel
 from ..netlink.topology import Topology
 from ..spec import Spec
 from .ledger import CounterLedger
@@ -38,6 +40,8 @@ _STATE_ONLY = frozenset({"state", "reasons", "taps", "bridge_ports"})
 
 TopologyReader = Callable[[Spec], Topology]
 BackendChooser = Callable[[str], tuple[Optional[Backend], str]]
+# Make the kernel hold exactly these mirrord tunnel devices; name -> why one failed.
+TunnelMaker = Callable[[Sequence[Tunnel]], dict[str, str]]
 
 
 def summarize(reasons: list[str], keep: int = 2) -> str:
@@ -76,8 +80,14 @@ class Outcome:
 
 class Reconciler:
     def __init__(self, spec: Spec, read_topology: TopologyReader, choose_backend: BackendChooser,
-                 taps: TapPool, ledger: CounterLedger) -> None:
+                 taps: TapPool, ledger: CounterLedger,
+                 make_tunnels: TunnelMaker = links.ensure) -> None:
         self._read_topology = read_topology
+        self._make_tunnels = make_tunnels
+        # None: not asked yet, so the first reconcile removes what a mirrord
+        # that died left behind.
+        self._tunnels: Optional[tuple[Tunnel, ...]] = None
+        self._tunnel_errors: dict[str, str] = {}
         self._choose = choose_backend
         self.taps = taps
         self.ledger = ledger
@@ -105,11 +115,14 @@ class Reconciler:
         refused it; the snapshot and the running rules are then unchanged."""
         cur = self.snapshot
         s = new_spec or cur.spec
-        topo = cur.topology if (cur.topology is not None and not refresh_topology
-                                and new_spec is None) else self._topology(s)
         backend, backend_error = self.backend, cur.backend_error
         if new_spec is not None:
             backend, backend_error = self._backend_for(new_spec)
+        fresh = cur.topology is None or refresh_topology or new_spec is not None
+        if fresh:
+            self._ensure_tunnels(s, backend)
+        topo = self._topology(s) if fresh else cur.topology
+        assert topo is not None
         p = self._plan(s, topo, backend, backend_error)
         if new_spec is not None and backend is None and p.clones == () and any(
             m.transport == "clone" for m in p.mirrors
@@ -121,7 +134,7 @@ class Reconciler:
         listing = backend.snapshot() if backend is not None else ""
         changed_rules = rendered is not None and (
             self._rendered is None or rendered.text != self._rendered.text
-            or backend is not self.backend)
+            or rendered.binds != self._rendered.binds or backend is not self.backend)
         drift = backend is not None and listing != self._applied_listing
         applied = False
         again: Optional[float] = None
@@ -171,10 +184,28 @@ class Reconciler:
         return Reading(clones=self.ledger.carry(), tzsp=tzsp, taps=rows)
 
     def stop(self) -> None:
-        """Stop every tap and remove every rule (the daemon is going away)."""
+        """Stop every tap, remove every rule, then the tunnel devices the rules
+        copied into (the daemon is going away)."""
         self.taps.stop_all()
         if self.backend is not None and self.snapshot.applies:
             self.backend.flush()
+        if self._tunnels:
+            for name, error in self._make_tunnels(()).items():
+                log.warning("could not remove tunnel device %s: %s", name, error)
+
+    def _ensure_tunnels(self, s: Spec, backend: Optional[Backend]) -> None:
+        """The tunnel devices `s` copies into, made (or made again) before the
+        topology is read: the plan binds the rules to their ifindexes."""
+        wanted = plan.tunnels(s) if backend is not None else ()
+        if backend is not None and wanted and backend.frame_support().ingress:
+            wanted = ()  # no rule could copy into them
+        if not wanted and self._tunnels == ():
+            return
+        errors = self._make_tunnels(wanted)
+        for name, error in errors.items():
+            if self._tunnel_errors.get(name) != error:
+                log.error("tunnel device %s: %s", name, error, extra={"ACTION": "tunnel"})
+        self._tunnels, self._tunnel_errors = wanted, errors
 
     # -- the steps ------------------------------------------------------------
     def _backend_for(self, s: Spec) -> tuple[Optional[Backend], str]:
@@ -221,8 +252,11 @@ class Reconciler:
         if (cur.plan is not None and s is cur.spec and topo is cur.topology
                 and backend is self.backend and backend_error == cur.backend_error):
             return cur.plan
+        frames = (backend.frame_support() if backend is not None and any(
+            c.copies_frames for c in s.collectors.values()) else plan.FrameSupport())
         return plan.build(s, topo, backend.name if backend else None, backend_error,
-                          backend.capabilities.versions if backend else frozenset({4, 6}))
+                          backend.capabilities.versions if backend else frozenset({4, 6}),
+                          frames, dict(self._tunnel_errors))
 
     def _render(self, backend: Backend, p: plan.Plan) -> Rendered:
         """backend.render(p), or the last rendering when it cannot differ.

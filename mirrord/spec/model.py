@@ -14,12 +14,19 @@ from ..match import Address, Match
 
 DEFAULT_PATH = "/etc/mirrord.yaml"
 TZSP_PORT = 37008
+VXLAN_PORT = 4789  # IANA; Linux's own default (8472) is what no IDS listens on
+DEFAULT_VNI = 1
+DEFAULT_SESSION = 1  # ERSPAN session id (0-1023)
 
 Backend = Literal["auto", "nftables", "iptables", "iptables-legacy", "route-tee"]
-Transport = Literal["auto", "clone", "tzsp"]
+Transport = Literal["auto", "clone", "tzsp", "span", "vxlan", "gretap", "erspan"]
 Direction = Literal["in", "out", "both"]
 BACKENDS: tuple[str, ...] = ("auto", "nftables", "iptables", "iptables-legacy", "route-tee")
-TRANSPORTS: tuple[str, ...] = ("auto", "clone", "tzsp")
+TRANSPORTS: tuple[str, ...] = ("auto", "clone", "tzsp", "span", "vxlan", "gretap", "erspan")
+# Whole frames copied by the kernel (nftables netdev `dup`): to a local port
+# (span) or into a tunnel device mirrord creates for the collector.
+FRAME_TRANSPORTS: frozenset[str] = frozenset({"span", "vxlan", "gretap", "erspan"})
+TUNNEL_TRANSPORTS: frozenset[str] = frozenset({"vxlan", "gretap", "erspan"})
 DIRECTIONS: tuple[str, ...] = ("in", "out", "both")
 FAMILIES: tuple[str, ...] = ("ipv4", "ipv6", "any")
 
@@ -27,14 +34,27 @@ FAMILIES: tuple[str, ...] = ("ipv4", "ipv6", "any")
 @dataclass(frozen=True)
 class Collector:
     name: str
-    address: Address
+    # None only for transport span, whose collector is a port of this router.
+    address: Optional[Address]
     interface: Optional[str] = None
     transport: Transport = "auto"
-    port: int = TZSP_PORT
+    port: int = TZSP_PORT  # UDP port: TZSP's, or VXLAN's (VXLAN_PORT) for vxlan
     snaplen: int = 65535
     # TZSP capture ring per interface, all of it resident; bursts want more (README,
     # limits). 0: not set, the capture's default (512 KiB).
     ring_mib: int = 0
+    vni: int = DEFAULT_VNI  # vxlan
+    session: int = DEFAULT_SESSION  # erspan
+
+    @property
+    def copies_frames(self) -> bool:
+        return self.transport in FRAME_TRANSPORTS
+
+    def where(self) -> str:
+        """The collector for humans: its address, or for span the port."""
+        if self.address is None:
+            return f"port {self.interface}"
+        return str(self.address)
 
 
 @dataclass(frozen=True)

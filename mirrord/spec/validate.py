@@ -31,10 +31,13 @@ from ..match import (
 from .fields import NAME_RE, host_address, valid_ifname
 from .model import (
     BACKENDS,
+    DEFAULT_SESSION,
+    DEFAULT_VNI,
     DIRECTIONS,
     FAMILIES,
     TRANSPORTS,
     TZSP_PORT,
+    VXLAN_PORT,
     Collector,
     Mirror,
     Spec,
@@ -44,6 +47,31 @@ from .nodes import BAD, NodeReader, close_matches
 from .yaml_tree import STD_TAG, short_tag, show
 
 _Node = yaml.Node
+
+# Which transports each collector key applies to (auto may become tzsp).
+_APPLIES: dict[str, frozenset[str]] = {
+    "address": frozenset(TRANSPORTS) - {"span"},
+    "interface": frozenset({"auto", "clone", "tzsp", "span"}),
+    "transport": frozenset(TRANSPORTS),
+    "port": frozenset({"auto", "tzsp", "vxlan"}),
+    "snaplen": frozenset({"auto", "tzsp"}),
+    "ring_mib": frozenset({"auto", "tzsp"}),
+    "vni": frozenset({"vxlan"}),
+    "session": frozenset({"erspan"}),
+}
+_RANGES = (("port", 1, 65535), ("snaplen", 64, 65535), ("ring_mib", 1, 1024),
+           ("vni", 0, 0xFFFFFF - 1), ("session", 0, 1023))
+
+
+def _applies_text(key: str) -> str:
+    if key == "address":
+        return ("does not apply to transport span: its collector is the port named by "
+                "'interface', not a host")
+    if key == "interface":
+        return ("does not apply to tunnel transports: the route to the address decides the "
+                "way out")
+    names = sorted(_APPLIES[key] - {"auto"})
+    return f"applies to transport {' and '.join(names)} only"
 _PORT_RE = re.compile(r"\s*([0-9]+)\s*(?:[-:]\s*([0-9]+)\s*)?", re.ASCII)
 
 
@@ -127,51 +155,55 @@ class _Validator(NodeReader):
 
     def collector(self, name: str, node: _Node) -> Optional[Collector]:
         what = f"collector '{name}'"
-        m = self.mapping(
-            node, what, ("address", "interface", "transport", "port", "snaplen", "ring_mib"),
-            ("address",),
-        )
-        if m is None or "address" not in m:
+        m = self.mapping(node, what, tuple(_APPLIES))
+        if m is None:
             return None
         ok = True
+        transport = "auto"
+        if "transport" in m:
+            transport = self.choice(m["transport"][1], f"{what}: transport", TRANSPORTS) or ""
+            if not transport:
+                return None
+        for key, (k_node, _) in m.items():
+            if transport not in _APPLIES[key]:
+                self.err(k_node, f"{what}: {key} {_applies_text(key)}")
+                ok = False
+        if transport == "span":
+            if "interface" not in m:
+                self.err(node, f"{what}: transport span needs 'interface': the port of this "
+                         "router that the copies leave through (the IDS is plugged into it)")
+                return None
+        elif "address" not in m:
+            self.err(node, f"{what}: missing required key 'address'")
+            return None
         address: Optional[Address] = None
-        raw = self.string(m["address"][1], f"{what}: address")
-        if raw is not None:
-            address, why = host_address(raw, has_interface="interface" in m)
-            if why:
-                self.err(m["address"][1], f"{what}: {why}")
+        if "address" in m:
+            raw = self.string(m["address"][1], f"{what}: address")
+            if raw is None:
+                ok = False
+            else:
+                address, why = host_address(raw, has_interface="interface" in m)
+                if why:
+                    self.err(m["address"][1], f"{what}: {why}")
+                    ok = False
         interface = None
         if "interface" in m:
             interface = self.ifname(m["interface"][1], f"{what}: interface")
             ok = ok and interface is not None
-        transport = "auto"
-        if "transport" in m:
-            transport = self.choice(m["transport"][1], f"{what}: transport", TRANSPORTS) or ""
-            ok = ok and bool(transport)
-        port = TZSP_PORT
-        if "port" in m:
-            p = self.integer(m["port"][1], f"{what}: port", 1, 65535)
-            ok = ok and p is not None
-            port = p or port
-        snaplen = 65535
-        if "snaplen" in m:
-            s = self.integer(m["snaplen"][1], f"{what}: snaplen", 64, 65535)
-            ok = ok and s is not None
-            snaplen = s or snaplen
-        ring_mib = Collector.ring_mib
-        if "ring_mib" in m:
-            r = self.integer(m["ring_mib"][1], f"{what}: ring_mib", 1, 1024)
-            ok = ok and r is not None
-            ring_mib = r or ring_mib
-        if transport == "clone":
-            for key in ("port", "ring_mib"):
-                if key in m:
-                    self.err(m[key][0], f"{what}: {key} applies to transport tzsp only")
-                    ok = False
-        if address is None or not ok:
+        port = VXLAN_PORT if transport == "vxlan" else TZSP_PORT
+        values = {"port": port, "snaplen": 65535, "ring_mib": Collector.ring_mib,
+                  "vni": DEFAULT_VNI, "session": DEFAULT_SESSION}
+        for key, low, high in _RANGES:
+            if key in m:
+                v = self.integer(m[key][1], f"{what}: {key}", low, high)
+                ok = ok and v is not None
+                if v is not None:
+                    values[key] = v
+        if not ok:
             return None
-        return Collector(name, address, interface, transport, port, snaplen,  # type: ignore[arg-type]
-                         ring_mib)
+        return Collector(name, address, interface, transport,  # type: ignore[arg-type]
+                         values["port"], values["snaplen"], values["ring_mib"],
+                         values["vni"], values["session"])
 
     def ifname(self, node: _Node, what: str) -> Optional[str]:
         name = self.string(node, what)
@@ -262,14 +294,24 @@ class _Validator(NodeReader):
                 ok = False
             else:
                 match = parsed
+        if ok and collector is not None and collector.transport == "span":
+            ok = self.not_the_port(ifnode, what, interfaces, collector)
         if ok and collector is not None:
             ok = self.family_fits(m.get("match", (node, node))[1], what, match, collector)
         if not ok or name is None or cname is None:
             return None
         return Mirror(name, tuple(interfaces), direction, cname, match)  # type: ignore[arg-type]
 
+    def not_the_port(self, node: Optional[_Node], what: str, interfaces: list[str],
+                     c: Collector) -> bool:
+        if c.interface not in interfaces:
+            return True
+        self.err(node, f"{what}: interface {c.interface} is the span port of collector "
+                 f"'{c.name}': its own copies would be copied again")
+        return False
+
     def family_fits(self, node: _Node, what: str, match: Match, c: Collector) -> bool:
-        if c.transport != "clone":
+        if c.transport != "clone" or c.address is None:
             return True
         cv = c.address.version
         if match.family != "any" and match.family != f"ipv{cv}":

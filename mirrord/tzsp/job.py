@@ -27,7 +27,7 @@ from ..match import Address, Match, PortRange
 from .protocol import COUNTER_NAMES, Slot, TapLine
 
 if TYPE_CHECKING:
-    from ..plan.build import TzspTap
+    from ..plan import TzspTap
 
 __all__ = [
     "TAP_FIELDS_UNUSED", "SharedCounters", "TzspCounters", "TzspJob", "match_from_dict",
@@ -42,6 +42,8 @@ TAP_FIELDS_UNUSED: dict[str, str] = {
     "collector.interface": "how the plan checked the collector's reach; the kernel routes "
                            "every datagram",
     "collector.transport": "decided by the plan: a TzspTap exists only for TZSP",
+    "collector.vni": "VXLAN's; a TZSP collector has none",
+    "collector.session": "ERSPAN's; a TZSP collector has none",
 }
 
 
@@ -71,6 +73,7 @@ class TzspJob:
     def from_tap(cls, tap: TzspTap) -> TzspJob:
         """The job of a planned tap: the one place a TzspTap becomes a job."""
         c = tap.collector
+        assert c.address is not None  # TZSP collectors have one (spec)
         return cls(mirror=tap.mirror, interface=tap.interface, ifindex=tap.ifindex,
                    directions=tuple(tap.directions), match=tap.match, collector=c.address,
                    port=c.port, snaplen=c.snaplen, ring_bytes=c.ring_mib << 20,

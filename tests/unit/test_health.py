@@ -153,6 +153,43 @@ mirrors:
     collector: ids6
 """
 
+FRAMES = """\
+collectors:
+  port:
+    transport: span
+    interface: lan4
+  gone:
+    transport: span
+    interface: lan9
+  vx:
+    transport: vxlan
+    address: 198.51.100.20
+  gt:
+    transport: gretap
+    address: 198.51.100.21
+mirrors:
+  - name: span
+    interfaces: [wan, mvx-vx]
+    collector: port
+  - name: tunnel
+    interfaces: [wan]
+    direction: in
+    collector: vx
+  - name: nogre
+    interfaces: [wan]
+    collector: gt
+  - name: noport
+    interfaces: [wan]
+    collector: gone
+"""
+NO_GRE = ("cannot create gretap device mgt-gt: the kernel has no gretap support (Operation not "
+          "supported); install kmod-gre (OpenWrt) or a kernel with CONFIG_NET_IPGRE")
+NO_EGRESS = ("the kernel has no netdev egress hook (Error: Operation not supported): copies of "
+             "sent frames need Linux 5.16 or later with CONFIG_NETFILTER_EGRESS")
+NO_NETDEV = ("the kernel refused an nftables netdev dup rule (Error: Could not process rule: No "
+             "such file or directory); install kmod-nft-netdev (OpenWrt) or a kernel with "
+             "CONFIG_NF_TABLES_NETDEV and CONFIG_NF_DUP_NETDEV")
+
 ONLINK_50 = Reach(addr("192.0.2.50"), oif="eth2", neighbour="REACHABLE")
 FAILED_50 = Reach(addr("192.0.2.50"), oif="eth2", neighbour="FAILED")
 FAILED_60 = Reach(addr("192.0.2.60"), oif="eth2", neighbour="FAILED")
@@ -198,10 +235,21 @@ def case(name: str) -> tuple[plan.Plan, Topology, str]:
             ONLINK_50, Reach(addr("2001:db8::50"), oif="eth2", neighbour="STALE")))
         return plan.build(spec.parse(FAMILIES, "t.yaml"), topo, "route-tee",
                           versions=frozenset({4})), topo, ""
+    if name in ("frames", "frames_off"):
+        # lan4 is the span port, lan9 is none; mvx-vx is the vxlan collector's
+        # device; the kernel has no GRE and no netdev egress hook (or, off:
+        # no netdev family at all).
+        topo = router("wan", "lan4", "mvx-vx", reach=(
+            Reach(addr("198.51.100.20"), oif="wan", gateway="192.0.2.1"),
+            Reach(addr("198.51.100.21"), oif="wan", gateway="192.0.2.1")))
+        support = (plan.FrameSupport(NO_NETDEV, NO_NETDEV) if name == "frames_off"
+                   else plan.FrameSupport("", NO_EGRESS))
+        return plan.build(spec.parse(FRAMES, "t.yaml"), topo, "nftables",
+                          frame_support=support, tunnel_errors={"mgt-gt": NO_GRE}), topo, ""
     raise AssertionError(name)
 
 
-CASES = ("bridge_ports", "offlink", "tzsp", "errors", "families")
+CASES = ("bridge_ports", "offlink", "tzsp", "errors", "families", "frames", "frames_off")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -262,6 +310,14 @@ EXPECTED = [
            "backend route-tee cannot clone IPv6 (use backend nftables or iptables, or "
            "transport tzsp)"),
     Expect(Code.NOT_ETHERNET, "tzsp", "u", "ppp0 is not Ethernet (a header is synthesized)"),
+    Expect(Code.FRAMES_UNSUPPORTED, "frames_off", "span", NO_NETDEV,
+           ("frames-unsupported", f"mirror span: {NO_NETDEV}")),
+    Expect(Code.EGRESS_UNSUPPORTED, "frames", "span", f"copies of frames sent on wan: {NO_EGRESS}"),
+    Expect(Code.COLLECTOR_PORT, "frames", "noport", "span port lan9 does not exist"),
+    Expect(Code.TUNNEL_FAILED, "frames", "nogre", NO_GRE, ("tunnel-failed", f"mirror nogre: {NO_GRE}")),
+    Expect(Code.COPIES_COPIED, "frames", "span",
+           "mvx-vx carries the copies for collector 'vx': mirroring what leaves it would copy "
+           "the copies"),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import pytest
@@ -17,7 +18,8 @@ import pytest
 from mirrord import spec
 from mirrord.backends.base import ApplyError, Backend, Capabilities, Counts, Rendered
 from mirrord.commands import offline_topology
-from mirrord.plan import Plan, TzspTap
+from mirrord.netlink.links import Tunnel
+from mirrord.plan import FrameSupport, Plan, TzspTap
 from mirrord.reconcile.ledger import CounterLedger
 from mirrord.reconcile.reconciler import Reconciler
 from mirrord.reconcile.taps import TapPool
@@ -49,13 +51,25 @@ class FakeKernel(Backend):
         self.applied: list[str] = []
         self.refuse: Optional[str] = None
         self.tamper_after_apply = ""  # what someone else writes right after our commit
+        self.tunnel_calls: list[tuple[Tunnel, ...]] = []
+        self.tunnel_errors: dict[str, str] = {}
+
+    def make_tunnels(self, wanted: Sequence[Tunnel]) -> dict[str, str]:
+        self.tunnel_calls.append(tuple(wanted))
+        return {t.name: e for t in wanted if (e := self.tunnel_errors.get(t.name))}
+
+    def frame_support(self) -> FrameSupport:
+        return FrameSupport()
 
     def unsupported(self) -> Optional[str]:
         return None
 
     def render(self, plan: Plan) -> Rendered:
-        text = "\n".join(f"{r.mirror} {r.direction} -> {r.gateway}" for r in plan.clones)
-        return Rendered(text=text, payload=plan.clones)
+        text = "\n".join([f"{r.mirror} {r.direction} -> {r.gateway}" for r in plan.clones]
+                         + [f"{r.mirror} {r.direction} {r.interface} => {r.target}"
+                            for r in plan.frames])
+        binds = tuple(sorted({(r.target, r.target_index) for r in plan.frames}))
+        return Rendered(text=text, payload=(*plan.clones, *plan.frames), binds=binds)
 
     def apply(self, rendered: Rendered, carry: Counts) -> None:
         if self.refuse:
@@ -94,7 +108,8 @@ def reconciler(text: str, kernel: Optional[FakeKernel] = None,
     k = kernel or FakeKernel()
     ledger = pool.ledger if pool else CounterLedger()
     r = Reconciler(s, offline_topology, lambda _name: (k, ""),
-                   pool or TapPool(ledger, watch=lambda fd, on: None), ledger)
+                   pool or TapPool(ledger, watch=lambda fd, on: None), ledger,
+                   make_tunnels=k.make_tunnels)
     return r, k
 
 

@@ -12,11 +12,15 @@ import logging
 from collections import Counter
 from typing import Any, Optional
 
-from ...plan import Plan
+from ...plan import FrameSupport, Plan
 from ..base import ApplyError, Backend, Capabilities, Counts, Rendered
 from ..libnft import NftSession
+from .netdev import FAMILY as NETDEV
+from .netdev import PRIO_NETDEV
 from .nfnetlink import dump_counters, ruleset_generation
-from .render import FAMILIES, TABLE, batch, counter_key, render_tables, to_text
+from .render import TABLE, TABLE_FAMILIES, batch, counter_key
+from .tables import bindings, render_tables
+from .text import to_text
 
 log = logging.getLogger("mirrord")
 
@@ -94,13 +98,13 @@ def _strip_volatile(o: Any) -> Any:
 APPLY_ATTEMPTS = 3
 
 
-OWN_TABLES = frozenset((fam, TABLE) for fam in FAMILIES.values())
+OWN_TABLES = frozenset((fam, TABLE) for fam in TABLE_FAMILIES)
 
 
 class NftablesBackend(Backend):
     name = "nftables"
     capabilities = Capabilities(
-        versions=frozenset(FAMILIES),
+        versions=frozenset({4, 6}),
         watch_tables=OWN_TABLES,
         event_driven=True,
         kernel_owner="nftables",
@@ -112,6 +116,9 @@ class NftablesBackend(Backend):
         # (generation, snapshot) of the last listing: unchanged generation,
         # unchanged tables (counts aside, which a snapshot leaves out).
         self._snapshot_at: Optional[tuple[int, str]] = None
+        self._frames: Optional[FrameSupport] = None
+        # What the last applied rules were bound to (see Rendered.binds).
+        self._binds: Optional[tuple[tuple[str, int], ...]] = None
 
     def _lib(self) -> NftSession:
         if self._session is None:
@@ -141,26 +148,63 @@ class NftablesBackend(Backend):
                     "CONFIG_NFT_DUP_IPV4/IPV6")
         return None
 
+    def frame_support(self) -> FrameSupport:
+        """Asked of the kernel once, with a rule it checks and never keeps."""
+        if self._frames is None:
+            self._frames = FrameSupport(ingress=self._probe_netdev("ingress"),
+                                        egress=self._probe_netdev("egress"))
+            if self._frames.ingress and not self._frames.egress:
+                self._frames = FrameSupport(self._frames.ingress, self._frames.ingress)
+        return self._frames
+
+    def _probe_netdev(self, hook: str) -> str:
+        try:
+            lib = self._lib()
+        except (ImportError, OSError) as e:
+            return str(e)
+        t: dict[str, Any] = {"family": NETDEV, "table": "mirrord_probe"}
+        rc, err = lib.check([
+            {"add": {"table": {"family": NETDEV, "name": "mirrord_probe"}}},
+            {"add": {"chain": {**t, "name": "c", "type": "filter", "hook": hook,
+                               "prio": PRIO_NETDEV, "dev": "lo", "policy": "accept"}}},
+            {"add": {"rule": {**t, "chain": "c", "expr": [{"dup": {"addr": "lo"}}]}}},
+        ])
+        if rc == 0:
+            return ""
+        first = err.strip().splitlines()[0] if err.strip() else f"error {rc}"
+        if "Operation not permitted" in err:
+            return "not permitted to change nftables (needs CAP_NET_ADMIN)"
+        if hook == "egress":
+            return (f"the kernel has no netdev egress hook ({first}): copies of sent frames need "
+                    "Linux 5.16 or later with CONFIG_NETFILTER_EGRESS")
+        return (f"the kernel refused an nftables netdev dup rule ({first}); install "
+                "kmod-nft-netdev (OpenWrt) or a kernel with CONFIG_NF_TABLES_NETDEV and "
+                "CONFIG_NF_DUP_NETDEV")
+
     def render(self, plan: Plan) -> Rendered:
         tables = render_tables(plan)
-        return Rendered(text=to_text(tables), payload=tables)
+        return Rendered(text=to_text(tables), payload=tables, binds=bindings(plan))
 
     def apply(self, rendered: Rendered, carry: Counts) -> None:
         # The batch is built from a listing; a change landing between the
         # listing and the commit (a flush deleting the table the batch
         # flushes) makes the kernel refuse it. That is a race, not a refusal
         # of our rules: list again and retry while the listing keeps moving.
+        # Rules bound to devices that were made again are loaded anew.
+        renew = frozenset({NETDEV}) if rendered.binds != self._binds else frozenset()
         for _ in range(APPLY_ATTEMPTS):
             existing = self._existing()
             if not existing and rendered.payload:
                 rc, err = self._load_fresh(rendered, carry)
                 if rc == 0:
+                    self._binds = rendered.binds
                     return
                 log.warning("nft refused the ruleset in its own syntax (%s); loading it as JSON",
                             err.strip().splitlines()[0] if err.strip() else rc)
-            cmds = batch(rendered.payload, carry, existing)
+            cmds = batch(rendered.payload, carry, existing, renew)
             rc, _, err = self._json(cmds)
             if rc == 0:
+                self._binds = rendered.binds
                 return
             if _strip_volatile(self._existing()) == _strip_volatile(existing):
                 break
@@ -177,13 +221,13 @@ class NftablesBackend(Backend):
         is answered by the JSON batch, whose error is the one reported.
         """
         head = "".join(f"add table {fam} {TABLE}\ndelete table {fam} {TABLE}\n"
-                       for fam in FAMILIES.values())
+                       for fam in TABLE_FAMILIES if fam in rendered.payload or fam != NETDEV)
         rc, _, err = self._lib().text(head + to_text(rendered.payload, carry))
         return rc, err
 
     def _existing(self) -> dict[str, list[dict[str, Any]]]:
         existing = {}
-        for fam in FAMILIES.values():
+        for fam in TABLE_FAMILIES:
             objs = self._list(fam)
             if objs:
                 existing[fam] = objs
@@ -201,7 +245,7 @@ class NftablesBackend(Backend):
         if gen is not None and self._snapshot_at is not None and self._snapshot_at[0] == gen:
             return self._snapshot_at[1]
         objs: list[Any] = []
-        for fam in FAMILIES.values():
+        for fam in TABLE_FAMILIES:
             for o in self._list(fam):
                 objs.append(_strip_volatile(o))
         snap = json.dumps(objs, sort_keys=True) if objs else ""
@@ -225,7 +269,7 @@ class NftablesBackend(Backend):
 
     def counters(self) -> Counts:
         out: Counts = {}
-        for fam in FAMILIES.values():
+        for fam in TABLE_FAMILIES:
             dumped = dump_counters(fam)
             if dumped is not None:
                 for name, packets, nbytes in dumped:
@@ -246,6 +290,8 @@ class NftablesBackend(Backend):
     def flush(self) -> None:
         cmds: list[dict[str, Any]] = []
         for fam, name in sorted(OWN_TABLES):
+            if fam == NETDEV and not self._list(fam):
+                continue  # a kernel without the netdev family refuses even its delete
             cmds.append({"add": {"table": {"family": fam, "name": name}}})
             cmds.append({"delete": {"table": {"family": fam, "name": name}}})
         rc, _, err = self._json(cmds)

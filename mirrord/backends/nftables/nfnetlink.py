@@ -70,7 +70,7 @@ NFTA_OBJ_DATA = 4
 NFT_OBJECT_COUNTER = 1
 NFTA_COUNTER_BYTES = 1
 NFTA_COUNTER_PACKETS = 2
-NFPROTO = {"ip": 2, "ip6": 10}
+NFPROTO = {"ip": 2, "ip6": 10, "netdev": 5}
 
 
 def _nlattrs(buf: bytes, pos: int, end: int) -> dict[int, bytes]:

@@ -20,12 +20,16 @@ import re
 from collections import defaultdict
 from typing import Any, Optional
 
-from ...match import PROTOCOL_NAMES, FamilyMatch, Network, PortRange
+from ...match import FamilyMatch, Network, PortRange
 from ...plan import CloneRule, Plan
 from ..base import CounterKey, Counts, comment
+from .maps import Entry, chain_rules, family_key
 
 TABLE = "mirrord"
 FAMILIES = {4: "ip", 6: "ip6"}
+# Every family mirrord has a table in; netdev only when whole frames are copied.
+TABLE_FAMILIES = ("ip", "ip6", "netdev")
+OPTIONAL_FAMILIES = frozenset({"netdev"})
 PRIO_PREROUTING = -150  # mangle: after conntrack, before dstnat
 PRIO_POSTROUTING = 300  # after srcnat: what actually leaves the interface
 
@@ -80,7 +84,7 @@ def match_exprs(fm: FamilyMatch) -> list[list[Expr]]:
     return alternatives
 
 
-def _chain_name(direction: str, ifname: str, taken: set[str]) -> str:
+def chain_name(direction: str, ifname: str, taken: set[str]) -> str:
     base = f"{direction}_{re.sub(r'[^A-Za-z0-9_.-]', '_', ifname)}"
     name, n = base, 1
     while name in taken:
@@ -94,8 +98,8 @@ def counter_name(key: CounterKey) -> str:
     return f"{key[0]}.{key[1]}"
 
 
-def render_tables(plan: Plan) -> dict[str, list[dict[str, Any]]]:
-    """family -> the objects of that table, in creation order (pure)."""
+def ip_tables(plan: Plan) -> dict[str, list[dict[str, Any]]]:
+    """family -> the objects of that ip/ip6 table, in creation order (pure)."""
     by_version: dict[int, list[CloneRule]] = defaultdict(list)
     for rule in plan.clones:
         by_version[rule.version].append(rule)
@@ -107,6 +111,7 @@ def render_tables(plan: Plan) -> dict[str, list[dict[str, Any]]]:
         keys = list(dict.fromkeys((r.mirror, r.direction) for r in rules))
         objs += [{"counter": {**t, "name": counter_name(k)}} for k in keys]
         taken: set[str] = set()
+        actions = ActionChains(taken)
         rule_objs: list[dict[str, Any]] = []
         for direction, hook, prio, meta in (
             ("in", "prerouting", PRIO_PREROUTING, "iifname"),
@@ -123,7 +128,7 @@ def render_tables(plan: Plan) -> dict[str, list[dict[str, Any]]]:
                                    "prio": prio, "policy": "accept"}})
             dispatch: list[list[Any]] = []
             for ifname in sorted(per_if):
-                chain = _chain_name(direction, ifname, taken)
+                chain = chain_name(direction, ifname, taken)
                 objs.append({"chain": {**t, "name": chain}})
                 dispatch.append([ifname, {"jump": {"target": chain}}])
                 if direction == "out" and ifname in plan.clone_egress:
@@ -132,13 +137,54 @@ def render_tables(plan: Plan) -> dict[str, list[dict[str, Any]]]:
                     # copy is already suppressed, but they must not count.
                     rule_objs.append({"rule": {**t, "chain": chain, "expr": [
                         _match({"ct": {"key": "state"}}, "untracked", "in"), {"return": None}]}})
-                for r in per_if[ifname]:
-                    rule_objs += _clone_rules(t, chain, r)
+                entries = [_clone_entry(r, actions) for r in per_if[ifname]]
+                rule_objs += chain_rules(t, chain, entries)
             rule_objs.insert(0, {"rule": {**t, "chain": hook, "expr": [
                 {"vmap": {"key": _meta(meta), "data": {"set": dispatch}}}]}})
+        objs += actions.objects(t, rule_objs)
         objs += rule_objs
         tables[fam] = objs
     return tables
+
+
+class ActionChains:
+    """The chains map elements jump to, one per (mirror, direction) of a table,
+    named once: mirror names that differ only in odd characters must not
+    share one."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self._taken = taken
+        self._names: dict[tuple[str, str], str] = {}
+        self._leaves: dict[str, tuple[Expr, ...]] = {}
+        self._comments: dict[str, str] = {}
+
+    def name(self, mirror: str, direction: str, leaf: tuple[Expr, ...]) -> str:
+        key = (mirror, direction)
+        if key not in self._names:
+            name = chain_name("m", f"{mirror}_{direction}", self._taken)
+            self._names[key] = name
+            self._leaves[name] = leaf
+            self._comments[name] = comment(mirror, direction)
+        return self._names[key]
+
+    def objects(self, t: dict[str, str], rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The chains some rule of `rules` jumps to, each with its one rule."""
+        used = {j for r in rules for j in _map_jumps(r["rule"]["expr"])}
+        out: list[dict[str, Any]] = []
+        for name, leaf in self._leaves.items():
+            if name in used:
+                out.append({"chain": {**t, "name": name}})
+                out.append({"rule": {**t, "chain": name, "expr": list(leaf),
+                                     "comment": self._comments[name]}})
+        return out
+
+
+def _map_jumps(exprs: list[Expr]) -> list[str]:
+    out: list[str] = []
+    for e in exprs:
+        if "vmap" in e and "concat" in e["vmap"]["key"]:
+            out += [v["jump"]["target"] for _, v in e["vmap"]["data"]["set"] if "jump" in v]
+    return out
 
 
 def exclusion_list(r: CloneRule) -> list[str]:
@@ -152,42 +198,45 @@ def exclusion_list(r: CloneRule) -> list[str]:
     return [str(a) for a in sorted(addrs, key=int)]
 
 
-def _clone_rules(t: dict[str, str], chain: str, r: CloneRule) -> list[dict[str, Any]]:
+def _clone_entry(r: CloneRule, actions: ActionChains) -> Entry:
     fam = FAMILIES[r.version]
-    gw = str(r.gateway)
     never = _value(exclusion_list(r))
-    exclude = [_match(_payload(fam, "saddr"), never, "!="),
-               _match(_payload(fam, "daddr"), never, "!=")]
-    dup: dict[str, Any] = {"addr": gw}
+    dup: dict[str, Any] = {"addr": str(r.gateway)}
     if r.device:
         dup["dev"] = r.device
-    out = []
-    for alt in match_exprs(r.match):
-        expr = [*alt, *exclude, {"counter": counter_name((r.mirror, r.direction))}, {"dup": dup}]
-        out.append({"rule": {**t, "chain": chain, "expr": expr,
-                             "comment": comment(r.mirror, r.direction)}})
-    return out
+    leaf = (_match(_payload(fam, "saddr"), never, "!="), _match(_payload(fam, "daddr"), never, "!="),
+            {"counter": counter_name((r.mirror, r.direction))}, {"dup": dup})
+    key = family_key(r.match)
+    return Entry(tuple(tuple(alt) for alt in match_exprs(r.match)), leaf,
+                 comment(r.mirror, r.direction),
+                 actions.name(r.mirror, r.direction, leaf) if key else "", key)
 
 
 def batch(
     tables: dict[str, list[dict[str, Any]]],
     carry: Counts,
     existing: Optional[dict[str, list[dict[str, Any]]]] = None,
+    renew: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """One transaction from whatever the kernel holds to the wanted tables.
 
     `existing` maps a family to the objects its mirrord table holds now
     (absent: no such table). A table that stays is flushed and refilled, not
     deleted: its named counters live on, so no copy counted between a read
-    and the commit is lost. A new table's counters start at `carry`.
+    and the commit is lost. A new table's counters start at `carry`, and so
+    do those of the families in `renew`, deleted and made again. A netdev
+    table is only touched when wanted or there: a kernel without the family
+    refuses even its deletion.
     """
     if existing is None:
         existing = {}
     cmds: list[dict[str, Any]] = []
-    for fam in FAMILIES.values():
-        have = existing.get(fam)
+    for fam in TABLE_FAMILIES:
+        have = None if fam in renew else existing.get(fam)
         want = tables.get(fam)
         ref = {"family": fam, "name": TABLE}
+        if want is None and fam in OPTIONAL_FAMILIES and fam not in existing:
+            continue
         if want is None:
             # Both verbs: "delete" alone fails on a table that is not there.
             cmds += [{"add": {"table": ref}}, {"delete": {"table": ref}}]
@@ -215,6 +264,10 @@ def batch(
         for obj in want:
             if "counter" in obj and obj["counter"]["name"] in had_counters:
                 continue  # kept, with its count
+            if "chain" in obj and "dev" in obj["chain"] and obj["chain"]["name"] in old_def:
+                # Kept, bound to the same device (else the table is renewed):
+                # adding a device chain again asks old kernels to bind it twice.
+                continue
             cmds.append({"add": _seeded(obj, carry)})
     return cmds
 
@@ -230,102 +283,3 @@ def _seeded(obj: dict[str, Any], carry: Counts) -> dict[str, Any]:
 def counter_key(name: str) -> Optional[CounterKey]:
     mirror, _, direction = name.rpartition(".")
     return (mirror, direction) if mirror and direction in ("in", "out") else None
-
-
-# -- text form, for `mirrord render` ------------------------------------------
-def _text_value(v: Any) -> str:
-    if isinstance(v, dict):
-        if "set" in v:
-            return "{ " + ", ".join(_text_value(x) for x in v["set"]) + " }"
-        if "range" in v:
-            return f"{v['range'][0]}-{v['range'][1]}"
-        if "prefix" in v:
-            return f"{v['prefix']['addr']}/{v['prefix']['len']}"
-    if isinstance(v, list):
-        return f"{_text_value(v[0])} : {_text_value(v[1])}"
-    if isinstance(v, str) and not re.fullmatch(r"[0-9a-fA-F.:]+", v):
-        return v
-    return str(v)
-
-
-def _protocol_names(v: Any) -> Any:
-    if isinstance(v, dict) and "set" in v:
-        return {"set": [_protocol_names(x) for x in v["set"]]}
-    return PROTOCOL_NAMES.get(v, v) if isinstance(v, int) else v
-
-
-def _text_left(e: Expr) -> str:
-    if "meta" in e:
-        key = e["meta"]["key"]
-        return key if key in ("iifname", "oifname") else f"meta {key}"
-    if "payload" in e:
-        return f"{e['payload']['protocol']} {e['payload']['field']}"
-    if "ct" in e:
-        return f"ct {e['ct']['key']}"
-    raise ValueError(f"no text form for {e}")
-
-
-def _text_expr(e: Expr) -> str:
-    if "match" in e:
-        m = e["match"]
-        op = "" if m["op"] in ("==", "in") else f"{m['op']} "
-        right = m["right"]
-        if m["left"] == _meta("l4proto"):
-            right = _protocol_names(right)
-        return f"{_text_left(m['left'])} {op}{_text_value(right)}"
-    if "counter" in e:
-        return f'counter name "{e["counter"]}"'
-    if "dup" in e:
-        dev = f' device "{e["dup"]["dev"]}"' if "dev" in e["dup"] else ""
-        return f"dup to {e['dup']['addr']}{dev}"
-    if "vmap" in e:
-        items = ", ".join(f'"{k}" : jump {v["jump"]["target"]}' for k, v in e["vmap"]["data"]["set"])
-        return f"{_text_left(e['vmap']['key'])} vmap {{ {items} }}"
-    if "return" in e:
-        return "return"
-    raise ValueError(f"no text form for {e}")
-
-
-def to_text(tables: dict[str, list[dict[str, Any]]], carry: Optional[Counts] = None) -> str:
-    """nft's own syntax for the tables: what `mirrord render` prints and, with
-    `carry` (the counters' starting values), what apply() loads into a
-    ruleset that holds no mirrord table (nft parses it in half the time of
-    the same objects as JSON: the heal after `nft flush ruleset`)."""
-    out: list[str] = []
-    for fam, objs in tables.items():
-        chains = [o["chain"] for o in objs if "chain" in o]
-        rules = _rules_by_chain(objs)
-        out.append(f"table {fam} {TABLE} {{")
-        for o in objs:
-            if "counter" not in o:
-                continue
-            name = o["counter"]["name"]
-            if carry is None:
-                out.append(f"\tcounter {name} {{\n\t}}")
-            else:
-                key = counter_key(name)
-                packets, nbytes = carry.get(key, (0, 0)) if key else (0, 0)
-                out.append(f"\tcounter {name} {{\n\t\tpackets {packets} bytes {nbytes}\n\t}}")
-        for c in chains:
-            out.append(f"\tchain {c['name']} {{")
-            if "hook" in c:
-                out.append(f"\t\ttype {c['type']} hook {c['hook']} priority {c['prio']}; "
-                           f"policy {c['policy']};")
-            for r in rules.get(c["name"], ()):
-                line = " ".join(_text_expr(e) for e in r["expr"])
-                if "comment" in r:
-                    line += f' comment "{r["comment"]}"'
-                out.append(f"\t\t{line}")
-            out.append("\t}")
-        out.append("}")
-    return "\n".join(out) + ("\n" if out else "")
-
-
-def _rules_by_chain(objs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """chain -> its rules in order: one pass, not one scan of every rule per chain."""
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for o in objs:
-        r = o.get("rule")
-        if r:
-            out[r["chain"]].append(r)
-    return out
