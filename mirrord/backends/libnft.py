@@ -89,6 +89,17 @@ class _CtypesNftables:
         return rc, (json.loads(out) if out else None), err
 
 
+# nft answers "Interrupted system call" (EINTR) when the ruleset changed while
+# it read its cache (the kernel marked the dump interrupted), and the kernel
+# refuses a batch built against an older generation (ERESTART): in both cases
+# nothing was committed, and the same command is simply asked again.
+INTERRUPTED_RETRIES = 3
+
+
+def _interrupted(err: Any) -> bool:
+    return "Interrupted system call" in str(err or "")
+
+
 # What to install, by platform, when libnftables is missing or cannot speak JSON.
 INSTALL_HINT = ("install libnftables with JSON support: nftables-json on OpenWrt, "
                 "libnftables1 on Debian/Ubuntu")
@@ -160,7 +171,10 @@ class NftSession:
 
     def json(self, cmds: list[dict[str, Any]]) -> tuple[int, Any, str]:
         """One JSON batch (one transaction): rc, the parsed answer or None, the error text."""
-        rc, out, err = self.nft.json_cmd({"nftables": cmds})
+        for _ in range(INTERRUPTED_RETRIES):
+            rc, out, err = self.nft.json_cmd({"nftables": cmds})
+            if rc == 0 or not _interrupted(err):
+                break
         if isinstance(out, str):
             out = json.loads(out) if out else None
         return int(rc), out, str(err or "")
@@ -173,7 +187,10 @@ class NftSession:
         nft.set_handle_output(handles)
         nft.set_stateless_output(stateless)
         try:
-            rc, out, err = nft.cmd(command)
+            for _ in range(INTERRUPTED_RETRIES):
+                rc, out, err = nft.cmd(command)
+                if rc == 0 or not _interrupted(err):
+                    break
         finally:
             nft.set_stateless_output(False)
             nft.set_handle_output(False)

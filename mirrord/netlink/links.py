@@ -323,6 +323,7 @@ def _create(nl: Links, t: Tunnel) -> int:
                 raise
             nl.call(NEWLINK, ACK, IFINFOMSG.pack(socket.AF_UNSPEC, 0, link.index, 0, 0)
                     + nla(IFLA_IFALIAS, t.alias.encode()))
+        _silence_ipv6(t.name)
         nl.set_up(link.index)
     except KernelError as e:
         try:
@@ -331,6 +332,20 @@ def _create(nl: Links, t: Tunnel) -> int:
             log.warning("%s: could not delete the half-made device: %s", t.name, e2.strerror)
         raise LinkError(f"{what}: configuring it failed: {e.text()}") from None
     return link.index
+
+
+def _silence_ipv6(name: str) -> None:
+    """No IPv6 at all on the device: without an address it still sends MLD
+    reports (from ::) when it goes up, into the tunnel, to the IDS. Only the
+    sysctl turns that off; it is this network namespace's /proc/sys."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        pass  # a kernel without IPv6 sends no MLD either
+    except OSError as e:  # a read-only /proc/sys: the device works, and speaks
+        log.warning("%s: could not disable IPv6 on it (%s): it may send MLD reports to the "
+                    "collector", name, e.strerror)
 
 
 def create(t: Tunnel) -> int:

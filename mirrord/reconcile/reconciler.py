@@ -136,6 +136,10 @@ class Reconciler:
             self._rendered is None or rendered.text != self._rendered.text
             or rendered.binds != self._rendered.binds or backend is not self.backend)
         drift = backend is not None and listing != self._applied_listing
+        # The same rules over devices made again (a tunnel, a span port): a heal.
+        rebound = (rendered is not None and self._rendered is not None and new_spec is None
+                   and rendered.text == self._rendered.text
+                   and rendered.binds != self._rendered.binds)
         applied = False
         again: Optional[float] = None
         switching = self.backend is not None and backend is not self.backend and bool(cur.applies)
@@ -164,7 +168,7 @@ class Reconciler:
         self.backend = backend
         if rendered is not None:
             self._rendered = rendered
-        heals = self._note_changes(p, why, drift and applied and not force)
+        heals = self._note_changes(p, why, (drift or rebound) and applied and not force)
         self.snapshot = dataclasses.replace(
             cur, spec=s, topology=topo, plan=p, backend=backend.name if backend else None,
             backend_error=backend_error, applies=applies, reapplies=reapplies, heals=heals,
@@ -337,7 +341,7 @@ class Reconciler:
                 log.info("mirror %s: %s%s (%s)", name, mp.state,
                          f" ({mp.reason})" if mp.reason else "", why,
                          extra={"MIRROR": name, "ACTION": "state"})
-            elif healed_drift and mp.transport == "clone":
+            elif healed_drift and (mp.transport == "clone" or mp.collector.copies_frames):
                 heals[name] = Heal(now, f"rules restored after: {why}")
             states[name] = state
         self._states = states

@@ -7,8 +7,9 @@ receives on all its interfaces through AF_PACKET, bound to no interface so it
 keeps seeing copies when eth0 is re-created, and records every copy of the
 stream, whether a kernel clone (the original UDP packet) or TZSP-wrapped, with
 the kernel's receive time (SO_TIMESTAMPNS, the clock the router namespace
-stamps its disruptions with). Both run as separate processes and write files
-that `Stream` reads when the `with` block ends.
+stamps its disruptions with); VXLAN copies (UDP 4789) are unwrapped too.
+Both run as separate processes and write files that `Stream` reads when the
+`with` block ends.
 
 Tests prove a heal by these copies (tests/e2e/test_heal.py); the benchmarks
 time it (bench/bench_heal.py).
@@ -73,6 +74,11 @@ def record(frame, anc, addr):
         if inner is None:
             return
         kind, payload = "tzsp", inner[1]
+    elif u[0] == 4789 and len(u[1]) > 8 and u[1][0] & 8:
+        inner = udp(u[1][8:], 14)  # VXLAN: 8-byte header, then the whole frame
+        if inner is None:
+            return
+        kind, payload = "vxlan", inner[1]
     elif u[0] != port:
         return
     got = stream(payload)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from mirrord.backends.libnft import _CtypesNftables, json_unsupported
 
 
@@ -44,3 +46,42 @@ def test_json_less_library_is_named_as_such_not_as_a_kernel_problem() -> None:
     assert why is not None
     assert "without JSON support" in why and "nftables-json" in why and "nftables-nojson" in why
     assert "kmod" not in why and "kernel" not in why
+
+
+class _Interrupting:
+    """A libnftables context whose first `fails` commands are interrupted."""
+
+    def __init__(self, fails: int) -> None:
+        self.fails, self.calls = fails, 0
+
+    def set_json_output(self, on: bool) -> None: ...
+
+    def set_handle_output(self, on: bool) -> None: ...
+
+    def set_stateless_output(self, on: bool) -> None: ...
+
+    def cmd(self, text: str) -> tuple[int, str, str]:
+        self.calls += 1
+        if self.calls <= self.fails:
+            return 1, "", "netlink: Error: Could not process rule: Interrupted system call\n"
+        return 0, "", ""
+
+    def json_cmd(self, root: dict[str, object]) -> tuple[int, object, str]:
+        rc, _, err = self.cmd("")
+        return rc, None, err
+
+
+@pytest.mark.parametrize("call", ["json", "text"])
+def test_an_interrupted_command_is_asked_again(call: str) -> None:
+    """A dump interrupted by a concurrent change committed nothing: ask again (this
+    failed `mirrord run`'s removal of its tables at SIGTERM once in a full CI run)."""
+    from mirrord.backends.libnft import INTERRUPTED_RETRIES, NftSession
+
+    nft = _Interrupting(fails=INTERRUPTED_RETRIES - 1)
+    session = NftSession(nft)
+    rc = session.json([])[0] if call == "json" else session.text("list ruleset")[0]
+    assert rc == 0 and nft.calls == INTERRUPTED_RETRIES
+    nft = _Interrupting(fails=INTERRUPTED_RETRIES)  # bounded: the error stands
+    session = NftSession(nft)
+    rc = session.json([])[0] if call == "json" else session.text("list ruleset")[0]
+    assert rc == 1 and nft.calls == INTERRUPTED_RETRIES
