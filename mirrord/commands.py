@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -99,9 +100,14 @@ def run_render(args: argparse.Namespace) -> int:
             print(f"# {why}; rendering for {backends.PREFERRED}", file=sys.stderr)
         name = chosen.name if chosen else backends.PREFERRED
     backend = backends.create(name)
-    topo = offline_topology(s) if args.offline else topology.read(plan.collector_keys(s))
-    p = plan.build(s, topo, backend.name, versions=backend.capabilities.versions)
-    with_rules = {r.mirror for r in p.clones}  # a scan of every rule per mirror was quadratic
+    topo = offline_topology(s) if args.offline else _with_tunnels(
+        topology.read(plan.collector_keys(s)), s)
+    frames = (backend.frame_support() if not args.offline and any(
+        c.copies_frames for c in s.collectors.values()) else plan.FrameSupport())
+    p = plan.build(s, topo, backend.name, versions=backend.capabilities.versions,
+                   frame_support=frames)
+    # A set: a scan of every rule per mirror was quadratic.
+    with_rules = {r.mirror for r in p.clones} | {r.mirror for r in p.frames}
     for mp in p.mirrors:
         if mp.mirror.name not in with_rules:
             what = "TZSP capture, no kernel rule" if mp.transport == "tzsp" else "no rule"
@@ -109,6 +115,16 @@ def run_render(args: argparse.Namespace) -> int:
                   f"{': ' + mp.reason if mp.reason else ''}")
     sys.stdout.write(backend.render(p).text)
     return 0
+
+
+def _with_tunnels(topo: topology.Topology, s: spec.Spec) -> topology.Topology:
+    """The live topology plus the tunnel devices the daemon would make first
+    (ifindex 0: not made yet), so that render shows the rules copying into them."""
+    links = dict(topo.links)
+    for t in plan.tunnels(s):
+        links.setdefault(t.name, topology.Link(t.name, 0, True, t.kind, topology.ARPHRD_ETHER,
+                                               65535))
+    return dataclasses.replace(topo, links=links)
 
 
 def offline_topology(s: spec.Spec) -> topology.Topology:

@@ -60,7 +60,7 @@ _APPLIES: dict[str, frozenset[str]] = {
     "session": frozenset({"erspan"}),
 }
 _RANGES = (("port", 1, 65535), ("snaplen", 64, 65535), ("ring_mib", 1, 1024),
-           ("vni", 0, 0xFFFFFF - 1), ("session", 0, 1023))
+           ("vni", 0, 0xFFFFFF), ("session", 0, 1023))
 
 
 def _applies_text(key: str) -> str:
@@ -306,6 +306,8 @@ class _Validator(NodeReader):
                      c: Collector) -> bool:
         if c.interface not in interfaces:
             return True
+        items = self.items(node) if node is not None else []
+        node = next((n for n in items if self.scalar(n) == c.interface), node)
         self.err(node, f"{what}: interface {c.interface} is the span port of collector "
                  f"'{c.name}': its own copies would be copied again")
         return False

@@ -18,6 +18,8 @@ import pytest
 from mirrord.backends.nftables import batch, render_tables
 from tests.harness.lab import Netns
 from tests.unit.test_render import CASES, IPT_BACKENDS, RENDER, build, nft_tables
+from tests.unit.test_render_frames import CASES as FRAME_CASES
+from tests.unit.test_render_frames import FRAMES
 
 # -- the kernel accepts every golden ---------------------------------------------------------
 LOAD_JSON = """\
@@ -221,3 +223,34 @@ def test_fresh_load_in_nft_syntax_equals_the_json_batch(case: str, netns: Netns)
     both = json.loads(out.stdout)
     assert both["text"] == both["json"]
     assert any('"packets": 1000' in o for o in both["text"]) == bool(names)
+
+
+# -- the whole-frame goldens (tests/unit/test_render_frames.py) ---------------------------------
+def _netdev_devices(cmds: list[dict[str, Any]]) -> set[str]:
+    """Devices a netdev table binds to: its chains' and its dup targets'."""
+    out: set[str] = set()
+    for c in cmds:
+        for o in c.values():
+            if "chain" in o and "dev" in o["chain"]:
+                out.add(o["chain"]["dev"])
+            if "rule" in o and o["rule"]["family"] == "netdev":
+                out |= {e["dup"]["addr"] for e in o["rule"]["expr"] if "dup" in e}
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("form", ["json", "text"])
+@pytest.mark.parametrize("case", FRAME_CASES)
+def test_kernel_loads_frames_golden(case: str, form: str, netns: Netns) -> None:
+    """Each form loads; the kernel lists what the verification compares, object for object."""
+    from mirrord.backends.nftables.backend import fingerprint
+
+    cmds = json.loads((FRAMES / f"{case}.nft.json").read_text())["nftables"]
+    _make_devices(netns, _dup_devices(cmds) | _netdev_devices(cmds))
+    if form == "json":
+        netns.run(sys.executable, "-c", LOAD_JSON, str(FRAMES / f"{case}.nft.json"))
+    else:
+        netns.run("nft", "-f", str(FRAMES / f"{case}.nft"))
+    listed = _listed(netns)
+    assert _shape(listed) == _shape(_final(cmds))
+    assert fingerprint(listed) == fingerprint(_final(cmds))

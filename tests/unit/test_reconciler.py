@@ -234,3 +234,68 @@ def test_taps_restart_through_the_reconciler_and_totals_never_go_down(
     assert r.read().tzsp["ports"] == (11, 1100)
     r.stop()
     assert all(h.stopped for h in handles)
+
+
+# -- whole-frame transports: tunnel devices, bound ifindexes -------------------------
+VXLAN = """\
+collectors:
+  ids: {address: 203.0.113.10, transport: vxlan, vni: 7}
+mirrors:
+  - {name: lan, interfaces: [br-lan], direction: in, collector: ids}
+"""
+
+
+def test_tunnels_are_made_before_the_rules_and_removed_after_them() -> None:
+    r, k = reconciler(VXLAN)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    (wanted,) = k.tunnel_calls
+    assert [(t.name, t.kind, str(t.remote), t.vni, t.port, t.owner) for t in wanted] == [
+        ("mvx-ids", "vxlan", "203.0.113.10", 7, 4789, "ids")]
+    assert k.applied[-1] == "lan in br-lan => mvx-ids"
+    # Only a fresh look at the kernel makes tunnels again (a link event, a reload).
+    r.reconcile(["nft event"], refresh_topology=False)
+    assert len(k.tunnel_calls) == 1
+    r.stop()
+    assert k.tunnel_calls[-1] == () and k.listing == ""
+
+
+def test_a_spec_without_tunnels_removes_leftovers_once() -> None:
+    """The first reconcile asks for none (a mirrord that died left some?), then never again."""
+    r, k = reconciler(CLONE)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    r.reconcile(["link"], refresh_topology=True)
+    assert k.tunnel_calls == [()]
+
+
+def test_a_tunnel_the_kernel_cannot_make_is_the_mirrors_error() -> None:
+    r, k = reconciler(VXLAN)
+    k.tunnel_errors["mvx-ids"] = "cannot create vxlan device mvx-ids: no (install kmod-vxlan)"
+    snap = r.reconcile(["start"], refresh_topology=True, force=True).snapshot
+    assert snap.plan is not None
+    (mp,) = snap.plan.mirrors
+    assert (mp.state, mp.reason) == ("error", k.tunnel_errors["mvx-ids"])
+    assert k.applied == []  # no rule copies into a device that is not there
+
+
+def test_the_same_rules_over_a_device_made_again_are_loaded_again() -> None:
+    """nft binds `dup to "mvx-ids"` to an ifindex: a new device, a new load, a heal."""
+    s = spec.parse(VXLAN)
+    shift = {"n": 0}
+
+    def topology(sp: spec.Spec) -> Any:
+        topo = offline_topology(sp)
+        links = {n: dataclasses.replace(lk, index=lk.index + shift["n"])
+                 if n == "mvx-ids" else lk for n, lk in topo.links.items()}
+        return dataclasses.replace(topo, links=links)
+
+    k = FakeKernel()
+    ledger = CounterLedger()
+    r = Reconciler(s, topology, lambda _name: (k, ""), TapPool(ledger, watch=lambda fd, on: None),
+                   ledger, make_tunnels=k.make_tunnels)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    r.reconcile(["link added: br-lan"], refresh_topology=True)
+    assert len(k.applied) == 1  # nothing changed
+    shift["n"] = 100
+    snap = r.reconcile(["link deleted: mvx-ids"], refresh_topology=True).snapshot
+    assert len(k.applied) == 2 and k.applied[0] == k.applied[1]
+    assert snap.heals["lan"].why == "rules restored after: link deleted: mvx-ids"

@@ -1,0 +1,138 @@
+"""The whole-frame transports' rendering (span, vxlan, gretap, erspan) and the verdict
+maps of port-filtered mirrors, against golden files.
+
+A case is golden/frames/<case>.yaml; its nft text and JSON batch are
+golden/frames/<case>.nft and .nft.json (`pytest --update-golden` rewrites
+them). The kernel takes them: tests/kernel/test_render_frames.py loads each
+into a namespace that has the devices.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirrord import plan, spec
+from mirrord.backends import create
+from mirrord.backends.nftables import batch
+from mirrord.backends.nftables.maps import MAP_MIN
+from mirrord.backends.nftables.netdev import PRIO_NETDEV
+from mirrord.netlink.topology import ARPHRD_ETHER, Link, Reach, Topology
+from tests.unit.test_render import json_text
+
+FRAMES = Path(__file__).parent / "golden" / "frames"
+CASES = sorted(p.stem for p in FRAMES.glob("*.yaml"))
+FW4_FLOWTABLE = Path(__file__).parent / "data" / "fw4_flowtable.uc"
+
+
+def devices(s: spec.Spec) -> list[str]:
+    """Every device the case's rules bind to: mirrored interfaces, span ports, tunnels."""
+    names = [i for m in s.mirrors for i in m.interfaces]
+    names += [c.interface for c in s.collectors.values() if c.interface]
+    names += [t.name for t in plan.tunnels(s)]
+    return list(dict.fromkeys(names))
+
+
+def build(case: str) -> plan.Plan:
+    s = spec.load(str(FRAMES / f"{case}.yaml"))
+    links = {n: Link(n, i, True, None, ARPHRD_ETHER, 1500)
+             for i, n in enumerate([*devices(s), "eth2"], 2)}
+    reach = {(c.address, c.interface): Reach(c.address, oif="eth2", neighbour="REACHABLE")
+             for c in s.collectors.values() if c.address is not None}
+    return plan.build(s, Topology(links, reach), "nftables")
+
+
+def tables(case: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = create("nftables").render(build(case)).payload
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_nft_text_golden(case: str, golden: Any) -> None:
+    p = build(case)
+    assert all(mp.state == "active" for mp in p.mirrors), [(m.mirror.name, m.reason)
+                                                          for m in p.mirrors]
+    golden.check(f"frames/{case}.nft", create("nftables").render(p).text)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_nft_json_golden(case: str, golden: Any) -> None:
+    golden.check(f"frames/{case}.nft.json", json_text(batch(tables(case), {})))
+
+
+def rules(objs: list[dict[str, Any]], chain: str) -> list[list[dict[str, Any]]]:
+    return [o["rule"]["expr"] for o in objs if "rule" in o and o["rule"]["chain"] == chain]
+
+
+def test_one_chain_per_device_and_direction_bound_to_it() -> None:
+    nd = tables("span")["netdev"]
+    chains = {o["chain"]["name"]: o["chain"] for o in nd if "chain" in o}
+    assert {(c["hook"], c["dev"]) for c in chains.values()} == {
+        ("ingress", "br-lan"), ("egress", "br-lan"), ("ingress", "wan"), ("egress", "wan")}
+    # No match: every frame (ARP too) reaches the copy; only the collectors'
+    # IP traffic returns first, under a protocol guard that lets ARP through.
+    lan_in = rules(nd, "in_br-lan")
+    assert lan_in[-1] == [{"counter": "lan.in"}, {"dup": {"addr": "lan4"}}]
+    guards = [r[0] for r in lan_in[:-1]]
+    assert guards == [{"match": {"op": "==", "left": {"meta": {"key": "protocol"}},
+                                 "right": "ip"}}] * 2
+    assert [r[-1] for r in lan_in[:-1]] == [{"return": None}] * 2
+
+
+def test_netdev_chains_run_before_fw4s_flowtable() -> None:
+    """fw4 hooks its flowtable at ingress priority N (its template, verbatim in
+    tests/unit/data): a flow it offloads skips the IP hooks, never a netdev
+    chain at a lower priority. (This kernel has no flowtables: the order is
+    proven here on the declarations, not run.)"""
+    m = re.search(r"flowtable ft \{\s*hook ingress priority (-?\d+);", FW4_FLOWTABLE.read_text())
+    assert m is not None
+    fw4_priority = int(m.group(1))
+    for case in CASES:
+        for o in tables(case).get("netdev", []):
+            c = o.get("chain", {})
+            if c.get("hook") == "ingress":
+                assert c["prio"] == PRIO_NETDEV < fw4_priority, (case, c)
+
+
+def test_disjoint_port_mirrors_share_one_map_the_rest_stay_rules() -> None:
+    nd = tables("vxlan_maps")["netdev"]
+    wan_in = rules(nd, "in_wan")
+    lookups = [r for r in wan_in if "vmap" in r[0]]
+    assert len(lookups) == 1
+    elements = lookups[0][0]["vmap"]["data"]["set"]
+    targets = {e[1]["jump"]["target"] for e in elements}
+    assert targets == {"m_dns_in", "m_ntp_in", "m_syslog_in", "m_web_in", "m_v4web_in"}
+    keys = {tuple(json.dumps(x) for x in e[0]["concat"]) for e in elements}
+    assert ('"ip"', '"udp"', "53") in {(a, b, c) for a, b, c in keys} or ('"ip"', "17", "53") in keys
+    # dns-again overlaps dns (udp 53): a linear rule; so are an address match and `port`.
+    linear = [r for r in wan_in if "vmap" not in r[0] and r[-1] != {"return": None}]
+    counters = [next(e["counter"] for e in r if "counter" in e) for r in linear]
+    assert counters == ["dns-again.in", "dns-again.in", "lan-net.in", "either.in", "either.in",
+                        "either.in", "either.in"]
+    # Fewer than MAP_MIN on a chain: plain rules (out_wan holds one mirror).
+    assert not any("vmap" in r[0] for r in rules(nd, "out_wan")) and MAP_MIN > 1
+
+
+def test_map_elements_jump_to_a_chain_that_counts_and_copies() -> None:
+    nd = tables("vxlan_maps")["netdev"]
+    assert rules(nd, "m_dns_in") == [[{"counter": "dns.in"}, {"dup": {"addr": "mvx-ids"}}]]
+    ip = tables("clone_maps")["ip"]
+    (leaf,) = rules(ip, "m_p1_in")
+    assert leaf[-2:] == [{"counter": "p1.in"}, {"dup": {"addr": "192.0.2.50"}}]
+    assert [e["match"]["op"] for e in leaf[:2]] == ["!=", "!="]  # collectors never copied
+
+
+def test_tunnel_names_and_devices() -> None:
+    s = spec.load(str(FRAMES / "gre.yaml"))
+    got = {t.name: (t.kind, str(t.remote), t.session) for t in plan.tunnels(s)}
+    long = [n for n in got if n.startswith("mvx-")]
+    assert got["mgt-gt"] == ("gretap", "198.51.100.30", 0)
+    assert got["mes-es"] == ("erspan", "198.51.100.31", 7)
+    assert len(long) == 1 and len(long[0]) <= 15 and re.fullmatch(r"mvx-[0-9a-f]{8}", long[0])
+    text = create("nftables").render(build("gre")).text
+    assert 'dup to "mgt-gt"' in text and 'dup to "mes-es"' in text
+    assert "table ip mirrord" in text and "table netdev mirrord" in text
