@@ -457,6 +457,11 @@ def test_openwrt_makefile() -> None:
         assert dep in deps
     # Not the full python3 (python3-pyroute2 depends on it), only what is imported.
     assert "+python3" not in deps and "+python3-pyroute2" not in deps
+    # The whole-frame transports' modules: a package of their own, built too.
+    frames = re.search(r"define Package/mirrord-frames\n.*?DEPENDS:=(.*?)\nendef", text, re.S)
+    assert frames is not None
+    assert frames.group(1).split() == ["+mirrord", "+kmod-nft-netdev", "+kmod-vxlan"]
+    assert "$(eval $(call BuildPackage,mirrord-frames))" in text
     conffiles = re.search(r"define Package/mirrord/conffiles\n(.*?)endef", text, re.S)
     assert conffiles is not None and conffiles.group(1).split() == ["/etc/mirrord.yaml"]
     # Every ./files/ source exists, and installs where the hooks expect it.
@@ -467,7 +472,9 @@ def test_openwrt_makefile() -> None:
     assert "./files/mirrord.uci-defaults $(1)/etc/uci-defaults/mirrord" in text
     assert (ROOT / "etc/mirrord.yaml").is_file()
     # Recipe lines start with a tab, or make fails at parse time.
-    for block in re.findall(r"define (?:Build/\w+|Py3Package/mirrord/install)\n(.*?)endef",
+    for block in re.findall(
+            r"define (?:Build/\w+|Py3Package/mirrord/install|Package/mirrord-frames/install)"
+            r"\n(.*?)endef",
                             text, re.S):
         for line in block.splitlines():
             assert not line or line.startswith("\t"), line
