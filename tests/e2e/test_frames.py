@@ -404,3 +404,29 @@ def test_frames_larger_than_the_path_mtu_arrive_fragmented(lab: Lab) -> None:
                 timeout=30)
     assert wait_copies(lab, {"big": N})["big"] == N
     assert lab.collector_counts()["fragments"] == N
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_reload_under_a_stream_loses_and_doubles_nothing(lab: Lab, transport: str) -> None:
+    """SIGHUP adds a mirror of another device (the netdev table is made anew,
+    its bindings changed): one transaction, so the stream's copies go on."""
+    add_lan2(lab)
+    first = frames_spec(transport, direction="in", match=STREAM_MATCH)
+    p = lab.start_daemon(lab.write_spec(first))
+    before = state_is(lab, "active")
+    more = f"""\
+  - name: other
+    interfaces: [lan2]
+    direction: in
+    collector: ids
+"""
+    with Stream(lab, 3.0) as stream:
+        stream.at(1.0)
+        lab.write_spec(first + more)
+        p.send_signal(1)
+        lab.wait_for_status(lambda s: bool(s) and s["applies"] > before["applies"]
+                            and len(s["mirrors"]) == 2)
+    c = stream.result
+    assert c.sent and c.complete_from(0), c.summary()
+    st = lab.status()
+    assert st is not None and [m["state"] for m in st["mirrors"]] == ["active", "active"]
