@@ -414,7 +414,7 @@ def test_reload_under_a_stream_loses_and_doubles_nothing(lab: Lab, transport: st
     first = frames_spec(transport, direction="in", match=STREAM_MATCH)
     p = lab.start_daemon(lab.write_spec(first))
     before = state_is(lab, "active")
-    more = f"""\
+    more = """\
   - name: other
     interfaces: [lan2]
     direction: in
