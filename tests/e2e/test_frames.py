@@ -346,19 +346,12 @@ def test_span_port_recreated_heals(lab: Lab) -> None:
 
 def test_mirrored_interface_recreated_heals(lab: Lab) -> None:
     """A netdev chain is bound to its device (destroyed with it before Linux 6.14)."""
-    add_lan2(lab)
-    from tests.e2e.test_heal import LAN2_RTR
+    from tests.e2e.test_heal import recreate_lan2_under_a_stream
 
+    add_lan2(lab)
     lab.start_daemon(lab.write_spec(frames_spec("span", interfaces="[lan2]", direction="in",
                                                 match=STREAM_MATCH)))
-    state_is(lab, "active")
-    with Stream(lab, 3.0, dst=LAN2_RTR) as stream:
-        stream.at(1.0)
-        lab.rtr.run("ip", "link", "del", "lan2")
-        add_lan2(lab)
-    c = stream.result
-    assert c.gaps() and c.complete_from(c.first_sent_after(stream.wall(2.5))), c.summary()
-    assert not c.duplicated(), c.summary()
+    recreate_lan2_under_a_stream(lab)
 
 
 def test_reload_changes_the_tunnel_stop_and_flush_leave_nothing(lab: Lab) -> None:

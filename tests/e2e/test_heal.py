@@ -273,18 +273,22 @@ def test_mirrored_interface_recreated_under_a_stream() -> None:
     with Lab() as lab:
         add_lan2(lab)
         lab.start_daemon(lab.write_spec(spec(interfaces="[lan2]")))
-        state_is(lab, "active")
-        with Stream(lab, 3.0, dst=LAN2_RTR) as stream:
-            stream.at(1.0)
-            lab.rtr.run("ip", "link", "del", "lan2")
-            add_lan2(lab)
-        c = stream.result
-        # Copies pause only while the port itself is gone; the tail is complete.
-        gaps = c.gaps()
-        assert gaps and c.complete_from(c.first_sent_after(stream.wall(2.5))), c.summary()
-        assert not c.duplicated(), c.summary()
+        recreate_lan2_under_a_stream(lab)
         st = state_is(lab, "active")
         assert mirror(st)["last_heal"] is not None
+
+
+def recreate_lan2_under_a_stream(lab: Lab) -> None:
+    """Delete lan2 and make it again while a stream crosses it; the copies pause
+    only while the port itself is gone, and the tail is complete, once."""
+    state_is(lab, "active")
+    with Stream(lab, 3.0, dst=LAN2_RTR) as stream:
+        stream.at(1.0)
+        lab.rtr.run("ip", "link", "del", "lan2")
+        add_lan2(lab)
+    c = stream.result
+    assert c.gaps() and c.complete_from(c.first_sent_after(stream.wall(2.5))), c.summary()
+    assert not c.duplicated(), c.summary()
 
 
 # -- the collector -------------------------------------------------------------------
