@@ -118,6 +118,11 @@ def test_ping_copies_once_per_crossing(lab: Lab, transport: str) -> None:
         lambda s: bool(s) and all(mirror(s)["directions"][w]["packets"] >= N
                                   for w in ("in", "out"))))
     assert set(m["directions"]) == {"in", "out"}
+    # The daemon's own changes (its tunnel device coming up, its table) set
+    # off no reapply: one apply, at start.
+    st = lab.status()
+    assert st is not None and (st["applies"], st["reapplies"]) == (1, 0), st
+    assert "link" not in lab.daemon_log().split("[action=ready]")[-1], lab.daemon_log()
     if transport == "vxlan":
         link = json.loads(lab.rtr.run("ip", "-d", "-j", "link", "show", TUNNEL).stdout)[0]
         vx = link["linkinfo"]["info_data"]
