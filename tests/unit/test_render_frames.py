@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mirrord import plan, spec
 from mirrord.backends import create
@@ -136,3 +138,53 @@ def test_tunnel_names_and_devices() -> None:
     text = create("nftables").render(build("gre")).text
     assert 'dup to "mgt-gt"' in text and 'dup to "mes-es"' in text
     assert "table ip mirrord" in text and "table netdev mirrord" in text
+
+
+# -- any set of port mirrors: each copies exactly where it did without maps --------------
+PORT_MATCHES = [
+    "{protocol: udp, dport: 53}", "{protocol: udp, dport: 53-60}", "{protocol: tcp, dport: 53}",
+    "{dport: 80}", "{family: ipv6, protocol: udp, dport: 123}", "{protocol: udp, sport: 53}",
+    "{family: ipv4, dport: '1000-2000'}", "{protocol: [udp, tcp], dport: [7, 9]}",
+    "{port: 22}", "{source: 192.0.2.0/24}", "{protocol: icmp}", "{}",
+]
+
+
+@given(st.lists(st.sampled_from(PORT_MATCHES), min_size=1, max_size=12),
+       st.sampled_from(["span", "clone"]))
+@settings(max_examples=60, deadline=None)
+def test_every_mirror_is_one_map_target_or_its_own_rules(matches: list[str],
+                                                          transport: str) -> None:
+    collector = ("{transport: span, interface: lan4}" if transport == "span"
+                 else "{address: 192.0.2.50, transport: clone}")
+    if transport == "clone":  # an IPv4 clone collector takes no IPv6-only mirror
+        matches = [m.replace("ipv6", "ipv4") for m in matches]
+    text = f"collectors:\n  c: {collector}\nmirrors:\n" + "".join(
+        f"  - {{name: m{i}, interfaces: [wan], direction: in, collector: c, match: {m}}}\n"
+        for i, m in enumerate(matches))
+    s = spec.parse(text)
+    links = {n: Link(n, i, True, None, ARPHRD_ETHER, 1500) for i, n in enumerate(
+        ["wan", "lan4", "eth2"], 2)}
+    reach = {(c.address, c.interface): Reach(c.address, oif="eth2", neighbour="REACHABLE")
+             for c in s.collectors.values() if c.address is not None}
+    p = plan.build(s, Topology(links, reach), "nftables")
+    rendered = create("nftables").render(p)
+    objs = rendered.payload["netdev" if transport == "span" else "ip"]
+    chain = "in_wan"
+    lookups = [r for r in rules(objs, chain) if "vmap" in r[0] and "concat" in r[0]["vmap"]["key"]]
+    assert len(lookups) <= 2  # one per port field at most
+    mapped: dict[str, set[str]] = {}
+    for (lookup,) in lookups:
+        seen: list[tuple[str, ...]] = []
+        for key, verdict in lookup["vmap"]["data"]["set"]:
+            mapped.setdefault(verdict["jump"]["target"], set())
+            seen.append(tuple(json.dumps(x) for x in key["concat"]))
+        assert len(seen) == len(set(seen))  # no element twice
+    linear = {next(e["counter"] for e in r if "counter" in e) for r in rules(objs, chain)
+              if any("counter" in e for e in r)}
+    via_map = {next(e["counter"] for e in r if "counter" in e)
+               for name in mapped for r in rules(objs, name)}
+    names = {f"m{i}.in" for i in range(len(matches))}
+    # Every mirror copies, through the map or its own rules, never both.
+    assert linear | via_map == names and not linear & via_map
+    assert all(len(mapped) >= MAP_MIN for _ in lookups)
+    assert "vmap" in rendered.text or not lookups

@@ -263,13 +263,15 @@ VALUES = [
     "!!bool maybe", "!!timestamp x", "!!timestamp 2024-02-30", "2024-01-01", "=", "<<",
     "? a", "- a", "|\n  x", ">-\n  y", "'", '"', "[", "{", "a: b: c", "@x", "`x", "%x",
     "\t", "#", "ipv4", "clone", "tzsp", "both", "br-lan", "x" * 16, "'a b'", "'a/b'",
+    "span", "vxlan", "gretap", "erspan", "16777215", "16777216", "1023", "1024", "lan4",
 ]
 
 # ASCII, superscript, Arabic-Indic and fullwidth digits: all isdigit() to Python.
 DIGITS = ("0123456789\u00b2\u00b3\u00b9" + "".join(map(chr, range(0x660, 0x66A)))
           + "\uff10\uff11\uff12-:")
 
-KEYS = ["address", "interface", "transport", "port", "snaplen", "ring_mib", "name",
+KEYS = ["address", "interface", "transport", "port", "snaplen", "ring_mib", "vni", "session",
+        "name",
         "interfaces", "direction", "collector", "match", "family", "protocol", "sport",
         "dport", "source", "destination", "backend", "poll_interval", "collectors", "mirrors",
         "<<", "? x", "[a]", "{a: b}", "1", "~", "k" * 300, "é", "'a\\tb'"]
