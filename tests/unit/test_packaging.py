@@ -424,22 +424,40 @@ def test_firewall_include_can_be_sourced_like_fw3_does(shim: Shim) -> None:
     assert ["procd_send_signal", "mirrord", "mirrord", "HUP"] in shim.calls()
 
 
-def test_uci_defaults_adds_the_include_once(shim: Shim) -> None:
+def _uci_defaults(shim: Shim, fw4: bool, state: str = "") -> list[str]:
+    """Run the uci-defaults script twice on a firewall3 or firewall4 router; the config after."""
     env = shim.env()
-    state = Path(env["UCI_SHIM_STATE"])
+    fake_fw4 = shim.rundir.parent / "fw4"
+    if fw4:
+        fake_fw4.write_text("#!/bin/sh\n")
+        fake_fw4.chmod(0o755)
+    env["MIRRORD_FW4"] = str(fake_fw4)
+    path = Path(env["UCI_SHIM_STATE"])
+    path.write_text(state)
     for _ in range(2):
         p = subprocess.run(["sh", str(UCI_DEFAULTS)], capture_output=True, text=True,
                            timeout=30, env=env)
         assert p.returncode == 0, p.stderr  # uci-defaults deletes scripts that exit 0
-    lines = state.read_text().splitlines()
-    assert sorted(lines) == sorted([
+    return path.read_text().splitlines()
+
+
+def test_uci_defaults_adds_the_include_once_on_fw3(shim: Shim) -> None:
+    assert sorted(_uci_defaults(shim, fw4=False)) == sorted([
         "firewall.mirrord=include",
         "firewall.mirrord.type=script",
         "firewall.mirrord.path=/usr/share/mirrord/firewall.include",
-        "firewall.mirrord.fw4_compatible=1",
-        "firewall.mirrord.reload=1",
     ])
     assert shim.log.read_text().count("commit\tfirewall") == 1
+
+
+def test_uci_defaults_adds_no_include_on_fw4_and_removes_an_old_one(shim: Shim) -> None:
+    """fw4 restart and reload touch only `inet fw4`: an include there cost a warning
+    and a reapply on every firewall run (issue 14)."""
+    old = ("firewall.mirrord=include\nfirewall.mirrord.type=script\n"
+           "firewall.mirrord.reload=1\nfirewall.other=zone\n")
+    assert _uci_defaults(shim, fw4=True, state=old) == ["firewall.other=zone"]
+    assert shim.log.read_text().count("commit\tfirewall") == 1
+    assert _uci_defaults(shim, fw4=True) == []
 
 
 # -- the OpenWrt package recipe -----------------------------------------------------------
@@ -611,3 +629,20 @@ def test_make_install_and_uninstall(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     left = sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*") if not f.is_dir())
     assert left == ["etc/mirrord.yaml"]
+
+
+# -- the README's node_exporter recipe --------------------------------------------------
+def test_cron_recipe_publishes_a_failing_state_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    """The line as the README gives it, run by sh with the daemon absent (exit 2)."""
+    text = (ROOT / "README.md").read_text()
+    (line,) = [ln.strip() for ln in text.splitlines() if "mirrord status --prometheus >" in ln]
+    command = line.split(" root ", 1)[1]
+    command = command.replace("/var/lib/node_exporter", str(tmp_path))
+    command = command.replace("mirrord status", f"{sys.executable} -m mirrord status "
+                              f"--socket {tmp_path}/absent.sock", 1)
+    for _ in range(2):
+        p = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60,
+                           cwd=str(ROOT))
+        assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["mirrord.prom"]
+    assert "mirrord_up 0" in (tmp_path / "mirrord.prom").read_text().splitlines()
