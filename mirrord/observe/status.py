@@ -19,6 +19,7 @@ from .document import (
 
 if TYPE_CHECKING:  # the `mirrord status` client needs none of the daemon's modules
     from ..netlink.topology import Reach
+    from ..plan import MirrorPlan, State
     from ..reconcile.snapshot import Reading, Snapshot
     from ..spec import Collector
 
@@ -92,6 +93,8 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
                     row[k] = t.counters[k]
             workers.append(row)
         state, reason = mp.state, mp.reason
+        if mp.transport == "tzsp" and state in ("active", "degraded"):
+            state, reason = _with_exited_taps(state, reason, mp, workers)
         kernel = mp.transport == "clone" or mp.collector.copies_frames
         if snap.apply_error and kernel:
             # The kernel refused the last apply: what runs may not be this plan.
@@ -154,6 +157,21 @@ def _human_count(n: int) -> str:
             return f"{n}{unit}"
         n //= 1000
     return f"{n}P"
+
+
+def _with_exited_taps(state: State, reason: str, mp: MirrorPlan,
+                      workers: list[TzspRow]) -> tuple[State, str]:
+    """A TZSP mirror whose capture ended is not active, whatever the plan wants:
+    nothing is copied until its restart (status said `active` through the
+    restart delay before)."""
+    exited = [w for w in workers if w["state"] == "exited"]
+    if not exited:
+        return state, reason
+    why = "; ".join(f"TZSP capture on {w['interface']} stopped ({w['exit_reason']}), "
+                    "restarting" for w in exited)
+    capturing = {t.interface for t in mp.taps if t.state == "active"}
+    state = "error" if len(exited) >= len(capturing) else "degraded"
+    return state, "; ".join(r for r in (why, reason) if r)
 
 
 def _collector_row(c: Collector, reach: Optional[Reach]) -> CollectorRow:

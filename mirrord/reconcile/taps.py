@@ -2,9 +2,11 @@
 
 Every tap runs in one capture process (tzsp.supervisor.CaptureProcess). A tap
 that ends (its interface went away, the process was killed) is marked exited
-and restarted after a delay, 1 s doubling up to 30 s while it keeps failing;
-the restart itself is a reconcile (`sync`), so a tap comes back only if the
-plan, read again, still wants it. A tap's final counters go to the ledger
+and restarted after 1 s; only a tap that is really crash-looping (a fifth end
+within a minute) waits longer, doubling up to 30 s. Each second waited is
+copies lost: a backoff that doubled from the second kill lost thousands of
+copies to five kills. The restart itself is a reconcile (`sync`), so a tap
+comes back only if the plan, read again, still wants it. A tap's final counters go to the ledger
 once it is stopped, never before: frames still being sent would be lost.
 """
 
@@ -23,7 +25,8 @@ log = logging.getLogger("mirrord")
 
 RESTART_DELAY = 1.0
 RESTART_MAX = 30.0
-STEADY = 30.0  # a tap that ran this long before ending was not crash-looping
+CRASH_WINDOW = 60.0  # seconds: the ends counted towards a crash loop
+CRASH_LOOP = 5  # this many ends within the window: back off
 COUNTER_FIELDS = ("captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
 
 
@@ -46,7 +49,7 @@ class TapPool:
         # A tap's handle; the default runs it in the shared capture process.
         self._make_handle = make_handle or self._capture_handle
         self._taps: dict[TzspTap, _Tap] = {}
-        self._failures: dict[TzspTap, int] = {}
+        self._failures: dict[TzspTap, list[float]] = {}  # when each recent end was
         self._capture: Any = None
 
     # -- what the reconciler calls ---------------------------------------------
@@ -154,8 +157,10 @@ class TapPool:
         self.ledger.bank_tap(tap.mirror, c.sent, c.bytes)
 
     def _restart_delay(self, t: _Tap) -> float:
-        if time.monotonic() - t.started >= STEADY:
-            self._failures.pop(t.tap, None)
-        n = self._failures.get(t.tap, 0)
-        self._failures[t.tap] = n + 1
-        return float(min(RESTART_MAX, RESTART_DELAY * 2 ** n))
+        now = time.monotonic()
+        ends = [e for e in self._failures.get(t.tap, []) if now - e < CRASH_WINDOW] + [now]
+        self._failures[t.tap] = ends
+        looping = len(ends) - CRASH_LOOP + 1
+        if looping <= 0:
+            return RESTART_DELAY
+        return float(min(RESTART_MAX, RESTART_DELAY * 2 ** looping))

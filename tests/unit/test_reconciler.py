@@ -299,3 +299,64 @@ def test_the_same_rules_over_a_device_made_again_are_loaded_again() -> None:
     snap = r.reconcile(["link deleted: mvx-ids"], refresh_topology=True).snapshot
     assert len(k.applied) == 2 and k.applied[0] == k.applied[1]
     assert snap.heals["lan"].why == "rules restored after: link deleted: mvx-ids"
+
+
+def test_a_killed_tap_comes_back_in_a_second_unless_it_is_crash_looping(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four ends within a minute: each restart after 1 s (the old backoff doubled from
+    the second end: 1, 2, 4, 8 s, each second copies lost); the fifth backs off."""
+    from mirrord.reconcile import taps as taps_module
+
+    handles: list[FakeHandle] = []
+
+    def make(tap: TzspTap) -> FakeHandle:
+        handles.append(FakeHandle(tap))
+        return handles[-1]
+
+    now = [1000.0]
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    pool = TapPool(CounterLedger(), watch=lambda fd, on: None, make_handle=make)
+    r, _ = reconciler(TZSP, pool=pool)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    delays = []
+    for _ in range(taps_module.CRASH_LOOP + 1):
+        h = next(h for h in reversed(handles) if h.tap.interface == "lan1")
+        h.ended, h.slot_index = "killed", 7
+        pool.collect_exits([7])
+        due = pool.next_restart()
+        assert due is not None
+        delays.append(due - now[0])
+        now[0] = due + 0.01
+        r.reconcile(["TZSP tap restart"], refresh_topology=True)
+        now[0] += 2  # it ran two seconds
+    assert delays == [1.0, 1.0, 1.0, 1.0, 2.0, 4.0]
+    now[0] += taps_module.CRASH_WINDOW  # a minute of quiet: forgiven
+    h = next(h for h in reversed(handles) if h.tap.interface == "lan1")
+    h.ended, h.slot_index = "killed", 7
+    pool.collect_exits([7])
+    assert pool.next_restart() == now[0] + 1.0
+
+
+def test_status_is_not_active_while_a_tap_waits_for_its_restart() -> None:
+    from mirrord.observe import status
+
+    handles: list[FakeHandle] = []
+
+    def make(tap: TzspTap) -> FakeHandle:
+        handles.append(FakeHandle(tap))
+        return handles[-1]
+
+    pool = TapPool(CounterLedger(), watch=lambda fd, on: None, make_handle=make)
+    r, _ = reconciler(TZSP, pool=pool)
+    snap = r.reconcile(["start"], refresh_topology=True, force=True).snapshot
+    doc = status.build_status(snap, r.read(), status.RateMeter())
+    assert doc["mirrors"][0]["state"] == "active"
+    handles[0].ended, handles[0].slot_index = "capture process killed by SIGKILL", 3
+    pool.collect_exits([3])
+    m = status.build_status(snap, r.read(), status.RateMeter())["mirrors"][0]
+    assert m["state"] == "degraded"
+    assert m["reason"] == (f"TZSP capture on {handles[0].tap.interface} stopped (capture "
+                           "process killed by SIGKILL), restarting")
+    handles[1].ended, handles[1].slot_index = "killed", 4
+    pool.collect_exits([4])
+    assert status.build_status(snap, r.read(), status.RateMeter())["mirrors"][0]["state"] == "error"
