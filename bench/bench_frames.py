@@ -315,6 +315,7 @@ class Slot:
     copies: float  # copies the collector received (the same)
     send: float = 0.0  # rate phase: ns the sender and ksoftirqd/0 ran during the send
     daemon: float = 0.0  # rate phase: ns the daemon and its children ran
+    sent_rate: float = 0.0  # rate phase: the rate the sender kept (pkt/s)
 
 
 def max_phase(lab: Lab, router: Router, groups: list[tuple[str, list[str]]], cfg: str,
@@ -376,12 +377,14 @@ def rate_phase(lab: Lab, router: Router, cases: list[str], args: argparse.Namesp
                     d0, s0 = runtime_ns(daemon), runtime_ns(sending)
                     sender.stdin.write(f"{count}\n")
                     sender.stdin.flush()
-                    if not sender.stdout.readline().startswith("done"):
+                    answer = sender.stdout.readline().split()
+                    if answer[:1] != ["done"]:
                         raise RuntimeError("the paced sender stopped")
                     s1 = runtime_ns(sending)
                     f1, c1 = wait_quiet(read)
                     d1 = runtime_ns(daemon)
-                slots.append(Slot(case, ref, f1 - f0, c1 - c0, s1 - s0, d1 - d0))
+                slots.append(Slot(case, ref, f1 - f0, c1 - c0, s1 - s0, d1 - d0,
+                                  count / float(answer[1])))
                 if args.verbose:
                     print(f"rate cycle {r + 1:>2} {case:<16} forwarded {f1 - f0:>8} "
                           f"copies {c1 - c0:>8}  send CPU {(s1 - s0) / 1e6:>7.1f} ms  "
@@ -439,6 +442,7 @@ def report_max(slots: list[Slot], args: argparse.Namespace) -> dict[str, tuple[f
 @dataclass
 class Cost:
     fwd: float  # packets per slot (median)
+    sent_rate: float  # pkt/s the sender kept (median)
     delivered: list[float]  # copies / forwarded, per slot
     per_copy: list[float]  # ns of CPU per copy, per slot
     daemon_pct: list[float]  # the daemon's CPU, % of one CPU, per slot
@@ -451,7 +455,7 @@ def report_rate(slots: list[Slot], args: argparse.Namespace) -> dict[str, Cost]:
         if s.ref is None:
             continue
         a, b = neighbours(slots, i)
-        c = costs.setdefault(s.case, Cost(0.0, [], [], [], []))
+        c = costs.setdefault(s.case, Cost(0.0, 0.0, [], [], [], []))
         extra = s.send - (a.send + b.send) / 2 + s.daemon
         c.delivered.append(s.copies / s.fwd if s.fwd else 0.0)
         if s.copies:
@@ -460,19 +464,20 @@ def report_rate(slots: list[Slot], args: argparse.Namespace) -> dict[str, Cost]:
         c.daemon_pct.append(s.daemon / 1e7 / args.slot)
     for case, c in costs.items():
         c.fwd = statistics.median(s.fwd for s in slots if s.case == case)
+        c.sent_rate = statistics.median(s.sent_rate for s in slots if s.case == case)
     base = statistics.median(s.send for s in slots if s.case == "none")
     print(f"\nphase rate: {args.cycles} cycles, {int(args.rate * args.slot)} frames per slot "
           f"at {args.rate} pkt/s (paced sender on CPU {FLOOD_CPU}); `none` slots: the send "
           f"ran {base / 1e6:.1f} ms ({base / (args.rate * args.slot):.0f} ns a frame, median). "
           "CPU per copy = (the send's CPU - the neighbouring `none` slots' mean + the "
           "daemon's) / copies, median [min..max]")
-    print(f"{'case':<16} {'forwarded':>9} {'delivered (min)':>18} {'CPU ns/copy':>24} "
+    print(f"{'case':<16} {'forwarded':>9} {'pkt/s':>7} {'delivered (min)':>18} {'CPU ns/copy':>24} "
           f"{'daemon % CPU':>13} {'daemon ns/copy':>15}")
     for case, c in costs.items():
         dpc = f"{statistics.median(c.daemon_per_copy):.0f}" if c.daemon_per_copy else "-"
         pc = (f"{statistics.median(c.per_copy):.0f} [{min(c.per_copy):.0f}..{max(c.per_copy):.0f}]"
               if c.per_copy else "-")
-        print(f"{case:<16} {c.fwd:>9.0f} {statistics.median(c.delivered):>10.4f} "
+        print(f"{case:<16} {c.fwd:>9.0f} {c.sent_rate:>7.0f} {statistics.median(c.delivered):>10.4f} "
               f"({min(c.delivered):.4f}) {pc:>24} {statistics.median(c.daemon_pct):>13.2f} "
               f"{dpc:>15}")
     return costs
