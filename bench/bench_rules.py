@@ -37,19 +37,17 @@ Run as root from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness.lab import COLLECTOR, LAN_HOST, ROOT, WAN_HOST, Lab, Netns, have_root_netns
+from bench.benchlab import Rulesets, flood, mac, mirror_spec, sample, spread, stop_flood
+from tests.harness.lab import COLLECTOR, LAN_HOST, WAN_HOST, Lab, have_root_netns
 
 PORT = 5555
 EXTRA = 49  # interfaces x1..x49, besides br-lan
@@ -73,18 +71,6 @@ table ip hand {{
 """
 
 
-def mirror_spec(mirrors: Sequence[tuple[str, str, Optional[int]]]) -> str:
-    """(name, interface, dport or None) -> a spec cloning to the lab's collector."""
-    lines = ["backend: nftables", "collectors:", "  ids:", f"    address: {COLLECTOR}",
-             "    transport: clone", "mirrors:"]
-    for name, ifname, dport in mirrors:
-        lines += [f"  - name: {name}", f"    interfaces: [{ifname}]", "    direction: in",
-                  "    collector: ids"]
-        if dport is not None:
-            lines += ["    match:", "      protocol: udp", f"      dport: {dport}"]
-    return "\n".join(lines) + "\n"
-
-
 SPECS: dict[str, Optional[str]] = {
     "none": None,
     "hand": None,
@@ -94,33 +80,6 @@ SPECS: dict[str, Optional[str]] = {
     "shared50": mirror_spec([(f"m{i}", "br-lan", 10000 + i) for i in range(1, EXTRA + 1)]
                             + [("m0", "br-lan", PORT)]),
 }
-
-# Runs in the router namespace: mirrord's plan and render for a spec, printed
-# as the JSON batch the nftables backend would apply.
-RENDER = r"""
-import json, sys
-sys.path.insert(0, sys.argv[2])
-from mirrord import backends, plan, spec
-from mirrord.netlink import topology
-from mirrord.backends.nftables import batch
-s = spec.load(sys.argv[1])
-backend, why = backends.select(s.backend)
-assert backend is not None and backend.name == "nftables", why
-p = plan.build(s, topology.read(plan.collector_keys(s)), backend.name)
-assert all(m.state == "active" for m in p.mirrors), [(m.mirror.name, m.reason) for m in p.mirrors]
-print(json.dumps({"nftables": batch(backend.render(p).payload, {})}))
-"""
-
-
-def mac(ns: Netns, dev: str) -> str:
-    return str(json.loads(ns.run("ip", "-j", "link", "show", dev).stdout)[0]["address"])
-
-
-def rx_packets(ns: Netns, dev: str = "eth0") -> int:
-    out = subprocess.run(["ip", "-n", ns.name, "-j", "-s", "link", "show", dev],
-                         capture_output=True, text=True, check=True).stdout
-    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
-
 
 def setup(lab: Lab, cfg_path: str) -> None:
     lab.wan.run("nft", "-f", "-", input=DROP.format(match=f"udp dport {PORT}"))
@@ -132,95 +91,6 @@ def setup(lab: Lab, cfg_path: str) -> None:
         f"{{ eth(da={mac(lab.rtr, 'br-lan')}, sa={mac(lab.lan, 'eth0')}), "
         f"ipv4(sa={LAN_HOST}, da={WAN_HOST}, ttl=64), udp(sp=40000, dp={PORT}), "
         "fill(0x41, 18) }\n")
-
-
-def ruleset(lab: Lab) -> str:
-    """The router's tables without handles and counts, to compare two loads."""
-    data = json.loads(lab.rtr.run("nft", "-j", "list", "ruleset").stdout)
-
-    def strip(o: object) -> object:
-        if isinstance(o, dict):
-            return {k: strip(v) for k, v in o.items() if k not in ("handle", "packets", "bytes")}
-        if isinstance(o, list):
-            return [strip(v) for v in o]
-        return o
-
-    return json.dumps(strip([o for o in data["nftables"] if "metainfo" not in o]),
-                      sort_keys=True)
-
-
-class Rulesets:
-    """Each case's ruleset as a file `nft` loads in one transaction, flushing the last."""
-
-    def __init__(self, lab: Lab, cases: list[str], tmp: str) -> None:
-        self.lab = lab
-        self.files: dict[str, tuple[str, bool]] = {}  # case -> (path, is_json)
-        for case in cases:
-            path = f"{tmp}/{case}.nft"
-            if case == "none":
-                Path(path).write_text("flush ruleset\n")
-                self.files[case] = (path, False)
-            elif case == "hand":
-                Path(path).write_text("flush ruleset\n" + HAND)
-                self.files[case] = (path, False)
-            else:
-                text = SPECS[case]
-                assert text is not None
-                out = lab.rtr.run(sys.executable, "-c", RENDER, lab.write_spec(text),
-                                  str(ROOT)).stdout
-                doc = json.loads(out)
-                doc["nftables"].insert(0, {"flush": {"ruleset": None}})
-                Path(path + ".json").write_text(json.dumps(doc))
-                self.files[case] = (path + ".json", True)
-
-    def load(self, case: str) -> None:
-        path, is_json = self.files[case]
-        self.lab.rtr.run("nft", *(["-j"] if is_json else []), "-f", path)
-
-    def check_against_daemon(self, case: str) -> None:
-        """The loaded table must be the daemon's own, or the figures mean nothing."""
-        text = SPECS[case]
-        assert text is not None
-        self.lab.rtr.run("nft", "flush", "ruleset")
-        daemon = self.lab.start_daemon(self.lab.write_spec(text))
-        try:
-            self.lab.wait_for_status(lambda s: bool(s) and len(s["mirrors"]) > 0 and all(
-                m["state"] == "active" for m in s["mirrors"]), timeout=30)
-            by_daemon = ruleset(self.lab)
-        finally:
-            rc = self.lab.stop_daemon(daemon)
-        if rc != 0:
-            raise RuntimeError(f"daemon exited {rc}:\n{self.lab.daemon_log()}")
-        self.load(case)
-        if ruleset(self.lab) != by_daemon:
-            raise RuntimeError(f"{case}: the loaded rules differ from the daemon's")
-        self.lab.rtr.run("nft", "flush", "ruleset")
-
-
-def flood(lab: Lab, cfg_path: str, seconds: float) -> subprocess.Popen[bytes]:
-    # `timeout` ends trafgen (and its worker) with SIGINT when the time is up.
-    return lab.lan.popen("timeout", "-s", "INT", f"{seconds:.1f}", "trafgen", "-o", "eth0",
-                         "-c", cfg_path, "-P", "1", "-Q", stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-
-
-def sample(lab: Lab, flooder: subprocess.Popen[bytes], settle: float,
-           seconds: float) -> tuple[float, float]:
-    """(forwarded pkt/s, copies/s) in the next `seconds`, after `settle`."""
-    time.sleep(settle)
-    f0, c0, t0 = rx_packets(lab.wan), rx_packets(lab.col), time.monotonic()
-    time.sleep(seconds)
-    f1, c1, t1 = rx_packets(lab.wan), rx_packets(lab.col), time.monotonic()
-    if flooder.poll() is not None:
-        raise RuntimeError("trafgen stopped before the measurement ended")
-    return (f1 - f0) / (t1 - t0), (c1 - c0) / (t1 - t0)
-
-
-def spread(vals: list[float]) -> str:
-    if not vals:
-        return "-"
-    q = statistics.quantiles(vals, n=4) if len(vals) > 1 else [vals[0]] * 3
-    return f"{statistics.median(vals):.3f} [{q[0]:.2f}-{q[2]:.2f}]"
 
 
 def main() -> int:
@@ -245,7 +115,8 @@ def main() -> int:
         with Lab(ipv6=False) as lab:
             cfg = f"{tmp}/flood.cfg"
             setup(lab, cfg)
-            rs = Rulesets(lab, cases, tmp)
+            rs = Rulesets(lab, {c: HAND if c == "hand" else "" for c in cases if not SPECS[c]},
+                          {c: t for c in cases if (t := SPECS[c])}, tmp)
             checked = [c for c in cases if SPECS.get(c)]
             for case in checked:
                 rs.check_against_daemon(case)
@@ -283,12 +154,7 @@ def main() -> int:
                         if case != "none" and hc:
                             ratios[case][1].append(copies / hc)
             finally:
-                try:
-                    flooder.wait(timeout=total + 30)
-                finally:
-                    if flooder.poll() is None:
-                        flooder.kill()
-                        flooder.wait()
+                stop_flood(flooder, 30)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
