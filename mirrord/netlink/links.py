@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-from mirrord.match import Address
-from mirrord.netlink import rtnl
-from mirrord.netlink.rtnl import IFINFOMSG, Message, NetlinkError, attrs, cstr, nla
+from ..match import Address
+from . import rtnl
+from .rtnl import IFINFOMSG, Message, NetlinkError, attrs, cstr, nla
 
 ACK, NEWLINK = rtnl.NLM_F_ACK, rtnl.RTM_NEWLINK
 

@@ -188,3 +188,30 @@ def test_every_mirror_is_one_map_target_or_its_own_rules(matches: list[str],
     assert linear | via_map == names and not linear & via_map
     assert all(len(mapped) >= MAP_MIN for _ in lookups)
     assert "vmap" in rendered.text or not lookups
+
+
+def test_a_kernel_that_cannot_copy_frames_is_asked_again_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module installed while mirrord runs (opkg install mirrord-frames) is seen
+    within PROBE_AGAIN s; a kernel that can is asked once."""
+    from mirrord.backends.nftables import backend as nft_backend
+
+    answers = ["no netdev", "no netdev", "", ""]
+    asked: list[str] = []
+
+    def probe(self: object, hook: str) -> str:
+        asked.append(hook)
+        return answers[len(asked) - 1] if hook == "ingress" else ""
+
+    now = [100.0]
+    monkeypatch.setattr(nft_backend.NftablesBackend, "_probe_netdev", probe)
+    monkeypatch.setattr(nft_backend.time, "monotonic", lambda: now[0])
+    b = nft_backend.NftablesBackend()
+    assert b.frame_support() == plan.FrameSupport("no netdev", "no netdev")
+    now[0] += nft_backend.PROBE_AGAIN / 2
+    assert b.frame_support().ingress == "no netdev" and asked == ["ingress"]
+    now[0] += nft_backend.PROBE_AGAIN
+    answers[1] = ""
+    assert b.frame_support() == plan.FrameSupport() and asked == ["ingress", "ingress", "egress"]
+    now[0] += 10 * nft_backend.PROBE_AGAIN
+    assert b.frame_support() == plan.FrameSupport() and len(asked) == 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from typing import Any, Optional
 
@@ -96,6 +97,7 @@ def _strip_volatile(o: Any) -> Any:
 
 # -- the kernel ----------------------------------------------------------------
 APPLY_ATTEMPTS = 3
+PROBE_AGAIN = 30.0  # seconds between asking a kernel that could not copy frames again
 
 
 OWN_TABLES = frozenset((fam, TABLE) for fam in TABLE_FAMILIES)
@@ -116,7 +118,7 @@ class NftablesBackend(Backend):
         # (generation, snapshot) of the last listing: unchanged generation,
         # unchanged tables (counts aside, which a snapshot leaves out).
         self._snapshot_at: Optional[tuple[int, str]] = None
-        self._frames: Optional[FrameSupport] = None
+        self._frames: Optional[tuple[float, FrameSupport]] = None  # (when asked, answer)
         # What the last applied rules were bound to (see Rendered.binds).
         self._binds: Optional[tuple[tuple[str, int], ...]] = None
 
@@ -149,13 +151,16 @@ class NftablesBackend(Backend):
         return None
 
     def frame_support(self) -> FrameSupport:
-        """Asked of the kernel once, with a rule it checks and never keeps."""
-        if self._frames is None:
-            self._frames = FrameSupport(ingress=self._probe_netdev("ingress"),
-                                        egress=self._probe_netdev("egress"))
-            if self._frames.ingress and not self._frames.egress:
-                self._frames = FrameSupport(self._frames.ingress, self._frames.ingress)
-        return self._frames
+        """Asked of the kernel with rules it checks and never keeps: once when it
+        can, again at most every PROBE_AGAIN s when it cannot (a module may be
+        installed meanwhile; OpenWrt loads kmods on install)."""
+        now = time.monotonic()
+        if self._frames is None or (self._frames[1] != FrameSupport() and
+                                    now - self._frames[0] >= PROBE_AGAIN):
+            ingress = self._probe_netdev("ingress")
+            egress = ingress or self._probe_netdev("egress")
+            self._frames = (now, FrameSupport(ingress, egress))
+        return self._frames[1]
 
     def _probe_netdev(self, hook: str) -> str:
         try:
