@@ -126,6 +126,11 @@ def selection_from_args(args: argparse.Namespace) -> Selection:
         if collector.transport == "tzsp":
             log.warning("mirror %s sends TZSP from a capture socket, not nft rules: the trace "
                         "shows where its packets go, but no copy rule", mirror.name)
+        elif collector.copies_frames:
+            # The trace marks packets in an inet table; netdev ingress runs before it.
+            log.warning("mirror %s copies whole frames in netdev hooks, which run before the "
+                        "trace marks a packet: the trace shows where its packets go, but no "
+                        "copy rule (its counters are in `mirrord status`)", mirror.name)
         crossings = tuple((i, d) for i in mirror.interfaces for d in mirror.directions)
         return Selection(mirror.match, crossings, f"mirror {mirror.name}")
     match = match_from_options(args)
