@@ -214,7 +214,10 @@ class Link:
 
     @property
     def mine(self) -> bool:
-        return self.alias.startswith(OWNER)
+        """A tunnel mirrord made: its alias, exactly, and a tunnel kind (an alias
+        like "mirrord-ids port" on someone's VLAN is not the mark)."""
+        return (self.alias == OWNER or self.alias.startswith(OWNER + " ")) and (
+            self.tunnel is not None)
 
 
 def parse_link_msg(msg: Message) -> Link:
@@ -310,7 +313,11 @@ def _create(nl: Links, t: Tunnel) -> int:
             raise LinkError(f"{what}: the kernel has no {t.kernel_kind} support ({e.strerror});"
                             f" install {package} (OpenWrt) or a kernel with {option}") from None
         if e.errno == errno.EEXIST:
-            raise LinkError(f"{what}: a device of that name exists ({e.strerror})") from None
+            # The name was free (ensure looked): the kernel has another device
+            # with this VNI and port (vxlan) or these endpoints and key (GRE).
+            raise LinkError(f"{what}: another {t.kind} device already uses its "
+                            f"{'VNI and port' if t.kind == 'vxlan' else 'endpoints and key'} "
+                            f"({e.text()})") from None
         raise LinkError(f"{what}: {e.text()}") from None
     link = nl.link(t.name)
     if link is None:

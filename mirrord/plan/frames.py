@@ -92,6 +92,12 @@ def plan_frames(
         if link.arphrd != ARPHRD_ETHER:
             return result(t, "error", why.span_port(
                 target, "is not an Ethernet port: the copies are whole Ethernet frames")), []
+        if link.kind == "bridge":
+            # A bridge floods what it does not know to every port: the copies
+            # would reach every host, and its mirrored ports would copy them.
+            return result(t, "error", why.span_port(
+                target, "is a bridge: it would flood every copy to all its ports; name one "
+                "port, out of the bridge")), []
         if not link.up:
             return result(t, "waiting", why.span_port(target, "is down")), []
     else:

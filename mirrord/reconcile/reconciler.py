@@ -34,6 +34,12 @@ log = logging.getLogger("mirrord")
 # Neighbour states that mean the collector answered (or needs no answer).
 GOOD_NEIGHBOUR = frozenset({"REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"})
 RETRY_MAX = 30.0  # seconds: the longest wait before applying again
+# Seconds before a fresh look when the kernel could not do what a mirror needs
+# (no netdev family or egress hook, a tunnel it refused): a module may be
+# installed meanwhile, and no event says so.
+LOOK_AGAIN = 30.0
+_LOOK_AGAIN_FOR = frozenset({plan.Code.FRAMES_UNSUPPORTED, plan.Code.EGRESS_UNSUPPORTED,
+                             plan.Code.TUNNEL_FAILED})
 VERIFY_BACKOFF = 0.01  # the first wait after a listing that kept failing verification
 # What a mirror's plan says for status only; everything else may shape the rules.
 _STATE_ONLY = frozenset({"state", "reasons", "taps", "bridge_ports"})
@@ -76,6 +82,8 @@ class Outcome:
     snapshot: Snapshot
     again_in: Optional[float] = None
     why_again: str = ""
+    # Reconcile with a fresh look at the kernel in this many seconds (None: no need).
+    look_again_in: Optional[float] = None
 
 
 class Reconciler:
@@ -88,6 +96,7 @@ class Reconciler:
         # that died left behind.
         self._tunnels: Optional[tuple[Tunnel, ...]] = None
         self._tunnel_errors: dict[str, str] = {}
+        self._tunnels_tried = 0.0
         self._choose = choose_backend
         self.taps = taps
         self.ledger = ledger
@@ -174,7 +183,10 @@ class Reconciler:
             backend_error=backend_error, applies=applies, reapplies=reapplies, heals=heals,
             apply_error="")
         self.taps.sync(p, time.monotonic())
-        return Outcome(self.snapshot, again, "rules changed during the apply" if again else "")
+        waiting_on_kernel = any(r.code in _LOOK_AGAIN_FOR for mp in p.mirrors
+                                for r in (*mp.reasons, *(t.cause for t in mp.taps if t.cause)))
+        return Outcome(self.snapshot, again, "rules changed during the apply" if again else "",
+                       LOOK_AGAIN if waiting_on_kernel else None)
 
     def failed(self, error: str) -> Snapshot:
         """Record that the last apply was refused (the running rules stay)."""
@@ -199,17 +211,29 @@ class Reconciler:
 
     def _ensure_tunnels(self, s: Spec, backend: Optional[Backend]) -> None:
         """The tunnel devices `s` copies into, made (or made again) before the
-        topology is read: the plan binds the rules to their ifindexes."""
+        topology is read: the plan binds the rules to their ifindexes.
+
+        A set that failed is tried again only after LOOK_AGAIN s (or for
+        another set): a device that is made and then fails to come up is
+        deleted again, and those link events must not start it over for ever.
+        """
         wanted = plan.tunnels(s) if backend is not None else ()
         if backend is not None and wanted and backend.frame_support().ingress:
             wanted = ()  # no rule could copy into them
         if not wanted and self._tunnels == ():
             return
-        errors = self._make_tunnels(wanted)
+        now = time.monotonic()
+        if (wanted == self._tunnels and self._tunnel_errors
+                and now - self._tunnels_tried < LOOK_AGAIN):
+            return
+        try:
+            errors = self._make_tunnels(wanted)
+        except OSError as e:  # rtnetlink itself failed: every tunnel is in doubt
+            errors = {t.name: f"cannot make tunnel device {t.name}: {e}" for t in wanted}
         for name, error in errors.items():
             if self._tunnel_errors.get(name) != error:
                 log.error("tunnel device %s: %s", name, error, extra={"ACTION": "tunnel"})
-        self._tunnels, self._tunnel_errors = wanted, errors
+        self._tunnels, self._tunnel_errors, self._tunnels_tried = wanted, errors, now
 
     # -- the steps ------------------------------------------------------------
     def _backend_for(self, s: Spec) -> tuple[Optional[Backend], str]:

@@ -174,6 +174,7 @@ class Daemon:
         self.rates = RateMeter()
         self.pending = Pending()
         self.retry_at: Optional[float] = None
+        self.look_at: Optional[float] = None  # a fresh look the reconciler asked for
         self.retry_delay = 0.0
         self.last_summary = ""
         self.route_events: Optional[RouteEvents] = None
@@ -320,6 +321,10 @@ class Daemon:
         if self.retry_at is not None and now >= self.retry_at:
             self.retry_at = None
             self._reconcile_logged(["retry after a failed apply"], refresh_topology=True)
+        if self.look_at is not None and now >= self.look_at:
+            self.look_at = None
+            self._reconcile_logged(["a fresh look at what the kernel can do"],
+                                   refresh_topology=True)
         if self.next_watchdog is not None and now >= self.next_watchdog:
             self.notifier.watchdog()
             self.next_watchdog = now + (self.notifier.watchdog_interval() or 1.0)
@@ -334,7 +339,8 @@ class Daemon:
     def _timeout(self) -> Optional[float]:
         control = self.control.next_deadline() if self.control is not None else None
         deadlines = [d for d in (self.pending.due, self.next_poll, self.next_watchdog,
-                                 self.retry_at, control, self._restart_due(None)) if d]
+                                 self.retry_at, self.look_at, control, self._restart_due(None))
+                     if d]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -371,6 +377,8 @@ class Daemon:
             self.pending.add(Change(outcome.why_again), topology_changed=False)
             if outcome.again_in:
                 self.pending.due = max(self.pending.due or 0.0, time.monotonic() + outcome.again_in)
+        self.look_at = (time.monotonic() + outcome.look_again_in
+                        if outcome.look_again_in is not None else None)
         if self.route_events is not None and self.reconciler is not None:
             self.route_events.failed_neighbours = {
                 a.packed for a in self.reconciler.failed_neighbours}

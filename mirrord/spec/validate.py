@@ -54,13 +54,31 @@ _APPLIES: dict[str, frozenset[str]] = {
     "interface": frozenset({"auto", "clone", "tzsp", "span"}),
     "transport": frozenset(TRANSPORTS),
     "port": frozenset({"auto", "tzsp", "vxlan"}),
-    "snaplen": frozenset({"auto", "tzsp"}),
+    # Accepted and unused with clone, as before the frame transports came.
+    "snaplen": frozenset({"auto", "tzsp", "clone"}),
     "ring_mib": frozenset({"auto", "tzsp"}),
     "vni": frozenset({"vxlan"}),
     "session": frozenset({"erspan"}),
 }
 _RANGES = (("port", 1, 65535), ("snaplen", 64, 65535), ("ring_mib", 1, 1024),
            ("vni", 0, 0xFFFFFF), ("session", 0, 1023))
+
+
+_TUNNEL_KEY = {"vxlan": "VNI, UDP port and IP version", "gretap": "remote address",
+               "erspan": "remote address and session"}
+
+
+def _same_tunnel(a: Collector, b: Collector) -> bool:
+    """Two collectors whose tunnel devices the kernel would take for one (EEXIST)."""
+    if a.transport != b.transport or a.address is None or b.address is None:
+        return False
+    if a.transport == "vxlan":
+        return (a.vni, a.port, a.address.version) == (b.vni, b.port, b.address.version)
+    if a.transport == "gretap":
+        return a.address == b.address
+    if a.transport == "erspan":
+        return (a.address, a.session) == (b.address, b.session)
+    return False
 
 
 def _applies_text(key: str) -> str:
@@ -148,6 +166,14 @@ class _Validator(NodeReader):
                 continue
             c = self.collector(name, val)
             if c is not None:
+                clash = next((o for o in out.values() if _same_tunnel(o, c)), None)
+                if clash is not None:
+                    self.err(k, f"collector '{name}': the kernel takes one {c.transport} device "
+                             f"per {_TUNNEL_KEY[c.transport]}, and collector '{clash.name}' "
+                             "has the same; give one of them another "
+                             f"{'vni' if c.transport == 'vxlan' else 'session'}")
+                    self.invalid_collectors.add(name)
+                    continue
                 out[name] = c
             else:
                 self.invalid_collectors.add(name)

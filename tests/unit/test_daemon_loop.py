@@ -81,3 +81,23 @@ def test_taps_orphaned_without_an_event_are_noticed_on_the_next_turn() -> None:
     d._due(time.monotonic())
     assert "worker exited: capture process exited with status 1" in d.pending.reasons
     assert d.taps.next_restart() is not None  # and it will be restarted after its delay
+
+
+def test_a_fresh_look_is_taken_when_the_reconciler_asks_for_one() -> None:
+    """A mirror waiting on the kernel (a module missing, a tunnel refused) is looked at
+    again without any event: installing the module is enough."""
+    from tests.unit.test_reconciler import VXLAN
+
+    d = Daemon(spec.parse(VXLAN), "/nonexistent/mirrord.sock", Notifier(None))
+    r, k = reconciler(VXLAN)
+    k.tunnel_errors["mvx-ids"] = "cannot create vxlan device mvx-ids: no (install kmod-vxlan)"
+    d.reconciler = r
+    d._after(r.reconcile(["start"], refresh_topology=True, force=True))
+    assert d.look_at is not None
+    timeout = d._timeout()
+    assert timeout is not None and 0 < timeout <= 30
+    del k.tunnel_errors["mvx-ids"]
+    r._tunnels_tried -= 60  # the wait has passed
+    d._due(d.look_at + 0.01)
+    assert d.look_at is None and len(k.tunnel_calls) == 2
+    assert r.snapshot.plan is not None and r.snapshot.plan.mirrors[0].state == "active"

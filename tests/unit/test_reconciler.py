@@ -360,3 +360,39 @@ def test_status_is_not_active_while_a_tap_waits_for_its_restart() -> None:
     handles[1].ended, handles[1].slot_index = "killed", 4
     pool.collect_exits([4])
     assert status.build_status(snap, r.read(), status.RateMeter())["mirrors"][0]["state"] == "error"
+
+
+def test_a_tunnel_that_failed_is_tried_again_only_after_a_while(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device made and deleted again (it would not come up) sends link events: they
+    must not start it over for ever; the outcome asks for a fresh look later."""
+    from mirrord.reconcile import reconciler as rec
+
+    now = [500.0]
+    monkeypatch.setattr(rec.time, "monotonic", lambda: now[0])
+    r, k = reconciler(VXLAN)
+    k.tunnel_errors["mvx-ids"] = "cannot create vxlan device mvx-ids: configuring it failed"
+    out = r.reconcile(["start"], refresh_topology=True, force=True)
+    assert out.look_again_in == rec.LOOK_AGAIN and len(k.tunnel_calls) == 1
+    for _ in range(5):  # its own link events
+        now[0] += 1
+        r.reconcile(["link deleted: mvx-ids"], refresh_topology=True)
+    assert len(k.tunnel_calls) == 1
+    now[0] += rec.LOOK_AGAIN
+    del k.tunnel_errors["mvx-ids"]
+    out = r.reconcile(["a fresh look"], refresh_topology=True)
+    assert len(k.tunnel_calls) == 2 and out.look_again_in is None
+    assert out.snapshot.plan is not None and out.snapshot.plan.mirrors[0].state == "active"
+
+
+def test_rtnetlink_failing_is_the_tunnels_error_not_a_traceback() -> None:
+    r, _ = reconciler(VXLAN)
+
+    def broken(wanted: Sequence[Tunnel]) -> dict[str, str]:
+        raise OSError(105, "No buffer space available")
+
+    r._make_tunnels = broken
+    snap = r.reconcile(["start"], refresh_topology=True, force=True).snapshot
+    assert snap.plan is not None
+    (mp,) = snap.plan.mirrors
+    assert mp.state == "error" and "No buffer space available" in mp.reason

@@ -215,3 +215,25 @@ def test_a_kernel_that_cannot_copy_frames_is_asked_again_later(
     assert b.frame_support() == plan.FrameSupport() and asked == ["ingress", "ingress", "egress"]
     now[0] += 10 * nft_backend.PROBE_AGAIN
     assert b.frame_support() == plan.FrameSupport() and len(asked) == 3
+
+
+def test_a_kernel_without_ranges_in_map_keys_keeps_range_mirrors_as_rules(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux before 5.6 (OpenWrt 21.02: 5.4) refuses intervals in concatenations: the
+    whole batch would fail, every mirror with it. Single ports still share the map."""
+    from mirrord.backends.nftables import backend as nft_backend
+
+    class OldKernel:
+        def check(self, cmds: list[dict[str, Any]]) -> tuple[int, str]:
+            return 1, "Error: Could not process rule: Operation not supported\n"
+
+    b = nft_backend.NftablesBackend()
+    monkeypatch.setattr(b, "_lib", lambda: OldKernel())
+    objs = b.render(build("clone_maps")).payload["ip"]
+    (lookup,) = [r for r in rules(objs, "in_br-lan") if "vmap" in r[0]]
+    targets = {e[1]["jump"]["target"] for e in lookup[0]["vmap"]["data"]["set"]}
+    # udp/tcp 6000-6010 is a rule of its own now; tcp 6005, which it overlapped, a map element.
+    assert targets == {"m_p1_in", "m_p2_in", "m_p3_in", "m_p4.again_in"}
+    linear = {next(e["counter"] for e in r if "counter" in e) for r in rules(objs, "in_br-lan")
+              if any("counter" in e for e in r)}
+    assert linear == {"p4.in", "all.in"}

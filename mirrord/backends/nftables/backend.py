@@ -119,6 +119,7 @@ class NftablesBackend(Backend):
         # unchanged tables (counts aside, which a snapshot leaves out).
         self._snapshot_at: Optional[tuple[int, str]] = None
         self._frames: Optional[tuple[float, FrameSupport]] = None  # (when asked, answer)
+        self._ranges: Optional[bool] = None
         # What the last applied rules were bound to (see Rendered.binds).
         self._binds: Optional[tuple[tuple[str, int], ...]] = None
 
@@ -186,8 +187,34 @@ class NftablesBackend(Backend):
                 "kmod-nft-netdev (OpenWrt) or a kernel with CONFIG_NF_TABLES_NETDEV and "
                 "CONFIG_NF_DUP_NETDEV")
 
+    def _interval_maps(self) -> bool:
+        """Whether the kernel takes port ranges in concatenated map keys (Linux 5.6+;
+        OpenWrt 21.02 runs 5.4), asked once with a map it checks and never keeps."""
+        if self._ranges is None:
+            t: dict[str, Any] = {"family": "ip", "table": "mirrord_probe"}
+            key = {"concat": [{"meta": {"key": "l4proto"}},
+                              {"payload": {"protocol": "th", "field": "dport"}}]}
+            vmap = {"vmap": {"key": key, "data": {"set": [
+                [{"concat": [17, {"range": [1000, 2000]}]}, {"jump": {"target": "d"}}]]}}}
+            try:
+                rc, err = self._lib().check([
+                    {"add": {"table": {"family": "ip", "name": "mirrord_probe"}}},
+                    {"add": {"chain": {**t, "name": "c"}}}, {"add": {"chain": {**t, "name": "d"}}},
+                    {"add": {"rule": {**t, "chain": "c", "expr": [vmap]}}}])
+            except (ImportError, OSError):
+                return True  # nothing is applied without the library anyway
+            if rc != 0 and "Operation not permitted" in err:
+                return True  # not an answer (`mirrord render` as a user): assume a new kernel
+            self._ranges = rc == 0
+            if rc != 0:
+                log.info("the kernel takes no port ranges in verdict maps (%s): mirrors with "
+                         "port ranges stay one rule each", err.strip().splitlines()[0] if err
+                         else rc)
+        return self._ranges
+
     def render(self, plan: Plan) -> Rendered:
-        tables = render_tables(plan)
+        ranges = self._interval_maps() if plan.clones or plan.frames else True
+        tables = render_tables(plan, ranges)
         return Rendered(text=to_text(tables), payload=tables, binds=bindings(plan))
 
     def apply(self, rendered: Rendered, carry: Counts) -> None:

@@ -5,7 +5,8 @@ fifty comparisons per packet. Mirrors whose match is a port test (with its
 protocols, and in the netdev family its IP version) become elements of one
 anonymous verdict map keyed on `[meta protocol .] meta l4proto . th dport`
 (or sport), each element jumping to the mirror's own chain, which counts and
-copies. Intervals in concatenations need Linux 5.6 and nft 0.9.4.
+copies. Intervals in concatenations need Linux 5.6 and nft 0.9.4: where the
+kernel refuses them (`ranges=False`), mirrors with port ranges stay rules.
 
 One lookup yields one verdict, so two mirrors whose keys overlap (the same
 port of the same protocol) cannot share a map: the first takes its place,
@@ -35,6 +36,10 @@ class Key:
 
     field: Field
     elements: tuple[Element, ...]
+
+    @property
+    def has_ranges(self) -> bool:
+        return any(r.low != r.high for _, _, r in self.elements)
 
     def overlaps(self, other: Key) -> bool:
         return self.field == other.field and any(
@@ -81,7 +86,8 @@ def frame_key(m: Match) -> Optional[Key]:
     return Key(field, tuple(elements)) if elements else None
 
 
-def chain_rules(t: dict[str, str], chain: str, entries: list[Entry]) -> list[dict[str, Any]]:
+def chain_rules(t: dict[str, str], chain: str, entries: list[Entry],
+                ranges: bool = True) -> list[dict[str, Any]]:
     """The chain's rules: map lookups jumping to the entries' action chains, and
     linear rules for the rest.
 
@@ -90,7 +96,7 @@ def chain_rules(t: dict[str, str], chain: str, entries: list[Entry]) -> list[dic
     """
     by_field: dict[Field, list[Entry]] = {}
     for e in entries:
-        if e.key is not None:
+        if e.key is not None and (ranges or not e.key.has_ranges):
             by_field.setdefault(e.key.field, []).append(e)
     mapped: set[int] = set()
     rules: list[dict[str, Any]] = []

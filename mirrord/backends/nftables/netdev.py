@@ -73,7 +73,7 @@ def exclusion_rules(t: dict[str, str], chain: str, rule: FrameRule) -> list[dict
     return out
 
 
-def netdev_table(plan: Plan) -> list[dict[str, Any]]:
+def netdev_table(plan: Plan, ranges: bool = True) -> list[dict[str, Any]]:
     """The objects of `table netdev mirrord`, in creation order; [] when no
     mirror copies whole frames."""
     if not plan.frames:
@@ -93,7 +93,7 @@ def netdev_table(plan: Plan) -> list[dict[str, Any]]:
         objs.append({"chain": {**t, "name": chain, "type": "filter", "hook": HOOKS[direction],
                                "prio": PRIO_NETDEV, "dev": ifname, "policy": "accept"}})
         rule_objs += exclusion_rules(t, chain, rules[0])
-        rule_objs += chain_rules(t, chain, [_entry(r, actions) for r in rules])
+        rule_objs += chain_rules(t, chain, [_entry(r, actions) for r in rules], ranges)
     objs += actions.objects(t, rule_objs)
     return objs + rule_objs
 

@@ -98,8 +98,9 @@ def counter_name(key: CounterKey) -> str:
     return f"{key[0]}.{key[1]}"
 
 
-def ip_tables(plan: Plan) -> dict[str, list[dict[str, Any]]]:
-    """family -> the objects of that ip/ip6 table, in creation order (pure)."""
+def ip_tables(plan: Plan, ranges: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """family -> the objects of that ip/ip6 table, in creation order (pure).
+    `ranges`: the kernel takes port ranges in map keys (see maps)."""
     by_version: dict[int, list[CloneRule]] = defaultdict(list)
     for rule in plan.clones:
         by_version[rule.version].append(rule)
@@ -138,7 +139,7 @@ def ip_tables(plan: Plan) -> dict[str, list[dict[str, Any]]]:
                     rule_objs.append({"rule": {**t, "chain": chain, "expr": [
                         _match({"ct": {"key": "state"}}, "untracked", "in"), {"return": None}]}})
                 entries = [_clone_entry(r, actions) for r in per_if[ifname]]
-                rule_objs += chain_rules(t, chain, entries)
+                rule_objs += chain_rules(t, chain, entries, ranges)
             rule_objs.insert(0, {"rule": {**t, "chain": hook, "expr": [
                 {"vmap": {"key": _meta(meta), "data": {"set": dispatch}}}]}})
         objs += actions.objects(t, rule_objs)
@@ -264,7 +265,8 @@ def batch(
         for obj in want:
             if "counter" in obj and obj["counter"]["name"] in had_counters:
                 continue  # kept, with its count
-            if "chain" in obj and "dev" in obj["chain"] and obj["chain"]["name"] in old_def:
+            if ("chain" in obj and "dev" in obj["chain"] and obj["chain"]["name"] in old_def
+                    and obj["chain"]["name"] in want_chains):
                 # Kept, bound to the same device (else the table is renewed):
                 # adding a device chain again asks old kernels to bind it twice.
                 continue

@@ -10,10 +10,11 @@ from .netdev import netdev_table
 from .render import ip_tables
 
 
-def render_tables(plan: Plan) -> dict[str, list[dict[str, Any]]]:
-    """family -> the objects of mirrord's table of that family, in creation order."""
-    tables = ip_tables(plan)
-    frames = netdev_table(plan)
+def render_tables(plan: Plan, ranges: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """family -> the objects of mirrord's table of that family, in creation order.
+    `ranges`: the kernel takes port ranges in verdict map keys (Linux 5.6+)."""
+    tables = ip_tables(plan, ranges)
+    frames = netdev_table(plan, ranges)
     if frames:
         tables[NETDEV] = frames
     return tables
