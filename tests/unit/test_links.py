@@ -164,3 +164,16 @@ def test_canonical_resets_fields_the_kind_ignores() -> None:
 def test_check_refuses_what_the_kernel_would(t: Tunnel, text: str) -> None:
     with pytest.raises(LinkError, match=text):
         links.check(t)
+
+
+def test_only_mirrords_exact_mark_on_a_tunnel_is_mine() -> None:
+    """A VLAN or veth someone labelled "mirrord-ids port" is never deleted."""
+    import ipaddress
+
+    from mirrord.netlink.links import Link, Tunnel
+
+    t = Tunnel("mvx-ids", "vxlan", ipaddress.ip_address("192.0.2.10"), owner="ids")
+    assert Link(5, "mvx-ids", 0, "mirrord ids", t).mine
+    assert Link(5, "mvx-ids", 0, "mirrord", t).mine
+    assert not Link(5, "mvx-ids", 0, "mirrord-ids port", t).mine
+    assert not Link(5, "lan1.5", 0, "mirrord ids", None).mine

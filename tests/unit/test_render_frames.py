@@ -237,3 +237,12 @@ def test_a_kernel_without_ranges_in_map_keys_keeps_range_mirrors_as_rules(
     linear = {next(e["counter"] for e in r if "counter" in e) for r in rules(objs, "in_br-lan")
               if any("counter" in e for e in r)}
     assert linear == {"p4.in", "all.in"}
+
+
+def test_a_bridge_is_no_span_port() -> None:
+    s = spec.parse("collectors:\n  p: {transport: span, interface: br-lan}\n"
+                   "mirrors:\n  - {name: m, interfaces: [wan], collector: p}\n")
+    links = {"wan": Link("wan", 2, True, None, ARPHRD_ETHER, 1500),
+             "br-lan": Link("br-lan", 3, True, "bridge", ARPHRD_ETHER, 1500)}
+    (mp,) = plan.build(s, Topology(links, {}), "nftables").mirrors
+    assert mp.state == "error" and "is a bridge" in mp.reason
