@@ -161,16 +161,24 @@ def _human_count(n: int) -> str:
 
 def _with_exited_taps(state: State, reason: str, mp: MirrorPlan,
                       workers: list[TzspRow]) -> tuple[State, str]:
-    """A TZSP mirror whose capture ended is not active, whatever the plan wants:
-    nothing is copied until its restart (status said `active` through the
-    restart delay before)."""
+    """A TZSP mirror whose capture ended, or whose every send fails, is not
+    active, whatever the plan wants: nothing reaches the collector (status
+    said `active` through the restart delay, and to an unreachable collector,
+    before)."""
     exited = [w for w in workers if w["state"] == "exited"]
-    if not exited:
+    # Every datagram refused by the kernel (no route, unreachable, a broadcast
+    # address): capturing is not copying.
+    failing = [w for w in workers if w["state"] != "exited" and not w.get("sent")
+               and w.get("send_errors")]
+    if not exited and not failing:
         return state, reason
-    why = "; ".join(f"TZSP capture on {w['interface']} stopped ({w['exit_reason']}), "
-                    "restarting" for w in exited)
+    why = "; ".join([f"TZSP capture on {w['interface']} stopped ({w['exit_reason']}), "
+                     "restarting" for w in exited]
+                    + [f"every TZSP datagram from {w['interface']} to "
+                       f"{mp.collector.where()} failed to send ({w.get('send_errors')} so far)"
+                       for w in failing])
     capturing = {t.interface for t in mp.taps if t.state == "active"}
-    state = "error" if len(exited) >= len(capturing) else "degraded"
+    state = "error" if len(exited) + len(failing) >= len(capturing) else "degraded"
     return state, "; ".join(r for r in (why, reason) if r)
 
 

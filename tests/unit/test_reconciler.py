@@ -182,7 +182,7 @@ def test_listing_that_is_not_ours_is_not_adopted() -> None:
 class FakeHandle:
     def __init__(self, tap: TzspTap) -> None:
         self.tap, self.slot_index, self.serial, self.pid = tap, 0, 1, 4242
-        self.sent = self.nbytes = 0
+        self.sent = self.nbytes = self.send_errors = 0
         self.stopped = False
         self.ended: Optional[str] = None
 
@@ -199,7 +199,8 @@ class FakeHandle:
         return "running"
 
     def counters(self) -> Any:
-        return types.SimpleNamespace(sent=self.sent, bytes=self.nbytes, captured=self.sent)
+        return types.SimpleNamespace(sent=self.sent, bytes=self.nbytes, captured=self.sent,
+                                     send_errors=self.send_errors)
 
 
 def test_taps_restart_through_the_reconciler_and_totals_never_go_down(
@@ -396,3 +397,25 @@ def test_rtnetlink_failing_is_the_tunnels_error_not_a_traceback() -> None:
     assert snap.plan is not None
     (mp,) = snap.plan.mirrors
     assert mp.state == "error" and "No buffer space available" in mp.reason
+
+
+def test_status_is_not_active_while_every_tzsp_send_fails() -> None:
+    from mirrord.observe import status
+
+    handles: list[FakeHandle] = []
+
+    def make(tap: TzspTap) -> FakeHandle:
+        handles.append(FakeHandle(tap))
+        return handles[-1]
+
+    pool = TapPool(CounterLedger(), watch=lambda fd, on: None, make_handle=make)
+    r, _ = reconciler(TZSP, pool=pool)
+    snap = r.reconcile(["start"], refresh_topology=True, force=True).snapshot
+    for h in handles:
+        h.send_errors = 7  # nothing sent: the kernel refused every datagram
+    m = status.build_status(snap, r.read(), status.RateMeter())["mirrors"][0]
+    assert m["state"] == "error", m
+    assert "every TZSP datagram from lan1 to 198.51.100.7 failed to send (7 so far)" in m["reason"]
+    handles[0].sent = 3  # one tap gets through
+    m = status.build_status(snap, r.read(), status.RateMeter())["mirrors"][0]
+    assert m["state"] == "degraded" and "lan1" not in m["reason"]
