@@ -646,3 +646,21 @@ def test_cron_recipe_publishes_a_failing_state_and_leaves_no_temp_file(tmp_path:
         assert p.returncode == 0, p.stderr
     assert sorted(f.name for f in tmp_path.iterdir()) == ["mirrord.prom"]
     assert "mirrord_up 0" in (tmp_path / "mirrord.prom").read_text().splitlines()
+
+
+def test_init_restart_with_a_bad_spec_keeps_the_running_daemon(shim: Shim) -> None:
+    """rc.common's restart stopped first, then refused the spec: no daemon, no rules."""
+    shim.conf.write_text("mirrors: [\n")
+    p = shim.run("restart", running=True)
+    calls = shim.calls()
+    assert p.returncode != 0
+    assert not any(c[0] in ("procd_kill", "procd_open_instance") for c in calls), calls
+    assert any("not restarted: keeping the running daemon" in c[-1] for c in calls
+               if c[0] == "logger")
+
+
+def test_init_restart_with_a_good_spec_stops_then_starts(shim: Shim) -> None:
+    p = shim.run("restart", running=True)
+    calls = [c[0] for c in shim.calls()]
+    assert p.returncode == 0, p.stderr
+    assert calls.index("procd_kill") < calls.index("procd_open_instance")
