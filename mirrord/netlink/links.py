@@ -351,6 +351,7 @@ def _silence_ipv6(name: str) -> None:
     except FileNotFoundError:
         pass  # a kernel without IPv6 sends no MLD either
     except OSError as e:  # a read-only /proc/sys: the device works, and speaks
+        # (Turning multicast off does not stop them: tried, MLD still leaked.)
         log.warning("%s: could not disable IPv6 on it (%s): it may send MLD reports to the "
                     "collector", name, e.strerror)
 

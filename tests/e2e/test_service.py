@@ -455,6 +455,16 @@ def test_unit_under_real_systemd(booted: Booted, lab: Lab) -> None:
     b.wait(lambda: lab.collector_counts()["tzsp"] >= 38,
            f"TZSP copies missing: {lab.collector_counts()}")
 
+    # VXLAN inside the sandbox: a tunnel device made over rtnetlink, its IPv6
+    # turned off through /proc/sys (read-only under ProtectKernelTunables but
+    # for ReadWritePaths=/proc/sys/net/ipv6/conf), or it would send MLD into it.
+    b.set_spec(SPEC.replace("transport: clone", "transport: vxlan"))
+    assert b.run("systemctl", "reload", "mirrord").returncode == 0
+    b.wait(lambda: lab.rtr.run("ip", "link", "show", "mvx-ids", check=False).returncode == 0,
+           "no tunnel device")
+    assert lab.rtr.run("cat", "/proc/sys/net/ipv6/conf/mvx-ids/disable_ipv6").stdout == "1\n"
+    assert "could not disable IPv6" not in b.journal()
+
     # A broken spec: restart fails in ExecStartPre, a few retries, then it stays failed.
     b.set_spec("mirrors: [\n")
     assert b.run("systemctl", "restart", "mirrord").returncode != 0
