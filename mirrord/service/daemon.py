@@ -23,7 +23,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, cast
+from typing import Any, Optional, cast
 
 from .. import backends, plan, spec
 from ..cli import add_config_argument
@@ -35,6 +35,7 @@ from ..reconcile.reconciler import Outcome, Reconciler, summarize
 from ..reconcile.snapshot import Snapshot
 from ..reconcile.taps import TapPool
 from .control import DEFAULT_SOCKET, ControlServer
+from .heap import heap_trimmer
 from .instance import answer_probe, take_instance_lock
 from .notify import Notifier
 
@@ -64,25 +65,6 @@ def describe_error(e: BaseException) -> str:
     except Exception:  # a str() that itself fails must not take the daemon down
         text = ""
     return bounded(f"{type(e).__name__}: {text}" if text else type(e).__name__)
-
-
-def _heap_trimmer() -> Callable[[], object]:
-    """glibc's malloc_trim(0), or nothing where there is none (musl on OpenWrt).
-
-    glibc keeps the heap that start-up, a reconcile or a status request freed
-    (imports, JSON, the kernel's answers): about 1.7 MiB of an idle daemon's
-    23 MiB (bench/bench_memory.py). Giving it back after each piece of work
-    costs some 15 us.
-    """
-    try:
-        import ctypes
-
-        trim = ctypes.CDLL(None).malloc_trim
-    except (ImportError, OSError, AttributeError):
-        return lambda: None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return lambda: trim(0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -133,6 +115,9 @@ class Flags:
     hup: bool = False
     term: bool = False
     signum: int = 0
+    # SIGUSR2: going away to be started again at once (a restart): the rules
+    # stay and the next start adopts them, so no copy is lost in between.
+    keep: bool = False
 
 
 @dataclass
@@ -180,7 +165,7 @@ class Daemon:
         self.route_events: Optional[RouteEvents] = None
         self.nft_events: Optional[NftEvents] = None
         self.control: Optional[ControlServer] = None
-        self.trim_heap = _heap_trimmer()
+        self.trim_heap = heap_trimmer()
         self.answered = False  # a control request was answered since the last trim
         self.restart_asked: Optional[float] = None  # the tap restart deadline already asked for
         self.next_poll: Optional[float] = None
@@ -221,10 +206,12 @@ class Daemon:
         def on_term(signum: int, _frame: Any) -> None:
             self.flags.term = True
             self.flags.signum = signum
+            self.flags.keep = self.flags.keep or signum == signal.SIGUSR2
 
         signal.signal(signal.SIGHUP, on_hup)
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGUSR2, on_term)
         self.sel.register(rfd, selectors.EVENT_READ, "signal")
         return rfd
 
@@ -245,9 +232,13 @@ class Daemon:
         try:
             return self._run(wake)
         except Exception:
-            # Whatever went wrong, the kernel must not keep rules nobody runs.
-            log.exception("mirrord failed; removing its rules")
-            self._shutdown()
+            # The rules stay: the service manager starts mirrord again, and the
+            # next start adopts them in one transaction. Removing them here
+            # lost every copy until the respawn (5 s under procd); a kill -9
+            # lost none. `mirrord flush` removes them when nobody comes back.
+            log.exception("mirrord failed; its rules stay for the next start "
+                          "(`mirrord flush` removes them)")
+            self._shutdown(keep_rules=True)
             return 1
 
     def _run(self, wake: int) -> int:
@@ -293,10 +284,12 @@ class Daemon:
                 self.flags.hup = False
                 self.reload()
             self._due(time.monotonic())
-        log.info("stopping on signal %d: removing mirror rules", self.flags.signum,
+        keep = self.flags.keep
+        log.info("stopping on signal %d: %s", self.flags.signum,
+                 "keeping the rules for the next start" if keep else "removing mirror rules",
                  extra={"ACTION": "stop"})
         self.notifier.stopping()
-        return self._shutdown()
+        return self._shutdown(keep_rules=keep)
 
     def _due(self, now: float) -> None:
         """Whatever the clock made due: a pending change, a poll, a retry, a tap restart."""
@@ -464,13 +457,13 @@ class Daemon:
         self.trim_heap()
         log.info("reloaded: %s", self.snapshot.summary(), extra={"ACTION": "reloaded"})
 
-    def _shutdown(self) -> int:
+    def _shutdown(self, keep_rules: bool = False) -> int:
         rc = 0
         try:
-            if self.reconciler is not None:
+            if self.reconciler is not None and not keep_rules:
                 self.reconciler.stop()
             else:
-                self.taps.stop_all()
+                self.taps.stop_all()  # TZSP copies need this process; the kernel's do not
         except backends.BackendError as e:
             log.error("could not remove the mirror rules: %s", e)
             rc = 1

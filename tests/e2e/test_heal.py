@@ -12,6 +12,7 @@ the daemon did (reapplies, last heal, state and reason).
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 from typing import Any, Callable, Optional
@@ -459,3 +460,30 @@ def test_clone_collector_neighbour_recovers() -> None:
         assert c.complete_from(c.first_sent_after(stream.wall(0.5))), c.summary()
         # ... so status must not keep calling the mirror degraded.
         assert mirror(st)["state"] == "active", mirror(st)
+
+
+# -- a restart of the daemon ---------------------------------------------------
+@pytest.mark.parametrize("transport", ["clone", "frames"])
+def test_a_restart_loses_no_copy(transport: str) -> None:
+    """SIGUSR2 (the service manager's restart): the daemon leaves its rules, the next
+    one adopts them in one transaction. Before, every exit removed them first."""
+    with Lab() as lab:
+        text = spec() if transport == "clone" else spec().replace(
+            f"address: {COLLECTOR}\n    transport: clone",
+            "interface: col\n    transport: span")
+        path = lab.write_spec(text)
+        old = lab.start_daemon(path)
+        state_is(lab, "active")
+        with Stream(lab, 3.0) as stream:
+            stream.at(1.0)
+            old.send_signal(signal.SIGUSR2)
+            assert old.wait(timeout=15) == 0
+            kept = lab.rtr.run("nft", "list", "tables").stdout
+            lab.daemons.remove(old)
+            lab.start_daemon(path)
+            st = state_is(lab, "active")
+        c = stream.result
+        assert ("table ip mirrord" if transport == "clone" else "table netdev mirrord") in kept
+        assert c.sent and c.complete_from(0), c.summary()
+        assert st["applies"] == 1  # adopted: one transaction over the rules it found
+        assert "keeping the rules for the next start" in lab.daemon_log()

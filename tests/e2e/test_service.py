@@ -478,6 +478,11 @@ def test_unit_under_real_systemd(booted: Booted, lab: Lab) -> None:
     b.run("systemctl", "reset-failed", "mirrord")
     assert b.run("systemctl", "start", "mirrord").returncode == 0
     assert nft_table(lab).returncode == 0
+    # restart: RestartKillSignal=SIGUSR2, the rules stay for the next start.
+    assert b.run("systemctl", "restart", "mirrord").returncode == 0
+    b.wait(lambda: b.show()["SubState"] == "running", "not running after a restart")
+    assert "keeping the rules for the next start" in b.journal()
+    assert nft_table(lab).returncode == 0
     assert b.run("systemctl", "stop", "mirrord").returncode == 0
     assert nft_table(lab).returncode != 0
 

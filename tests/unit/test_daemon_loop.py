@@ -101,3 +101,32 @@ def test_a_fresh_look_is_taken_when_the_reconciler_asks_for_one() -> None:
     d._due(d.look_at + 0.01)
     assert d.look_at is None and len(k.tunnel_calls) == 2
     assert r.snapshot.plan is not None and r.snapshot.plan.mirrors[0].state == "active"
+
+
+def test_a_crash_leaves_the_rules_for_the_next_start(monkeypatch: Any) -> None:
+    """An exception in the loop exits without removing the kernel's rules (a respawn
+    adopts them); before, the cleanup removed them first and the respawn's wait was
+    a gap in the copies."""
+    import signal
+
+    from tests.unit.test_reconciler import CLONE
+
+    d = Daemon(spec.parse(CLONE), "/nonexistent/mirrord.sock", Notifier(None))
+    r, k = reconciler(CLONE, pool=d.taps)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    d.reconciler = r
+    assert k.listing
+
+    def crash(wake: int) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(d, "_run", crash)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
+                                               signal.SIGUSR2)}
+    try:
+        assert d.run() == 1
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+        signal.set_wakeup_fd(-1)
+    assert k.listing, "the rules were removed"

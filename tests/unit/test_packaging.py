@@ -660,7 +660,10 @@ def test_init_restart_with_a_bad_spec_keeps_the_running_daemon(shim: Shim) -> No
 
 
 def test_init_restart_with_a_good_spec_stops_then_starts(shim: Shim) -> None:
+    """USR2 first: the daemon leaves its rules for the new one (no gap in copies)."""
     p = shim.run("restart", running=True)
-    calls = [c[0] for c in shim.calls()]
+    calls = shim.calls()
+    names = [c[0] for c in calls]
     assert p.returncode == 0, p.stderr
-    assert calls.index("procd_kill") < calls.index("procd_open_instance")
+    usr2 = calls.index(["procd_send_signal", "mirrord", "mirrord", "USR2"])
+    assert usr2 < names.index("procd_kill") < names.index("procd_open_instance")
