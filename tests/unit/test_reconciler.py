@@ -203,8 +203,8 @@ class FakeHandle:
                                      send_errors=self.send_errors)
 
 
-def test_taps_restart_through_the_reconciler_and_totals_never_go_down(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def fake_tap_reconciler() -> tuple[Reconciler, TapPool, list[FakeHandle]]:
+    """The TZSP spec's reconciler, its taps fake handles (listed as they are made)."""
     handles: list[FakeHandle] = []
 
     def make(tap: TzspTap) -> FakeHandle:
@@ -213,6 +213,12 @@ def test_taps_restart_through_the_reconciler_and_totals_never_go_down(
 
     pool = TapPool(CounterLedger(), watch=lambda fd, on: None, make_handle=make)
     r, _ = reconciler(TZSP, pool=pool)
+    return r, pool, handles
+
+
+def test_taps_restart_through_the_reconciler_and_totals_never_go_down(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    r, pool, handles = fake_tap_reconciler()
     r.reconcile(["start"], refresh_topology=True, force=True)
     assert sorted(h.tap.interface for h in handles) == ["lan1", "lan2"]
     first = handles[0]
@@ -341,14 +347,7 @@ def test_a_killed_tap_comes_back_in_a_second_unless_it_is_crash_looping(
 def test_status_is_not_active_while_a_tap_waits_for_its_restart() -> None:
     from mirrord.observe import status
 
-    handles: list[FakeHandle] = []
-
-    def make(tap: TzspTap) -> FakeHandle:
-        handles.append(FakeHandle(tap))
-        return handles[-1]
-
-    pool = TapPool(CounterLedger(), watch=lambda fd, on: None, make_handle=make)
-    r, _ = reconciler(TZSP, pool=pool)
+    r, pool, handles = fake_tap_reconciler()
     snap = r.reconcile(["start"], refresh_topology=True, force=True).snapshot
     doc = status.build_status(snap, r.read(), status.RateMeter())
     assert doc["mirrors"][0]["state"] == "active"
@@ -402,14 +401,7 @@ def test_rtnetlink_failing_is_the_tunnels_error_not_a_traceback() -> None:
 def test_status_is_not_active_while_every_tzsp_send_fails() -> None:
     from mirrord.observe import status
 
-    handles: list[FakeHandle] = []
-
-    def make(tap: TzspTap) -> FakeHandle:
-        handles.append(FakeHandle(tap))
-        return handles[-1]
-
-    pool = TapPool(CounterLedger(), watch=lambda fd, on: None, make_handle=make)
-    r, _ = reconciler(TZSP, pool=pool)
+    r, _, handles = fake_tap_reconciler()
     snap = r.reconcile(["start"], refresh_topology=True, force=True).snapshot
     for h in handles:
         h.send_errors = 7  # nothing sent: the kernel refused every datagram
