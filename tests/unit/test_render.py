@@ -137,7 +137,8 @@ def test_single_both_directions() -> None:
     assert [o["counter"]["name"] for o in objs if "counter" in o] == ["lan.in", "lan.out"]
     for chain, key in (("in_br-lan", "lan.in"), ("out_br-lan", "lan.out")):
         (rule,) = chain_rules(objs, chain)  # one copy per crossing, no duplicate rule
-        assert rule["expr"][-2:] == [{"counter": key}, {"dup": {"addr": "192.0.2.50"}}]
+        assert rule["expr"][-3:] == [{"counter": key}, {"counter": None},
+                                     {"dup": {"addr": "192.0.2.50"}}]
         # The collector's own traffic is excluded: no feedback loop.
         assert rule["expr"][:2] == [
             {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}},

@@ -98,6 +98,19 @@ def counter_name(key: CounterKey) -> str:
     return f"{key[0]}.{key[1]}"
 
 
+def counting(key: CounterKey) -> tuple[Expr, Expr]:
+    """A named counter and an anonymous one next to it.
+
+    The kernel's notification of a deleted named counter carries no values,
+    but that of a deleted rule carries its anonymous counters' last values
+    and the named counter's name: with both in every rule, the ledger knows
+    what a table deleted by someone else had counted (see reconcile/ledger).
+    The anonymous counter starts at 0, or at the named counter's seed in the
+    first rule of a batch that creates the named counter (`seed_rules`).
+    """
+    return {"counter": counter_name(key)}, {"counter": None}
+
+
 def ip_tables(plan: Plan, ranges: bool = True) -> dict[str, list[dict[str, Any]]]:
     """family -> the objects of that ip/ip6 table, in creation order (pure).
     `ranges`: the kernel takes port ranges in map keys (see maps)."""
@@ -206,7 +219,7 @@ def _clone_entry(r: CloneRule, actions: ActionChains) -> Entry:
     if r.device:
         dup["dev"] = r.device
     leaf = (_match(_payload(fam, "saddr"), never, "!="), _match(_payload(fam, "daddr"), never, "!="),
-            {"counter": counter_name((r.mirror, r.direction))}, {"dup": dup})
+            *counting((r.mirror, r.direction)), {"dup": dup})
     key = family_key(r.match)
     return Entry(tuple(tuple(alt) for alt in match_exprs(r.match)), leaf,
                  comment(r.mirror, r.direction),
@@ -231,6 +244,9 @@ def batch(
     """
     if existing is None:
         existing = {}
+    kept = {fam: objs for fam, objs in existing.items() if fam not in renew and fam in tables}
+    seeds = family_seeds(tables, carry, kept)
+    seeded_rules: set[tuple[str, str]] = set()
     cmds: list[dict[str, Any]] = []
     for fam in TABLE_FAMILIES:
         have = None if fam in renew else existing.get(fam)
@@ -244,7 +260,7 @@ def batch(
             continue
         if have is None:
             cmds += [{"add": {"table": ref}}, {"delete": {"table": ref}}]
-            cmds += [{"add": _seeded(obj, carry)} for obj in want]
+            cmds += [{"add": _seeded(fam, obj, seeds, seeded_rules)} for obj in want]
             continue
         cmds.append({"flush": {"table": ref}})
         # A base chain whose hook or priority changed (an upgrade) cannot be
@@ -270,16 +286,81 @@ def batch(
                 # Kept, bound to the same device (else the table is renewed):
                 # adding a device chain again asks old kernels to bind it twice.
                 continue
-            cmds.append({"add": _seeded(obj, carry)})
+            cmds.append({"add": _seeded(fam, obj, seeds, seeded_rules)})
     return cmds
 
 
-def _seeded(obj: dict[str, Any], carry: Counts) -> dict[str, Any]:
-    if "counter" not in obj:
-        return obj
-    key = counter_key(obj["counter"]["name"])
-    packets, nbytes = carry.get(key, (0, 0)) if key else (0, 0)
-    return {"counter": {**obj["counter"], "packets": packets, "bytes": nbytes}}
+Seeds = dict[tuple[str, str], tuple[int, int]]  # (family, counter name) -> (packets, bytes)
+
+
+def family_seeds(tables: dict[str, list[dict[str, Any]]], carry: Counts,
+                 kept: dict[str, list[dict[str, Any]]]) -> Seeds:
+    """What each named counter a batch creates starts from.
+
+    A mirror's total is the sum of its counters in every family (a dual-stack
+    mirror counts in `ip` and `ip6`): the carry goes to the first family that
+    creates the counter, less what the counters that stay (listed in `kept`)
+    hold, so that the sum goes on from the carry. Seeding every family with
+    the whole carry counted it once per family.
+    """
+    held: dict[CounterKey, tuple[int, int]] = {}
+    for objs in kept.values():
+        for o in objs:
+            c = o.get("counter")
+            key = counter_key(c["name"]) if c else None
+            if c and key:
+                p, b = held.get(key, (0, 0))
+                held[key] = (p + int(c.get("packets", 0)), b + int(c.get("bytes", 0)))
+    kept_names = {(fam, o["counter"]["name"]) for fam, objs in kept.items() for o in objs
+                  if "counter" in o}
+    out: Seeds = {}
+    given: set[CounterKey] = set()
+    for fam in TABLE_FAMILIES:
+        for o in tables.get(fam, ()):
+            if "counter" not in o or (fam, o["counter"]["name"]) in kept_names:
+                continue
+            key = counter_key(o["counter"]["name"])
+            seed = (0, 0)
+            if key and key not in given:
+                given.add(key)
+                cp, cb = carry.get(key, (0, 0))
+                hp, hb = held.get(key, (0, 0))
+                seed = (max(0, cp - hp), max(0, cb - hb))
+            out[fam, o["counter"]["name"]] = seed
+    return out
+
+
+def _seeded(fam: str, obj: dict[str, Any], seeds: Seeds,
+            seeded_rules: set[tuple[str, str]]) -> dict[str, Any]:
+    if "counter" in obj:
+        packets, nbytes = seeds.get((fam, obj["counter"]["name"]), (0, 0))
+        return {"counter": {**obj["counter"], "packets": packets, "bytes": nbytes}}
+    if "rule" in obj:
+        expr = seed_rule(fam, obj["rule"]["expr"], seeds, seeded_rules)
+        if expr is not obj["rule"]["expr"]:
+            return {"rule": {**obj["rule"], "expr": expr}}
+    return obj
+
+
+def seed_rule(fam: str, expr: list[Expr], seeds: Seeds,
+              seeded_rules: set[tuple[str, str]]) -> list[Expr]:
+    """`expr` with the anonymous counter after a named counter this batch creates
+    seeded like it, in the first rule that references it (`seeded_rules`
+    remembers which were): then the named counter equals the sum of its rules'
+    anonymous counters until the rules are replaced. `expr` itself if none."""
+    out: Optional[list[Expr]] = None
+    for i, e in enumerate(expr[:-1]):
+        name = e.get("counter")
+        if not isinstance(name, str) or (fam, name) not in seeds or (fam, name) in seeded_rules:
+            continue
+        if "counter" not in expr[i + 1] or isinstance(expr[i + 1]["counter"], str):
+            continue
+        seeded_rules.add((fam, name))
+        packets, nbytes = seeds[fam, name]
+        if out is None:
+            out = list(expr)
+        out[i + 1] = {"counter": {"packets": packets, "bytes": nbytes}}
+    return expr if out is None else out
 
 
 def counter_key(name: str) -> Optional[CounterKey]:
