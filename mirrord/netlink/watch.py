@@ -9,6 +9,11 @@ can miss events that were already read.
 A source only says *that* something relevant changed (with a short reason for
 the log); the daemon then re-reads the kernel and reconciles. ENOBUFS means
 events were lost, which is reported as a change too: a full resync covers it.
+
+One exception: the nftables source also keeps what deleted rules had counted
+(`CounterEvent`). A deleted named counter's notification carries no values,
+but a deleted rule's carries its anonymous counters' last values next to the
+named counter's name; the counter ledger turns them into exact totals.
 """
 
 from __future__ import annotations
@@ -56,7 +61,94 @@ NFT_MSG_NAMES = {
     12: "set element added", 14: "set element deleted", 18: "object added", 20: "object deleted",
 }
 NFT_MSG_NEWGEN = 15
+NFT_MSG_DELRULE = 8
+NFT_MSG_NEWOBJ = 18
+NFT_MSG_DELOBJ = 20
 NFPROTO_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+NFTA_RULE_EXPRESSIONS = 4
+NFTA_LIST_ELEM = 1
+NFTA_EXPR_NAME = 1
+NFTA_EXPR_DATA = 2
+NFTA_OBJREF_IMM_TYPE = 1
+NFTA_OBJREF_IMM_NAME = 2
+NFTA_OBJ_NAME = 2
+NFTA_OBJ_TYPE = 3
+NFT_OBJECT_COUNTER = 1
+NFTA_COUNTER_BYTES = 1
+NFTA_COUNTER_PACKETS = 2
+
+
+@dataclass(frozen=True)
+class CounterEvent:
+    """What a notification says about named counters, in the order they came.
+
+    kind: "rule" (a rule referencing `name` was deleted; `packets`/`nbytes`:
+    the anonymous counter next to the reference, `values` False when there
+    was none), "created"/"deleted" (the named counter object), "lost"
+    (ENOBUFS: notifications were dropped, whatever they said is unknown).
+    """
+
+    kind: str
+    family: str = ""
+    name: str = ""
+    packets: int = 0
+    nbytes: int = 0
+    values: bool = True
+
+
+def _attr_list(buf: bytes, pos: int, end: int) -> list[tuple[int, bytes]]:
+    """Attributes in order, repeats kept (a rule's expressions are all NFTA_LIST_ELEM)."""
+    out: list[tuple[int, bytes]] = []
+    while pos + 4 <= end:
+        alen, akind = struct.unpack_from("=HH", buf, pos)
+        if alen < 4 or pos + alen > end:
+            break
+        out.append((akind & 0x3FFF, buf[pos + 4 : pos + alen]))
+        pos += (alen + 3) & ~3
+    return out
+
+
+def _be64(b: Optional[bytes]) -> Optional[int]:
+    return struct.unpack("!Q", b)[0] if b is not None and len(b) == 8 else None
+
+
+def rule_counts(family: str, buf: bytes, start: int, end: int) -> list[CounterEvent]:
+    """A deleted rule's named counter references with the anonymous counter
+    that follows each (mirrord renders them as a pair: see backends/nftables)."""
+    exprs = _attrs(buf, start + 4, end).get(NFTA_RULE_EXPRESSIONS)
+    if exprs is None:
+        return []
+    out: list[CounterEvent] = []
+    pending: Optional[str] = None  # a counter reference waiting for its anonymous twin
+    for kind, elem in _attr_list(exprs, 0, len(exprs)):
+        if kind != NFTA_LIST_ELEM:
+            continue
+        e = _attrs(elem, 0, len(elem))
+        name = _cstr(e.get(NFTA_EXPR_NAME))
+        data = e.get(NFTA_EXPR_DATA, b"")
+        d = _attrs(data, 0, len(data))
+        if name == "objref":
+            typ = d.get(NFTA_OBJREF_IMM_TYPE)
+            if pending is not None:
+                out.append(CounterEvent("rule", family, pending, values=False))
+                pending = None
+            if typ is not None and len(typ) == 4 and struct.unpack("!I", typ)[0] == \
+                    NFT_OBJECT_COUNTER:
+                pending = _cstr(d.get(NFTA_OBJREF_IMM_NAME)) or None
+            continue
+        if pending is None:
+            continue
+        packets, nbytes = _be64(d.get(NFTA_COUNTER_PACKETS)), _be64(d.get(NFTA_COUNTER_BYTES))
+        if name == "counter" and packets is not None and nbytes is not None:
+            out.append(CounterEvent("rule", family, pending, packets, nbytes))
+        else:
+            out.append(CounterEvent("rule", family, pending, values=False))
+        pending = None
+    if pending is not None:
+        out.append(CounterEvent("rule", family, pending, values=False))
+    return out
+
+
 @dataclass(frozen=True)
 class Change:
     what: str  # for the log: "link deleted: wan", "table deleted: ip mirrord"
@@ -81,6 +173,9 @@ class _Parser:
 
     def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
         raise NotImplementedError
+
+    def lost(self) -> None:
+        """Notifications were dropped (ENOBUFS)."""
 
 
 class _Source(_Parser):
@@ -110,6 +205,7 @@ class _Source(_Parser):
                 return changes
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
+                    self.lost()
                     changes.append(Change("netlink events were lost (ENOBUFS)", resync=True))
                     continue
                 raise
@@ -168,6 +264,26 @@ class NftChanges(_Parser):
     def __init__(self, tables: frozenset[tuple[str, str]]) -> None:
         self.tables = tables  # (family, name) pairs whose changes matter
         self._changes: dict[tuple[int, str, str], Change] = {}
+        self.counter_events: list[CounterEvent] = []
+
+    def take_counter_events(self) -> list[CounterEvent]:
+        out, self.counter_events = self.counter_events, []
+        return out
+
+    def lost(self) -> None:
+        self.counter_events.append(CounterEvent("lost"))
+
+    def _counters(self, msg: int, family: str, buf: bytes, start: int, end: int) -> None:
+        if msg == NFT_MSG_DELRULE:
+            self.counter_events += rule_counts(family, buf, start, end)
+        elif msg in (NFT_MSG_NEWOBJ, NFT_MSG_DELOBJ):
+            a = _attrs(buf, start + 4, end)
+            typ = a.get(NFTA_OBJ_TYPE)
+            name = _cstr(a.get(NFTA_OBJ_NAME))
+            if name and typ is not None and len(typ) == 4 and \
+                    struct.unpack("!I", typ)[0] == NFT_OBJECT_COUNTER:
+                self.counter_events.append(CounterEvent(
+                    "created" if msg == NFT_MSG_NEWOBJ else "deleted", family, name))
 
     def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
         if kind >> 8 != NFNL_SUBSYS_NFTABLES:
@@ -181,6 +297,8 @@ class NftChanges(_Parser):
         table = _cstr(_attr(buf, start + 4, end, 1))
         if (family, table) not in self.tables:
             return None
+        if msg in (NFT_MSG_DELRULE, NFT_MSG_NEWOBJ, NFT_MSG_DELOBJ):
+            self._counters(msg, family, buf, start, end)
         # A flush of thousands of mirrors' rules is tens of thousands of
         # messages alike: one Change each kind, not one per message.
         key = (msg, family, table)

@@ -125,6 +125,11 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
             "with a growing delay"))
     findings += tzsp_findings(mirrors)
     findings += offload_findings()
+    # Never silently: where a total could not be kept exact, say when and why.
+    findings += [Finding("counters-inexact", "warning", note,
+                         "the totals go on from what was counted before and after; nothing "
+                         "to fix unless it repeats (then see what deletes mirrord's rules)")
+                 for note in (reading.notes if reading else ())]
     doc: StatusDocument = {
         "version": __version__,
         "pid": os.getpid(),

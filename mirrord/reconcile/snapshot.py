@@ -76,3 +76,5 @@ class Reading:
     clones: Counts
     tzsp: Mapping[str, tuple[int, int]]
     taps: tuple[TapReading, ...] = ()
+    # Where the totals could not be kept exact (the ledger's notes).
+    notes: tuple[str, ...] = ()

@@ -254,6 +254,7 @@ class Daemon:
             return 1
         self.reconciler = Reconciler(self._initial, _read_topology, backends.select,
                                      self.taps, self.ledger)
+        self.reconciler.drain = self._read_nft
         first = self.reconciler.snapshot
         if first.backend_error and any(True for _ in first.spec.mirrors):
             log.warning("%s", first.backend_error)
@@ -351,9 +352,8 @@ class Daemon:
                     self.reconciler.failed_neighbours.add(
                         ipaddress.ip_address(change.neighbour_failed))
                 self.pending.add(change, topology_changed=True)
-        elif what == "nft" and self.nft_events is not None:
-            for change in self.nft_events.read():
-                self.pending.add(change, topology_changed=False)
+        elif what == "nft":
+            self._read_nft()
         elif what == "control" and self.control is not None:
             self.control.ready(fileobj)
         elif what == "lock" and self.lock is not None:
@@ -362,6 +362,17 @@ class Daemon:
             for reason in self.taps.read_events():
                 # The interface may be gone or changed: look again.
                 self.pending.add(Change(reason), topology_changed=True)
+
+    def _read_nft(self) -> None:
+        """Every nftables notification waiting: a pending change, and what deleted
+        rules had counted for the ledger (also called by the reconciler)."""
+        if self.nft_events is None:
+            return
+        for change in self.nft_events.read():
+            self.pending.add(change, topology_changed=False)
+        events = self.nft_events.take_counter_events()
+        if events and self.reconciler is not None:
+            self.reconciler.counter_events(events)
 
     # -- after a reconcile ---------------------------------------------------
     def _after(self, outcome: Outcome) -> None:
