@@ -55,6 +55,8 @@ class CounterLedger:
         self._bases: dict[Named, Pair] = {}
         self._finals: dict[Named, _Final] = {}
         self._read_at = 0.0  # wall time of the last reading of the backend's counters
+        self._seeded_at = 0.0
+        self._seeded_with: Counts = {}  # the last carry handed to an apply
         self._notes: list[str] = []
 
     # -- kernel clones -------------------------------------------------------
@@ -78,6 +80,7 @@ class CounterLedger:
         """carry() for an apply: the final values folded in so far are in it."""
         for f in self._finals.values():
             f.in_carry = True
+        self._seeded_with, self._seeded_at = self.carry(), self._read_at
         return self.carry()
 
     # -- what notifications say about named counters ----------------------------
@@ -86,9 +89,16 @@ class CounterLedger:
         self._bases[named] = (0, 0)
         f = self._finals.pop(named, None)
         if f is not None and not f.in_carry:
-            self.note(f"copies of {_who(f.key)} counted before its counter was deleted "
-                      f"({f.counts[0]} packets) were made again before mirrord read the "
-                      "deletion, and may be missing from the totals")
+            # Deleted and made again before the deletion was read (in one
+            # transaction: ours, when a device was made again, or another
+            # process's): the new counter started from the last carry, not
+            # from the deleted one's final value.
+            missing = f.counts[0] - self._seeded_with.get(f.key, (0, 0))[0]
+            if missing > 0:
+                since = _iso(self._seeded_at) if self._seeded_at else "the start"
+                self.note(f"{missing} copies of {_who(f.key)} counted between {since} and "
+                          f"{_iso(time.time())} are missing from the totals: its counter was "
+                          "deleted and made again before mirrord could read it")
 
     def rule_deleted(self, named: Named, packets: int, nbytes: int, values: bool) -> None:
         base = self._bases.get(named)

@@ -120,6 +120,9 @@ class Reconciler:
         # own apply's notifications before any reading.
         self.drain: Optional[Callable[[], None]] = None
         self._lost_since: Optional[float] = None  # notifications lost; counters read then
+        # The backend whose apply's notifications are being read (a switch
+        # commits self.backend only after it).
+        self._applying: Optional[Backend] = None
         backend, why = choose_backend(spec.backend)
         self.backend = backend
         self.snapshot = dataclasses.replace(self.snapshot, backend=backend.name if backend else None,
@@ -166,7 +169,11 @@ class Reconciler:
             if rendered.text or listing:
                 backend.apply(rendered, carry)  # raises: nothing below runs
                 applied = True
-                self._drained()
+                self._applying = backend
+                try:
+                    self._drained()
+                finally:
+                    self._applying = None
             again = self._verify(backend, rendered)
             if applied and drift and cur.applies and not changed_rules:
                 self._note_uncounted(backend)
@@ -215,7 +222,7 @@ class Reconciler:
 
     def counter_events(self, events: Iterable[CounterEvent]) -> None:
         """What nftables notifications said about named counters, in their order."""
-        backend = self.backend
+        backend = self._applying or self.backend
         for e in events:
             if e.kind == "lost":
                 self.ledger.events_lost()

@@ -11,13 +11,17 @@ the ledger must arrive at exactly that from the notifications alone.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from pathlib import Path
+from typing import Optional
 
+from mirrord.backends.base import CounterKey, Counts, Rendered
 from mirrord.backends.nftables.render import batch, family_seeds
 from mirrord.netlink.watch import CounterEvent, NftChanges
 from mirrord.reconcile.ledger import CounterLedger
+from tests.unit.test_reconciler import CLONE, FakeKernel, reconciler
 
 DATA = Path(__file__).parent / "data" / "nft_counter_events.txt"
 OWN = frozenset({("ip", "mirrord"), ("ip6", "mirrord"), ("netdev", "mirrord")})
@@ -109,7 +113,16 @@ def test_a_counter_made_again_before_its_deletion_was_read_says_so() -> None:
     ledger = CounterLedger()
     replay(ledger, events(datagrams))
     replay(ledger, [CounterEvent("created", "ip", "m.out")])  # no seeding() in between
-    assert len(ledger.notes()) == 1 and "mirror m (out)" in ledger.notes()[0]
+    assert len(ledger.notes()) == 1 and "55 copies of mirror m (out)" in ledger.notes()[0]
+
+
+def test_a_counter_made_again_with_nothing_counted_since_the_carry_notes_nothing() -> None:
+    named, datagrams = capture()
+    ledger = CounterLedger()
+    ledger.fold_clones({KEY: named})  # read right before the (own) delete-and-create
+    ledger.seeding()
+    replay(ledger, [*events(datagrams), CounterEvent("created", "ip", "m.out")])
+    assert ledger.notes() == ()
 
 
 def test_a_deletion_of_an_adopted_counter_says_what_was_not_counted() -> None:
@@ -189,3 +202,67 @@ def test_a_family_made_again_starts_from_the_carry_less_what_the_others_hold() -
     rules6 = [a["rule"]["expr"][1]["counter"] for a in added
               if "rule" in a and a["rule"]["family"] == "ip6"]
     assert rules6 == [None, None]  # refilled: the kept counter's base moves instead
+
+
+# -- the reconciler: the deletion is folded in before the heal seeds from the carry ---------
+class CountingKernel(FakeKernel):
+    """A FakeKernel whose deletions notify what its rules had counted, like nftables'."""
+
+    capabilities = dataclasses.replace(FakeKernel.capabilities, counted_deletes=True)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: list[CounterEvent] = []  # notifications not read yet
+        self.since_apply: Counts = {}  # what the rules' anonymous counters hold
+
+    def named_counter(self, name: str) -> Optional[CounterKey]:
+        mirror, _, direction = name.rpartition(".")
+        return (mirror, direction)
+
+    def apply(self, rendered: Rendered, carry: Counts) -> None:
+        super().apply(rendered, carry)
+        self.queue += [CounterEvent("created", "ip", f"{m}.{d}") for m, d in self.counts]
+        self.since_apply = dict(self.counts)  # each first rule seeded like its counter
+
+    def count(self, key: tuple[str, str], packets: int) -> None:
+        super().count(key, packets)
+        p, b = self.since_apply.get(key, (0, 0))
+        self.since_apply[key] = (p + packets, b + 100 * packets)
+
+    def delete_everything(self) -> None:
+        self.queue += [CounterEvent("rule", "ip", f"{m}.{d}", p, b)
+                       for (m, d), (p, b) in self.since_apply.items()]
+        self.queue += [CounterEvent("deleted", "ip", f"{m}.{d}") for m, d in self.counts]
+        super().delete_everything()
+
+
+def test_the_heal_starts_from_what_the_deleted_rules_had_counted() -> None:
+    k = CountingKernel()
+    r, _ = reconciler(CLONE, k)
+
+    def drain() -> None:
+        events, k.queue = k.queue, []
+        r.counter_events(events)
+
+    r.drain = drain
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    k.count(("lan", "in"), 5)
+    assert r.read().clones[("lan", "in")] == (5, 500)
+    k.count(("lan", "in"), 7)  # counted, never read ...
+    k.delete_everything()  # ... and the table is gone
+    r.reconcile(["table deleted"], refresh_topology=False)
+    assert k.counts[("lan", "in")] == (12, 1200)  # the new rules start from the exact total
+    k.count(("lan", "in"), 1)
+    reading = r.read()
+    assert reading.clones[("lan", "in")] == (13, 1300)
+    assert reading.notes == ()
+
+
+def test_without_counted_deletes_a_heal_says_what_may_be_missing() -> None:
+    r, k = reconciler(CLONE)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    k.count(("lan", "in"), 7)
+    k.delete_everything()
+    r.reconcile(["table deleted"], refresh_topology=False)
+    (note,) = r.read().notes
+    assert "copies of lan between" in note and "backend fake" in note
