@@ -96,16 +96,9 @@ class CounterEvent:
     values: bool = True
 
 
-def _attr_list(buf: bytes, pos: int, end: int) -> list[tuple[int, bytes]]:
-    """Attributes in order, repeats kept (a rule's expressions are all NFTA_LIST_ELEM)."""
-    out: list[tuple[int, bytes]] = []
-    while pos + 4 <= end:
-        alen, akind = struct.unpack_from("=HH", buf, pos)
-        if alen < 4 or pos + alen > end:
-            break
-        out.append((akind & 0x3FFF, buf[pos + 4 : pos + alen]))
-        pos += (alen + 3) & ~3
-    return out
+_NLA = struct.Struct("=HH")
+_OBJREF = b"objref\0"
+_COUNTER = b"counter\0"
 
 
 def _be64(b: Optional[bytes]) -> Optional[int]:
@@ -114,32 +107,47 @@ def _be64(b: Optional[bytes]) -> Optional[int]:
 
 def rule_counts(family: str, buf: bytes, start: int, end: int) -> list[CounterEvent]:
     """A deleted rule's named counter references with the anonymous counter
-    that follows each (mirrord renders them as a pair: see backends/nftables)."""
-    exprs = _attrs(buf, start + 4, end).get(NFTA_RULE_EXPRESSIONS)
+    that follows each (mirrord renders them as a pair: see backends/nftables).
+
+    A flush of thousands of mirrors' rules is thousands of these: only the
+    objref and counter expressions are decoded, the others skipped by name.
+    """
+    exprs = _attr(buf, start + 4, end, NFTA_RULE_EXPRESSIONS)
     if exprs is None:
         return []
     out: list[CounterEvent] = []
     pending: Optional[str] = None  # a counter reference waiting for its anonymous twin
-    for kind, elem in _attr_list(exprs, 0, len(exprs)):
-        if kind != NFTA_LIST_ELEM:
+    pos, n = 0, len(exprs)
+    while pos + 4 <= n:
+        alen, akind = _NLA.unpack_from(exprs, pos)
+        if alen < 4 or pos + alen > n:
+            break
+        epos, eend = pos + 4, pos + alen
+        pos += (alen + 3) & ~3
+        if akind & 0x3FFF != NFTA_LIST_ELEM or epos + 4 > eend:
             continue
-        e = _attrs(elem, 0, len(elem))
-        name = _cstr(e.get(NFTA_EXPR_NAME))
-        data = e.get(NFTA_EXPR_DATA, b"")
+        nlen, nkind = _NLA.unpack_from(exprs, epos)  # the expression's name comes first
+        if nkind & 0x3FFF != NFTA_EXPR_NAME or nlen < 4 or epos + nlen > eend:
+            continue
+        name = exprs[epos + 4 : epos + nlen]
+        is_objref, is_counter = name.startswith(_OBJREF), name.startswith(_COUNTER)
+        if not (is_objref or is_counter):
+            continue
+        data = _attrs(exprs, epos, eend).get(NFTA_EXPR_DATA, b"")
         d = _attrs(data, 0, len(data))
-        if name == "objref":
-            typ = d.get(NFTA_OBJREF_IMM_TYPE)
+        if is_objref:
             if pending is not None:
                 out.append(CounterEvent("rule", family, pending, values=False))
                 pending = None
-            if typ is not None and len(typ) == 4 and struct.unpack("!I", typ)[0] == \
-                    NFT_OBJECT_COUNTER:
+            typ = d.get(NFTA_OBJREF_IMM_TYPE)
+            if typ is not None and len(typ) == 4 and \
+                    struct.unpack("!I", typ)[0] == NFT_OBJECT_COUNTER:
                 pending = _cstr(d.get(NFTA_OBJREF_IMM_NAME)) or None
             continue
         if pending is None:
             continue
         packets, nbytes = _be64(d.get(NFTA_COUNTER_PACKETS)), _be64(d.get(NFTA_COUNTER_BYTES))
-        if name == "counter" and packets is not None and nbytes is not None:
+        if packets is not None and nbytes is not None:
             out.append(CounterEvent("rule", family, pending, packets, nbytes))
         else:
             out.append(CounterEvent("rule", family, pending, values=False))
