@@ -22,7 +22,7 @@ import errno
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 # The message and attribute parsing is rtnl.py's, which the topology queries share.
 from .rtnl import address as _address
@@ -78,8 +78,7 @@ NFTA_COUNTER_BYTES = 1
 NFTA_COUNTER_PACKETS = 2
 
 
-@dataclass(frozen=True)
-class CounterEvent:
+class CounterEvent(NamedTuple):  # a NamedTuple: thousands are made per flush
     """What a notification says about named counters, in the order they came.
 
     kind: "rule" (a rule referencing `name` was deleted; `packets`/`nbytes`:
@@ -105,6 +104,20 @@ def _be64(b: Optional[bytes]) -> Optional[int]:
     return struct.unpack("!Q", b)[0] if b is not None and len(b) == 8 else None
 
 
+def _sub(b: bytes, pos: int, end: int, *wanted: int) -> list[Optional[bytes]]:
+    """The payloads of the `wanted` attribute types between pos and end (None: absent)."""
+    out: list[Optional[bytes]] = [None] * len(wanted)
+    while pos + 4 <= end:
+        alen, akind = _NLA.unpack_from(b, pos)
+        if alen < 4 or pos + alen > end:
+            break
+        kind = akind & 0x3FFF
+        if kind in wanted:
+            out[wanted.index(kind)] = b[pos + 4 : pos + alen]
+        pos += (alen + 3) & ~3
+    return out
+
+
 def rule_counts(family: str, buf: bytes, start: int, end: int) -> list[CounterEvent]:
     """A deleted rule's named counter references with the anonymous counter
     that follows each (mirrord renders them as a pair: see backends/nftables).
@@ -113,40 +126,40 @@ def rule_counts(family: str, buf: bytes, start: int, end: int) -> list[CounterEv
     objref and counter expressions are decoded, the others skipped by name.
     """
     exprs = _attr(buf, start + 4, end, NFTA_RULE_EXPRESSIONS)
-    if exprs is None:
+    if exprs is None or _OBJREF not in exprs:
         return []
     out: list[CounterEvent] = []
     pending: Optional[str] = None  # a counter reference waiting for its anonymous twin
     pos, n = 0, len(exprs)
-    while pos + 4 <= n:
-        alen, akind = _NLA.unpack_from(exprs, pos)
+    unpack = _NLA.unpack_from
+    while pos + 8 <= n:
+        alen, akind = unpack(exprs, pos)
         if alen < 4 or pos + alen > n:
             break
         epos, eend = pos + 4, pos + alen
         pos += (alen + 3) & ~3
-        if akind & 0x3FFF != NFTA_LIST_ELEM or epos + 4 > eend:
-            continue
-        nlen, nkind = _NLA.unpack_from(exprs, epos)  # the expression's name comes first
-        if nkind & 0x3FFF != NFTA_EXPR_NAME or nlen < 4 or epos + nlen > eend:
+        nlen, nkind = unpack(exprs, epos)  # the expression's name comes first
+        if akind & 0x3FFF != NFTA_LIST_ELEM or nkind & 0x3FFF != NFTA_EXPR_NAME \
+                or nlen < 4 or epos + nlen > eend:
             continue
         name = exprs[epos + 4 : epos + nlen]
-        is_objref, is_counter = name.startswith(_OBJREF), name.startswith(_COUNTER)
-        if not (is_objref or is_counter):
+        is_objref = name.startswith(_OBJREF)
+        if not is_objref and (pending is None or not name.startswith(_COUNTER)):
             continue
-        data = _attrs(exprs, epos, eend).get(NFTA_EXPR_DATA, b"")
-        d = _attrs(data, 0, len(data))
+        (data,) = _sub(exprs, epos, eend, NFTA_EXPR_DATA)
+        data = data or b""
         if is_objref:
             if pending is not None:
                 out.append(CounterEvent("rule", family, pending, values=False))
                 pending = None
-            typ = d.get(NFTA_OBJREF_IMM_TYPE)
+            typ, ref = _sub(data, 0, len(data), NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME)
             if typ is not None and len(typ) == 4 and \
                     struct.unpack("!I", typ)[0] == NFT_OBJECT_COUNTER:
-                pending = _cstr(d.get(NFTA_OBJREF_IMM_NAME)) or None
+                pending = _cstr(ref) or None
             continue
-        if pending is None:
-            continue
-        packets, nbytes = _be64(d.get(NFTA_COUNTER_PACKETS)), _be64(d.get(NFTA_COUNTER_BYTES))
+        nb, pk = _sub(data, 0, len(data), NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS)
+        packets, nbytes = _be64(pk), _be64(nb)
+        assert pending is not None
         if packets is not None and nbytes is not None:
             out.append(CounterEvent("rule", family, pending, packets, nbytes))
         else:

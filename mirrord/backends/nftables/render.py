@@ -348,9 +348,11 @@ def seed_rule(fam: str, expr: list[Expr], seeds: Seeds,
     seeded like it, in the first rule that references it (`seeded_rules`
     remembers which were): then the named counter equals the sum of its rules'
     anonymous counters until the rules are replaced. `expr` itself if none."""
+    if len(seeded_rules) >= len(seeds):
+        return expr  # every counter's first rule is seeded already
     out: Optional[list[Expr]] = None
-    for i, e in enumerate(expr[:-1]):
-        name = e.get("counter")
+    for i in range(len(expr) - 1):
+        name = expr[i].get("counter")
         if not isinstance(name, str) or (fam, name) not in seeds or (fam, name) in seeded_rules:
             continue
         if "counter" not in expr[i + 1] or isinstance(expr[i + 1]["counter"], str):

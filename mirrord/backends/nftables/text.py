@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from ...match import PROTOCOL_NAMES
 from ..base import Counts
-from .render import TABLE, family_seeds, seed_rule
+from .render import TABLE, Seeds, family_seeds, seed_rule
 
 Expr = dict[str, Any]
 
@@ -117,9 +117,8 @@ def to_text(tables: dict[str, list[dict[str, Any]]], carry: Optional[Counts] = N
     for fam, objs in tables.items():
         chains = [o["chain"] for o in objs if "chain" in o]
         if seeds:  # in creation order, as batch() seeds them: the same rule each way
-            objs = [{"rule": {**o["rule"], "expr": seed_rule(fam, o["rule"]["expr"], seeds,
-                                                             seeded_rules)}}
-                    if "rule" in o else o for o in objs]
+            objs = [_seeded_rule(fam, o, seeds, seeded_rules) if "rule" in o else o
+                    for o in objs]
         rules = _rules_by_chain(objs)
         out.append(f"table {fam} {TABLE} {{")
         for o in objs:
@@ -145,6 +144,12 @@ def to_text(tables: dict[str, list[dict[str, Any]]], carry: Optional[Counts] = N
             out.append("\t}")
         out.append("}")
     return "\n".join(out) + ("\n" if out else "")
+
+
+def _seeded_rule(fam: str, o: dict[str, Any], seeds: Seeds,
+                 seeded_rules: set[tuple[str, str]]) -> dict[str, Any]:
+    expr = seed_rule(fam, o["rule"]["expr"], seeds, seeded_rules)
+    return o if expr is o["rule"]["expr"] else {"rule": {**o["rule"], "expr": expr}}
 
 
 def _rules_by_chain(objs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
