@@ -118,55 +118,80 @@ def _sub(b: bytes, pos: int, end: int, *wanted: int) -> list[Optional[bytes]]:
     return out
 
 
+_OBJREF_NAME = _NLA.pack(4 + len(_OBJREF), NFTA_EXPR_NAME) + _OBJREF
+
+
 def rule_counts(family: str, buf: bytes, start: int, end: int) -> list[CounterEvent]:
     """A deleted rule's named counter references with the anonymous counter
     that follows each (mirrord renders them as a pair: see backends/nftables).
 
-    A flush of thousands of mirrors' rules is thousands of these: only the
-    objref and counter expressions are decoded, the others skipped by name.
+    A flush of thousands of mirrors' rules is thousands of these: each
+    objref expression is found by its name's bytes and only it and the
+    expression after it are decoded; anything unexpected there is decoded
+    the long way, every expression in turn.
     """
     exprs = _attr(buf, start + 4, end, NFTA_RULE_EXPRESSIONS)
-    if exprs is None or _OBJREF not in exprs:
+    if exprs is None:
         return []
     out: list[CounterEvent] = []
-    pending: Optional[str] = None  # a counter reference waiting for its anonymous twin
+    at = exprs.find(_OBJREF_NAME)
+    while at != -1:
+        elem = at - 4
+        if elem < 0:
+            return _rule_counts_walk(family, exprs)
+        alen, akind = _NLA.unpack_from(exprs, elem)
+        if akind & 0x3FFF != NFTA_LIST_ELEM or alen < 4 or elem + alen > len(exprs):
+            return _rule_counts_walk(family, exprs)
+        nxt = elem + ((alen + 3) & ~3)
+        name = _objref(exprs, elem + 4, elem + alen)
+        if name is not None:
+            out.append(_counter_after(family, name, exprs, nxt))
+        at = exprs.find(_OBJREF_NAME, nxt)
+    return out
+
+
+def _objref(b: bytes, pos: int, end: int) -> Optional[str]:
+    """The named counter an objref expression (its attributes from pos) refers to."""
+    (data,) = _sub(b, pos, end, NFTA_EXPR_DATA)
+    if data is None:
+        return None
+    typ, ref = _sub(data, 0, len(data), NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME)
+    if typ is None or len(typ) != 4 or struct.unpack("!I", typ)[0] != NFT_OBJECT_COUNTER:
+        return None
+    return _cstr(ref) or None
+
+
+def _counter_after(family: str, name: str, b: bytes, pos: int) -> CounterEvent:
+    """`name`'s event with the values of the anonymous counter at pos, if there is one."""
+    if pos + 8 <= len(b):
+        alen, akind = _NLA.unpack_from(b, pos)
+        if akind & 0x3FFF == NFTA_LIST_ELEM and alen >= 8 and pos + alen <= len(b):
+            ename, data = _sub(b, pos + 4, pos + alen, NFTA_EXPR_NAME, NFTA_EXPR_DATA)
+            if ename is not None and ename.startswith(_COUNTER) and data is not None:
+                nb, pk = _sub(data, 0, len(data), NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS)
+                packets, nbytes = _be64(pk), _be64(nb)
+                if packets is not None and nbytes is not None:
+                    return CounterEvent("rule", family, name, packets, nbytes)
+    return CounterEvent("rule", family, name, values=False)
+
+
+def _rule_counts_walk(family: str, exprs: bytes) -> list[CounterEvent]:
+    """rule_counts the long way: every expression in turn."""
+    out: list[CounterEvent] = []
     pos, n = 0, len(exprs)
-    unpack = _NLA.unpack_from
     while pos + 8 <= n:
-        alen, akind = unpack(exprs, pos)
+        alen, akind = _NLA.unpack_from(exprs, pos)
         if alen < 4 or pos + alen > n:
             break
-        epos, eend = pos + 4, pos + alen
-        pos += (alen + 3) & ~3
-        nlen, nkind = unpack(exprs, epos)  # the expression's name comes first
-        if akind & 0x3FFF != NFTA_LIST_ELEM or nkind & 0x3FFF != NFTA_EXPR_NAME \
-                or nlen < 4 or epos + nlen > eend:
+        elem, pos = pos, pos + ((alen + 3) & ~3)
+        if akind & 0x3FFF != NFTA_LIST_ELEM:
             continue
-        name = exprs[epos + 4 : epos + nlen]
-        is_objref = name.startswith(_OBJREF)
-        if not is_objref and (pending is None or not name.startswith(_COUNTER)):
+        (ename,) = _sub(exprs, elem + 4, elem + alen, NFTA_EXPR_NAME)
+        if ename is None or not ename.startswith(_OBJREF):
             continue
-        (data,) = _sub(exprs, epos, eend, NFTA_EXPR_DATA)
-        data = data or b""
-        if is_objref:
-            if pending is not None:
-                out.append(CounterEvent("rule", family, pending, values=False))
-                pending = None
-            typ, ref = _sub(data, 0, len(data), NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME)
-            if typ is not None and len(typ) == 4 and \
-                    struct.unpack("!I", typ)[0] == NFT_OBJECT_COUNTER:
-                pending = _cstr(ref) or None
-            continue
-        nb, pk = _sub(data, 0, len(data), NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS)
-        packets, nbytes = _be64(pk), _be64(nb)
-        assert pending is not None
-        if packets is not None and nbytes is not None:
-            out.append(CounterEvent("rule", family, pending, packets, nbytes))
-        else:
-            out.append(CounterEvent("rule", family, pending, values=False))
-        pending = None
-    if pending is not None:
-        out.append(CounterEvent("rule", family, pending, values=False))
+        name = _objref(exprs, elem + 4, elem + alen)
+        if name is not None:
+            out.append(_counter_after(family, name, exprs, pos))
     return out
 
 
@@ -298,9 +323,8 @@ class NftChanges(_Parser):
         if msg == NFT_MSG_DELRULE:
             self.counter_events += rule_counts(family, buf, start, end)
         elif msg in (NFT_MSG_NEWOBJ, NFT_MSG_DELOBJ):
-            a = _attrs(buf, start + 4, end)
-            typ = a.get(NFTA_OBJ_TYPE)
-            name = _cstr(a.get(NFTA_OBJ_NAME))
+            raw, typ = _sub(buf, start + 4, end, NFTA_OBJ_NAME, NFTA_OBJ_TYPE)
+            name = _cstr(raw)
             if name and typ is not None and len(typ) == 4 and \
                     struct.unpack("!I", typ)[0] == NFT_OBJECT_COUNTER:
                 self.counter_events.append(CounterEvent(

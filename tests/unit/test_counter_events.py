@@ -19,7 +19,8 @@ from typing import Optional
 
 from mirrord.backends.base import CounterKey, Counts, Rendered
 from mirrord.backends.nftables.render import batch, family_seeds
-from mirrord.netlink.watch import CounterEvent, NftChanges
+from mirrord.netlink.rtnl import attr, messages
+from mirrord.netlink.watch import CounterEvent, NftChanges, _rule_counts_walk, rule_counts
 from mirrord.reconcile.ledger import CounterLedger
 from tests.unit.test_reconciler import CLONE, FakeKernel, reconciler
 
@@ -68,6 +69,16 @@ def test_the_kernels_delete_notifications_parse_to_the_anonymous_counts() -> Non
         CounterEvent("rule", "ip", "m.out", 10, 840),
         CounterEvent("deleted", "ip", "m.out"),
     ]
+
+
+def test_the_fast_path_reads_what_the_walk_through_every_expression_reads() -> None:
+    _, datagrams = capture()
+    rules = [m for d in datagrams for m in messages(d) if m.type == (10 << 8) | 8]
+    assert len(rules) == 3
+    for m in rules:
+        exprs = attr(m.buf, m.start + 4, m.end, 4)
+        assert exprs is not None
+        assert rule_counts("ip", m.buf, m.start, m.end) == _rule_counts_walk("ip", exprs)
 
 
 def test_other_tables_are_not_ours() -> None:
@@ -167,7 +178,10 @@ def test_truncated_and_garbled_notifications_raise_nothing() -> None:
             for e in events([bytes(b)]):
                 assert e.kind in ("rule", "created", "deleted")
     for _ in range(500):
-        events([rng.randbytes(rng.randint(0, 400))])
+        junk = rng.randbytes(rng.randint(0, 400))
+        events([junk])
+        _rule_counts_walk("ip", junk)
+        rule_counts("ip", junk, 0, len(junk))
 
 
 # -- seeds: a mirror's total is the sum over its families' counters -------------------------
