@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from ...match import PROTOCOL_NAMES
 from ..base import Counts
-from .render import TABLE, Seeds, family_seeds, seed_rule
+from .render import TABLE, family_seeds, first_references
 
 Expr = dict[str, Any]
 
@@ -116,9 +116,8 @@ def to_text(tables: dict[str, list[dict[str, Any]]], carry: Optional[Counts] = N
     seeded_rules: set[tuple[str, str]] = set()
     for fam, objs in tables.items():
         chains = [o["chain"] for o in objs if "chain" in o]
-        if seeds:  # in creation order, as batch() seeds them: the same rule each way
-            objs = [_seeded_rule(fam, o, seeds, seeded_rules) if "rule" in o else o
-                    for o in objs]
+        # In creation order, as batch() seeds them: the same rule each way.
+        firsts = first_references(fam, objs, seeds, seeded_rules) if seeds else {}
         rules = _rules_by_chain(objs)
         out.append(f"table {fam} {TABLE} {{")
         for o in objs:
@@ -137,19 +136,20 @@ def to_text(tables: dict[str, list[dict[str, Any]]], carry: Optional[Counts] = N
                 out.append(f"\t\ttype {c['type']} hook {c['hook']}{dev} priority {c['prio']}; "
                            f"policy {c['policy']};")
             for r in rules.get(c["name"], ()):
-                line = " ".join(_text_expr(e) for e in r["expr"])
+                first = firsts.get(id(r))
+                if first is None:
+                    line = " ".join(_text_expr(e) for e in r["expr"])
+                else:
+                    at, (packets, nbytes) = first
+                    parts = [_text_expr(e) for e in r["expr"]]
+                    parts[at] = f"counter packets {packets} bytes {nbytes}"
+                    line = " ".join(parts)
                 if "comment" in r:
                     line += f' comment "{r["comment"]}"'
                 out.append(f"\t\t{line}")
             out.append("\t}")
         out.append("}")
     return "\n".join(out) + ("\n" if out else "")
-
-
-def _seeded_rule(fam: str, o: dict[str, Any], seeds: Seeds,
-                 seeded_rules: set[tuple[str, str]]) -> dict[str, Any]:
-    expr = seed_rule(fam, o["rule"]["expr"], seeds, seeded_rules)
-    return o if expr is o["rule"]["expr"] else {"rule": {**o["rule"], "expr": expr}}
 
 
 def _rules_by_chain(objs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
