@@ -9,6 +9,7 @@ collector's count, exactly, once the heal is done and more copies were made.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -41,6 +42,13 @@ def wait_until(what: str, ok: Callable[[], bool], timeout: float = 15) -> None:
 
 def copies(lab: Lab) -> int:
     return lab.collector_counts()["copies"]
+
+
+def copies_and_bytes(lab: Lab) -> tuple[int, int]:
+    out = lab.col.run("nft", "-j", "list", "counters", "table", "netdev", "lab").stdout
+    c = next(o["counter"] for o in json.loads(out)["nftables"]
+             if o.get("counter", {}).get("name") == "copies")
+    return int(c["packets"]), int(c["bytes"])
 
 
 def send(lab: Lab, n: int, expect: int) -> None:
@@ -76,6 +84,7 @@ def test_totals_survive_another_process_deleting_the_table(disrupt: tuple[str, .
         m = status["mirrors"][0]
         assert status["reapplies"] >= 1, "the deletion was not healed"
         assert (m["packets"], copies(lab)) == (BEFORE + AFTER, BEFORE + AFTER), status
+        assert (m["packets"], m["bytes"]) == copies_and_bytes(lab), status
         assert not [f for f in status["findings"] if f["code"] == "counters-inexact"], status
 
 
