@@ -297,11 +297,11 @@ def family_seeds(tables: dict[str, list[dict[str, Any]]], carry: Counts,
                  kept: dict[str, list[dict[str, Any]]]) -> Seeds:
     """What each named counter a batch creates starts from.
 
-    A mirror's total is the sum of its counters in every family (a dual-stack
-    mirror counts in `ip` and `ip6`): the carry goes to the first family that
-    creates the counter, less what the counters that stay (listed in `kept`)
-    hold, so that the sum goes on from the carry. Seeding every family with
-    the whole carry counted it once per family.
+    A mirror's total is the sum of its counters in every family (counters()
+    adds them up): the carry goes to the first family that creates the
+    counter, less what the counters that stay (listed in `kept`) hold, so
+    that the sum goes on from the carry and is never seeded twice. (A clone
+    mirror counts in its collector's family only today.)
     """
     held: dict[CounterKey, tuple[int, int]] = {}
     for objs in kept.values():
