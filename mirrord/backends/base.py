@@ -53,6 +53,9 @@ class Capabilities:
     # other's rules in place, so a switch between them must not flush.
     kernel_owner: str
     removes: str  # what flush() removes, for humans
+    # Counts the kernel copies again where they leave the router, after every
+    # firewall chain (plan.delivery): status compares the two.
+    delivery_counters: bool = False
 
 
 class Backend(ABC):

@@ -76,6 +76,20 @@ class TzspRow(_TzspCounters):
     exit_reason: Optional[str]
 
 
+class DeliveryRow(TypedDict):
+    """Kernel copies counted again after every firewall chain (plan.delivery)."""
+
+    via: str  # what is counted there: "clones routed to 192.0.2.50", "VXLAN datagrams to ..."
+    collectors: list[str]
+    mirrors: list[str]  # every mirror whose copies leave here: the counts are theirs together
+    copied: int  # packets their rules copied
+    left: int  # packets that left (after output and postrouting)
+    left_bytes: int  # as they left, with any tunnel encapsulation
+    verdict: str  # "leaving" | "dropped" | "idle" (no copies yet)
+    lost: int  # copies that did not leave, in the window since `since`
+    since: str  # ISO 8601, UTC
+
+
 class MirrorRow(TypedDict):
     name: str
     state: State
@@ -92,6 +106,10 @@ class MirrorRow(TypedDict):
     tzsp: list[TzspRow]
     rate: Optional[Rate]
     last_heal: Optional[LastHeal]
+    # Where the mirror's kernel copies are counted leaving; [] for TZSP and span
+    # ports (TZSP's sends fail with EPERM where a firewall drops them; a span
+    # copy is queued straight on the port) and the iptables backends.
+    delivery: list[DeliveryRow]
 
 
 class _FindingBase(TypedDict):

@@ -7,9 +7,11 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from .. import __version__
+from .delivery import Delivery, DeliveryMeter, why_dropped
 from .document import (
     TZSP_COUNTERS,
     CollectorRow,
+    DeliveryRow,
     DirectionCount,
     MirrorRow,
     Rate,
@@ -56,11 +58,16 @@ class RateMeter:
         return out
 
 
-def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -> StatusDocument:
-    """The status document from what the reconciler produced and the counters now."""
-    from .health import Finding, offload_findings, plan_findings, tzsp_findings
+def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter,
+                 delivery: Optional[DeliveryMeter] = None) -> StatusDocument:
+    """The status document from what the reconciler produced and the counters now.
+    `delivery`: the meter that keeps the previous query's delivery counts."""
+    from .health import Finding, delivery_findings, offload_findings, plan_findings, tzsp_findings
 
     counts = reading.clones if reading else {}
+    points = snap.plan.deliveries if snap.plan and reading else ()
+    deliveries = (delivery or DeliveryMeter()).assess(points, counts, time.time(), snap.started,
+                                                      snap.applies + snap.reapplies)
     tzsp = reading.tzsp if reading else {}
     taps = reading.taps if reading else ()
     mirror_plans = snap.plan.mirrors if snap.plan else ()
@@ -96,6 +103,11 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
         if mp.transport == "tzsp" and state in ("active", "degraded"):
             state, reason = _with_exited_taps(state, reason, mp, workers)
         kernel = mp.transport == "clone" or mp.collector.copies_frames
+        through = [d for d in deliveries.values() if any(f[0] == m.name for f in d.point.feeds)]
+        dropped = [d for d in through if d.verdict == "dropped"]
+        if dropped and state == "active":
+            state = "degraded"
+            reason = "; ".join(why_dropped(d, mp.collector.name, _device_of(mp)) for d in dropped)
         if snap.apply_error and kernel:
             # The kernel refused the last apply: what runs may not be this plan.
             state, reason = "error", f"rules could not be applied: {snap.apply_error}"
@@ -116,6 +128,7 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
             "tzsp": workers,
             "rate": rates.get(m.name),
             "last_heal": {"when": _iso(heal.when), "why": heal.why} if heal else None,
+            "delivery": [_delivery_row(d) for d in through],
         })
     findings = plan_findings(snap.plan, snap.backend_error, snap.topology) if snap.plan else []
     if snap.apply_error:
@@ -124,6 +137,9 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
             "see the daemon's log for the refused input; mirrord retries on every change and "
             "with a growing delay"))
     findings += tzsp_findings(mirrors)
+    if snap.plan is not None:
+        findings += delivery_findings(snap.plan, [d for d in deliveries.values()
+                                                  if d.verdict == "dropped"])
     findings += offload_findings()
     doc: StatusDocument = {
         "version": __version__,
@@ -182,6 +198,21 @@ def _with_exited_taps(state: State, reason: str, mp: MirrorPlan,
     return state, "; ".join(r for r in (why, reason) if r)
 
 
+def _device_of(mp: MirrorPlan) -> Optional[str]:
+    if mp.collector.copies_frames:
+        from ..plan.frames import target_of
+
+        return target_of(mp.collector)
+    return mp.reach.oif if mp.reach is not None else None
+
+
+def _delivery_row(d: Delivery) -> DeliveryRow:
+    return {"via": d.point.describe(), "collectors": list(d.point.collectors),
+            "mirrors": list(dict.fromkeys(f[0] for f in d.point.feeds)),
+            "copied": d.copied, "left": d.left, "left_bytes": d.left_bytes,
+            "verdict": d.verdict, "lost": d.lost, "since": _iso(d.since)}
+
+
 def _collector_row(c: Collector, reach: Optional[Reach]) -> CollectorRow:
     from ..plan.frames import target_of
 
@@ -230,6 +261,11 @@ def format_table(status: StatusDocument) -> str:
             extra.append(dirs)
         if rate:
             extra.append(f"{rate['pps']} pkt/s over {rate['interval']}s")
+        for d in m.get("delivery", []):
+            shared = f", with {', '.join(n for n in d['mirrors'] if n != m['name'])}" if len(
+                d["mirrors"]) > 1 else ""
+            extra.append(f"left the router {d['left']} of {d['copied']} copied ({d['via']}"
+                         f"{shared}){': ' + str(d['lost']) + ' lost' if d['verdict'] == 'dropped' else ''}")
         for w in m.get("tzsp", []):
             state = w.get("state")
             shown = f" ({state}: {w.get('exit_reason')})" if state == "exited" else (
@@ -263,6 +299,12 @@ def format_prometheus(status: Optional[StatusDocument]) -> str:
         "mirrord_mirror_bytes_total": ("counter", "Bytes copied to the collector.", []),
         "mirrord_mirror_state": ("gauge", "1 for the state the mirror is in.", []),
         "mirrord_tzsp_errors_total": ("counter", "TZSP copies lost, by cause.", []),
+        "mirrord_delivery_copied_packets_total": (
+            "counter", "Kernel copies made for a delivery point (every mirror it serves).", []),
+        "mirrord_delivery_left_packets_total": (
+            "counter", "Kernel copies that left the router, after every firewall chain.", []),
+        "mirrord_delivery_left_bytes_total": (
+            "counter", "Bytes of those copies as they left (with any encapsulation).", []),
         "mirrord_reapplies_total": ("counter", "Rule re-applications after start.", []),
         "mirrord_findings": ("gauge", "Health findings, by code.", []),
     }
@@ -288,6 +330,16 @@ def format_prometheus(status: Optional[StatusDocument]) -> str:
                     metrics["mirrord_tzsp_errors_total"][2].append(
                         f'{{mirror="{name}",interface="{_label(w["interface"])}",'
                         f'cause="{cause}"}} {w[cause]}')
+    seen: set[str] = set()
+    for m in status.get("mirrors", []):
+        for d in m.get("delivery", []):
+            if d["via"] in seen:
+                continue  # one point serves several mirrors: counted once
+            seen.add(d["via"])
+            lbl = f'{{via="{_label(d["via"])}",collectors="{_label(",".join(d["collectors"]))}"}}'
+            metrics["mirrord_delivery_copied_packets_total"][2].append(f"{lbl} {d['copied']}")
+            metrics["mirrord_delivery_left_packets_total"][2].append(f"{lbl} {d['left']}")
+            metrics["mirrord_delivery_left_bytes_total"][2].append(f"{lbl} {d['left_bytes']}")
     metrics["mirrord_reapplies_total"][2].append(f" {status.get('reapplies', 0)}")
     codes: dict[str, int] = {}
     for f in status.get("findings", []):

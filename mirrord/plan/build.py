@@ -59,10 +59,12 @@ def build(
     versions: frozenset[int] = frozenset({4, 6}),
     frame_support: FrameSupport = _FRAMES_SUPPORTED,
     tunnel_errors: Optional[Mapping[str, str]] = None,
+    delivery: bool = True,
 ) -> Plan:
     """`versions`: the IP versions the backend can clone (route-tee: IPv4 only);
     `frame_support`: whether it can copy whole frames; `tunnel_errors`: why a
-    tunnel device of plan.tunnels(spec) could not be made, by device name."""
+    tunnel device of plan.tunnels(spec) could not be made, by device name;
+    `delivery`: whether the backend counts copies where they leave."""
     mirrors: list[MirrorPlan] = []
     clones: list[CloneRule] = []
     taps: list[TzspTap] = []
@@ -86,7 +88,8 @@ def build(
         _keep_clones_from_taps(mirrors, taps, frames, egress, topo)
     return Plan(backend, tuple(mirrors), tuple(clones), tuple(taps), clone_egress=frozenset(egress),
                 frames=tuple(frames), tunnels=tunnels(spec) if frames or any(
-                    mp.collector.copies_frames for mp in mirrors) else ())
+                    mp.collector.copies_frames for mp in mirrors) else (),
+                counts_delivery=delivery)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from ..match import Address, FamilyMatch, Match
 from ..netlink.links import Tunnel
@@ -16,6 +16,9 @@ from ..netlink.topology import Reach
 from ..spec import Collector, Mirror
 from . import reasons as why
 from .reasons import Reason
+
+if TYPE_CHECKING:
+    from .delivery import DeliveryPoint
 
 State = Literal["active", "waiting", "degraded", "error"]
 Way = Literal["in", "out"]
@@ -128,9 +131,20 @@ class Plan:
     # Interfaces that kernel clones leave through: an `out` mirror there must
     # not count the clones themselves (they carry the original headers).
     clone_egress: frozenset[str] = field(default_factory=frozenset)
+    # The backend counts the copies again where they leave (plan.delivery).
+    counts_delivery: bool = True
 
     def mirror(self, name: str) -> Optional[MirrorPlan]:
         return self._by_name.get(name)
+
+    @cached_property
+    def deliveries(self) -> tuple[DeliveryPoint, ...]:
+        """Where the kernel copies leave the router (render counts there, status compares)."""
+        from .delivery import delivery_points
+
+        if not self.counts_delivery:
+            return ()
+        return delivery_points(self.mirrors, self.clones, self.frames, self.tunnels)
 
     @cached_property
     def _by_name(self) -> dict[str, MirrorPlan]:
