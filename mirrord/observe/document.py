@@ -50,6 +50,10 @@ class TapRow(TypedDict):
     reason: str  # "" when active
 
 
+# A mirror's state: the plan's, or `starting` for a TZSP mirror whose capture
+# is not open yet (the plan never says that; only the capture process can).
+MirrorState = Literal["active", "starting", "waiting", "degraded", "error"]
+
 TzspCounter = Literal["captured", "sent", "bytes", "ring_drops", "send_errors", "truncated"]
 TZSP_COUNTERS: tuple[TzspCounter, ...] = (
     "captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
@@ -74,6 +78,9 @@ class TzspRow(_TzspCounters):
     state: str
     running: bool
     exit_reason: Optional[str]
+    # Seconds until an exited tap is started again (as of this status); None
+    # while it runs.
+    restart_in: Optional[float]
 
 
 class DeliveryRow(TypedDict):
@@ -92,7 +99,7 @@ class DeliveryRow(TypedDict):
 
 class MirrorRow(TypedDict):
     name: str
-    state: State
+    state: MirrorState
     reason: str  # the plan's reasons joined ("; "), "" when active
     transport: Optional[str]  # "clone", "tzsp", or None when the collector is unusable
     interfaces: list[str]

@@ -14,6 +14,7 @@ from .document import (
     DeliveryRow,
     DirectionCount,
     MirrorRow,
+    MirrorState,
     Rate,
     StatusDocument,
     TzspRow,
@@ -21,7 +22,6 @@ from .document import (
 
 if TYPE_CHECKING:  # the `mirrord status` client needs none of the daemon's modules
     from ..netlink.topology import Reach
-    from ..plan import MirrorPlan, State
     from ..reconcile.snapshot import Reading, Snapshot
     from ..spec import Collector
 
@@ -94,14 +94,16 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter,
                 continue
             # pid: the capture process every tap shares; state: this tap's own.
             row: TzspRow = {"interface": t.interface, "id": t.id, "pid": t.pid, "state": t.state,
-                            "running": t.running, "exit_reason": t.exit_reason}
+                            "running": t.running, "exit_reason": t.exit_reason,
+                            "restart_in": t.restart_in}
             for k in TZSP_COUNTERS:
                 if k in t.counters:
                     row[k] = t.counters[k]
             workers.append(row)
-        state, reason = mp.state, mp.reason
+        state: MirrorState = mp.state
+        reason = mp.reason
         if mp.transport == "tzsp" and state in ("active", "degraded"):
-            state, reason = _with_exited_taps(state, reason, mp, workers)
+            state, reason = tzsp_state(state, reason, workers, mp.collector.where())
         kernel = mp.transport == "clone" or mp.collector.copies_frames
         through = [d for d in deliveries.values() if any(f[0] == m.name for f in d.point.feeds)]
         dropped = [d for d in through if d.verdict == "dropped"]
@@ -148,7 +150,8 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter,
         "config": snap.spec.path,
         "backend": snap.backend,
         "backend_error": snap.backend_error or None,
-        "summary": snap.summary(),
+        # The mirrors' states as shown (a TZSP mirror's from its capture), not the plan's.
+        "summary": _summary(mirrors) if snap.plan else snap.summary(),
         "applies": snap.applies,
         "reapplies": snap.reapplies,
         "mirrors": mirrors,
@@ -175,27 +178,59 @@ def _human_count(n: int) -> str:
     return f"{n}P"
 
 
-def _with_exited_taps(state: State, reason: str, mp: MirrorPlan,
-                      workers: list[TzspRow]) -> tuple[State, str]:
-    """A TZSP mirror whose capture ended, or whose every send fails, is not
-    active, whatever the plan wants: nothing reaches the collector (status
-    said `active` through the restart delay, and to an unreachable collector,
-    before)."""
+def _summary(mirrors: list[MirrorRow]) -> str:
+    states: dict[str, int] = {}
+    for m in mirrors:
+        states[m["state"]] = states.get(m["state"], 0) + 1
+    return f"{len(mirrors)} mirror(s): " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+
+
+def _restart(w: TzspRow) -> str:
+    due = w.get("restart_in")
+    if due is None:
+        return "restarting"  # its end is not read yet: no restart planned so far
+    return f"restarting in {due:.1f} s" if due > 0 else "restarting now"
+
+
+def tzsp_state(state: MirrorState, reason: str, workers: list[TzspRow],
+               collector: str) -> tuple[MirrorState, str]:
+    """A TZSP mirror's state from its taps as the capture process reports them.
+
+    The plan says what should capture; only the capture process knows when a
+    tap does: it marks the tap's slot running once its socket is bound with
+    its filter and ring. From the plan alone, status said `active` about
+    70 ms before the first frame could be captured, through a restart's
+    delay, and to a collector that refused every datagram. So, with the
+    plan's state `active` or `degraded` (`state`):
+
+    - a tap exited (waiting for its restart, or its end not read yet), or
+      one whose every send failed: `degraded`, or `error` when no other tap
+      is capturing or starting; the reason names each and when it restarts;
+    - else a tap still starting: `starting` (a `degraded` plan stays
+      `degraded`), the reason naming the taps; all of a mirror's taps start
+      together, so a mirror whose taps are partly open is `starting` too;
+    - else (every tap running and sending) the plan's state and reason.
+    """
     exited = [w for w in workers if w["state"] == "exited"]
     # Every datagram refused by the kernel (no route, unreachable, a broadcast
     # address): capturing is not copying.
     failing = [w for w in workers if w["state"] != "exited" and not w.get("sent")
                and w.get("send_errors")]
-    if not exited and not failing:
+    starting = [w for w in workers if w["state"] in ("starting", "not started")]
+    why = ([f"TZSP capture on {w['interface']} stopped ({w['exit_reason'] or 'ended'}), "
+            f"{_restart(w)}" for w in exited]
+           + [f"every TZSP datagram from {w['interface']} to {collector} failed to send "
+              f"({w.get('send_errors')} so far)" for w in failing]
+           + [f"TZSP capture on {w['interface']} starting (not capturing yet)"
+              for w in starting])
+    new: MirrorState
+    if exited or failing:
+        new = "error" if len(exited) + len(failing) >= len(workers) else "degraded"
+    elif starting:
+        new = "starting" if state == "active" else state
+    else:
         return state, reason
-    why = "; ".join([f"TZSP capture on {w['interface']} stopped ({w['exit_reason']}), "
-                     "restarting" for w in exited]
-                    + [f"every TZSP datagram from {w['interface']} to "
-                       f"{mp.collector.where()} failed to send ({w.get('send_errors')} so far)"
-                       for w in failing])
-    capturing = {t.interface for t in mp.taps if t.state == "active"}
-    state = "error" if len(exited) + len(failing) >= len(capturing) else "degraded"
-    return state, "; ".join(r for r in (why, reason) if r)
+    return new, "; ".join(r for r in (*why, reason) if r)
 
 
 def _device_of(mp: MirrorPlan) -> Optional[str]:
@@ -285,7 +320,7 @@ def _label(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\"", '\\"').replace("\n", "\\n")
 
 
-STATES = ("active", "waiting", "degraded", "error")
+STATES = ("active", "starting", "waiting", "degraded", "error")
 
 
 def format_prometheus(status: Optional[StatusDocument]) -> str:
