@@ -22,6 +22,7 @@ from .document import (
 
 if TYPE_CHECKING:  # the `mirrord status` client needs none of the daemon's modules
     from ..netlink.topology import Reach
+    from ..plan import MirrorPlan
     from ..reconcile.snapshot import Reading, Snapshot
     from ..spec import Collector
 
