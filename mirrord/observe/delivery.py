@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 if TYPE_CHECKING:
     from ..backends.base import Counts
-    from ..plan.delivery import DeliveryPoint
+    from ..plan.model import DeliveryPoint
 
 Verdict = Literal["leaving", "dropped", "idle"]
 # Copies counted by the rule but not yet by the point when the counters were

@@ -146,17 +146,25 @@ def _verdict(exprs: list[Any], copy: Copy) -> tuple[str, Optional[str]]:
     for e in exprs:
         if not isinstance(e, dict):
             continue
-        for v in ("accept", "drop", "reject", "return"):
-            if v in e:
-                return v, None
-        for v in ("jump", "goto"):
-            if v in e and isinstance(e[v], dict):
-                return v, str(e[v].get("target", ""))
+        found = _plain_verdict(e)
+        if found is not None:
+            return found
         if "queue" in e:
             return "unknown", None
         if "vmap" in e and isinstance(e["vmap"], dict):
             return _vmap(e["vmap"], copy)
     return "", None
+
+
+def _plain_verdict(e: dict[str, Any]) -> Optional[tuple[str, Optional[str]]]:
+    """An expression's verdict (or a map element's): (name, jump target)."""
+    for v in ("accept", "drop", "reject", "return"):
+        if v in e:
+            return v, None
+    for v in ("jump", "goto"):
+        if v in e and isinstance(e[v], dict):
+            return v, str(e[v].get("target", ""))
+    return None
 
 
 def _vmap(vm: dict[str, Any], copy: Copy) -> tuple[str, Optional[str]]:
@@ -167,15 +175,8 @@ def _vmap(vm: dict[str, Any], copy: Copy) -> tuple[str, Optional[str]]:
         return "unknown", None
     for item in items:
         if isinstance(item, list) and len(item) == 2 and _equal(item[0], value):
-            v = item[1]
-            if isinstance(v, dict):
-                for name in ("accept", "drop", "reject", "return"):
-                    if name in v:
-                        return name, None
-                for name in ("jump", "goto"):
-                    if name in v and isinstance(v[name], dict):
-                        return name, str(v[name].get("target", ""))
-            return "unknown", None
+            found = _plain_verdict(item[1]) if isinstance(item[1], dict) else None
+            return found or ("unknown", None)
     return "", None
 
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from ..backends.nftables.render import PRIO_DELIVERED
 from ..netlink.topology import Reach, Topology
 from ..plan import Plan, reasons
-from ..plan.delivery import DeliveryPoint
+from ..plan.model import DeliveryPoint
 from ..plan.reasons import Code, Reason
 from .delivery import Delivery
 from .document import FindingRow, MirrorRow

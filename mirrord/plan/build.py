@@ -14,6 +14,7 @@ from ..match import Address
 from ..netlink.topology import ARPHRD_ETHER, Reach, Topology
 from ..spec import Collector, Mirror, Spec
 from . import reasons as why
+from .delivery import delivery_points
 from .frames import Result, carriers, plan_frames, tunnels
 from .model import (
     CloneRule,
@@ -86,10 +87,10 @@ def build(
             egress.add(reach.oif)
     if egress and (taps or frames):
         _keep_clones_from_taps(mirrors, taps, frames, egress, topo)
+    made = tunnels(spec) if frames or any(mp.collector.copies_frames for mp in mirrors) else ()
     return Plan(backend, tuple(mirrors), tuple(clones), tuple(taps), clone_egress=frozenset(egress),
-                frames=tuple(frames), tunnels=tunnels(spec) if frames or any(
-                    mp.collector.copies_frames for mp in mirrors) else (),
-                counts_delivery=delivery)
+                frames=tuple(frames), tunnels=made,
+                deliveries=delivery_points(mirrors, clones, frames, made) if delivery else ())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,54 +25,18 @@ copy is queued straight on the port, no firewall chain sees it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 from ..match import Address
 from ..netlink.links import Tunnel
-from .model import CloneRule, FrameRule, MirrorPlan
-
-PointKind = Literal["clone", "vxlan", "gre"]
-DELIVERED = "delivered"  # the counter key's second part, where copies use "in"/"out"
-
-
-@dataclass(frozen=True)
-class DeliveryPoint:
-    kind: PointKind
-    address: Address  # clone: the next hop; tunnels: the remote
-    port: int = 0  # vxlan only
-    # The (mirror, direction) counters whose copies leave here.
-    feeds: tuple[tuple[str, str], ...] = ()
-    collectors: tuple[str, ...] = ()
-
-    @property
-    def version(self) -> int:
-        return self.address.version
-
-    @property
-    def name(self) -> str:
-        """The counter's name without its ".delivered": a mirror name never
-        starts with "_", and nft reads it unquoted (no ":")."""
-        addr = str(self.address).replace(":", "-")
-        return f"_{self.kind}_{addr}" + (f"_{self.port}" if self.kind == "vxlan" else "")
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.name, DELIVERED)
-
-    def describe(self) -> str:
-        if self.kind == "clone":
-            return f"clones routed to {self.address}"
-        if self.kind == "vxlan":
-            return f"VXLAN datagrams to {self.address} port {self.port}"
-        return f"GRE packets to {self.address}"
+from .model import CloneRule, DeliveryPoint, FrameRule, MirrorPlan, PointKind
 
 
 def delivery_points(mirrors: Iterable[MirrorPlan], clones: Iterable[CloneRule],
                     frames: Iterable[FrameRule],
                     tunnels: Iterable[Tunnel]) -> tuple[DeliveryPoint, ...]:
     """The points the plan's kernel copies leave through, in a stable order
-    (Plan.deliveries)."""
+    (plan.build stores them in Plan.deliveries)."""
     by_mirror = {mp.mirror.name: mp for mp in mirrors}
     feeds: dict[tuple[PointKind, Address, int], dict[tuple[str, str], None]] = {}
     owners: dict[tuple[PointKind, Address, int], dict[str, None]] = {}

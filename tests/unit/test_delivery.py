@@ -15,7 +15,7 @@ from mirrord import plan, spec
 from mirrord.netlink.topology import ARPHRD_ETHER, Link, Reach, Topology
 from mirrord.observe.delivery import IN_FLIGHT, SETTLE, DeliveryMeter
 from mirrord.observe.dropscan import Copy, find_drop
-from mirrord.plan.delivery import DeliveryPoint
+from mirrord.plan.model import DeliveryPoint
 
 DATA = Path(__file__).parent / "data"
 FW4 = json.loads((DATA / "fw4_output_reject.json").read_text())

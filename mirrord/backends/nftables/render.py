@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from ...match import FamilyMatch, Network, PortRange
 from ...plan import CloneRule, Plan
-from ...plan.delivery import DELIVERED, DeliveryPoint
+from ...plan.model import DELIVERED, DeliveryPoint
 from ..base import CounterKey, Counts, comment
 from .maps import Entry, chain_rules, family_key
 
