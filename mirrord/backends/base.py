@@ -53,6 +53,9 @@ class Capabilities:
     # other's rules in place, so a switch between them must not flush.
     kernel_owner: str
     removes: str  # what flush() removes, for humans
+    # Counts the kernel copies again where they leave the router, after every
+    # firewall chain (plan.delivery): status compares the two.
+    delivery_counters: bool = False
     # Whether the nftables notifications of its rules' deletion tell what
     # they had counted (named_counter() maps them to mirrors): then a table
     # deleted by someone else costs no count. Without it, what was counted

@@ -156,6 +156,8 @@ class CounterLedger:
 
 
 def _who(key: CounterKey) -> str:
+    if key[1] == "delivered":  # plan.model.DELIVERED: a delivery point's counter
+        return f"copies delivered at {key[0]}"
     return f"mirror {key[0]} ({key[1]})"
 
 

@@ -349,7 +349,8 @@ class Reconciler:
             c.copies_frames for c in s.collectors.values()) else plan.FrameSupport())
         return plan.build(s, topo, backend.name if backend else None, backend_error,
                           backend.capabilities.versions if backend else frozenset({4, 6}),
-                          frames, dict(self._tunnel_errors))
+                          frames, dict(self._tunnel_errors),
+                          backend.capabilities.delivery_counters if backend else False)
 
     def _render(self, backend: Backend, p: plan.Plan) -> Rendered:
         """backend.render(p), or the last rendering when it cannot differ.

@@ -63,6 +63,7 @@ class TapReading:
     state: str
     exit_reason: Optional[str]
     counters: Mapping[str, int]
+    restart_in: Optional[float] = None  # seconds until an exited tap starts again
 
     @property
     def running(self) -> bool:

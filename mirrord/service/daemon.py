@@ -29,6 +29,7 @@ from .. import backends, plan, spec
 from ..cli import add_config_argument
 from ..netlink import topology
 from ..netlink.watch import Change, NftEvents, RouteEvents
+from ..observe.delivery import DeliveryMeter
 from ..observe.status import RateMeter, build_status
 from ..reconcile.ledger import CounterLedger
 from ..reconcile.reconciler import Outcome, Reconciler, summarize
@@ -157,6 +158,7 @@ class Daemon:
         self._initial = spec_
         self.reconciler: Optional[Reconciler] = None
         self.rates = RateMeter()
+        self.deliveries = DeliveryMeter()
         self.pending = Pending()
         self.retry_at: Optional[float] = None
         self.look_at: Optional[float] = None  # a fresh look the reconciler asked for
@@ -496,4 +498,5 @@ class Daemon:
         self.answered = True
         reading = self.reconciler.read() if self.reconciler is not None else None
         # The control socket answers plain JSON objects (service/control.py).
-        return cast("dict[str, Any]", build_status(self.snapshot, reading, self.rates))
+        return cast("dict[str, Any]", build_status(self.snapshot, reading, self.rates,
+                                                         self.deliveries))

@@ -111,6 +111,7 @@ class NftablesBackend(Backend):
         event_driven=True,
         kernel_owner="nftables",
         removes=" and ".join(f"table {fam} {table}" for fam, table in sorted(OWN_TABLES)),
+        delivery_counters=True,
         counted_deletes=True,
     )
 

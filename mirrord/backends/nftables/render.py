@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from ...match import FamilyMatch, Network, PortRange
 from ...plan import CloneRule, Plan
+from ...plan.model import DELIVERED, DeliveryPoint
 from ..base import CounterKey, Counts, comment
 from .maps import Entry, chain_rules, family_key
 
@@ -32,6 +33,9 @@ TABLE_FAMILIES = ("ip", "ip6", "netdev")
 OPTIONAL_FAMILIES = frozenset({"netdev"})
 PRIO_PREROUTING = -150  # mangle: after conntrack, before dstnat
 PRIO_POSTROUTING = 300  # after srcnat: what actually leaves the interface
+# After every firewall chain (fw4's last, srcnat, is at 100) and conntrack's
+# helpers (300): a copy counted here left the netfilter path.
+PRIO_DELIVERED = 500
 
 Expr = dict[str, Any]
 
@@ -117,12 +121,17 @@ def ip_tables(plan: Plan, ranges: bool = True) -> dict[str, list[dict[str, Any]]
     by_version: dict[int, list[CloneRule]] = defaultdict(list)
     for rule in plan.clones:
         by_version[rule.version].append(rule)
+    points: dict[int, list[DeliveryPoint]] = defaultdict(list)
+    for point in plan.deliveries:
+        points[point.version].append(point)
     tables: dict[str, list[dict[str, Any]]] = {}
-    for version, rules in sorted(by_version.items()):
+    for version in sorted(set(by_version) | set(points)):
+        rules = by_version.get(version, [])
         fam = FAMILIES[version]
         t = {"family": fam, "table": TABLE}
         objs: list[dict[str, Any]] = [{"table": {"family": fam, "name": TABLE}}]
-        keys = list(dict.fromkeys((r.mirror, r.direction) for r in rules))
+        keys: list[CounterKey] = list(dict.fromkeys((r.mirror, r.direction) for r in rules))
+        keys += [p.key for p in points.get(version, [])]
         objs += [{"counter": {**t, "name": counter_name(k)}} for k in keys]
         taken: set[str] = set()
         actions = ActionChains(taken)
@@ -155,10 +164,30 @@ def ip_tables(plan: Plan, ranges: bool = True) -> dict[str, list[dict[str, Any]]
                 rule_objs += chain_rules(t, chain, entries, ranges)
             rule_objs.insert(0, {"rule": {**t, "chain": hook, "expr": [
                 {"vmap": {"key": _meta(meta), "data": {"set": dispatch}}}]}})
+        if points.get(version):
+            objs.append({"chain": {**t, "name": "delivered", "type": "filter",
+                                   "hook": "postrouting", "prio": PRIO_DELIVERED,
+                                   "policy": "accept"}})
+            rule_objs += [{"rule": {**t, "chain": "delivered", "expr": delivered_exprs(p)}}
+                          for p in points[version]]
         objs += actions.objects(t, rule_objs)
         objs += rule_objs
         tables[fam] = objs
     return tables
+
+
+def delivered_exprs(p: DeliveryPoint) -> list[Expr]:
+    """What recognises the point's copies as they leave (see plan.delivery)."""
+    fam = FAMILIES[p.version]
+    if p.kind == "clone":
+        head = [_match({"ct": {"key": "state"}}, "untracked", "in"),
+                _match({"rt": {"key": "nexthop", "family": fam}}, str(p.address))]
+    elif p.kind == "vxlan":
+        head = [_match(_payload(fam, "daddr"), str(p.address)),
+                _match(_meta("l4proto"), 17), _match(_payload("udp", "dport"), p.port)]
+    else:
+        head = [_match(_payload(fam, "daddr"), str(p.address)), _match(_meta("l4proto"), 47)]
+    return [*head, *counting(p.key)]
 
 
 class ActionChains:
@@ -394,4 +423,4 @@ def first_references(fam: str, objs: list[dict[str, Any]], seeds: Seeds,
 
 def counter_key(name: str) -> Optional[CounterKey]:
     mirror, _, direction = name.rpartition(".")
-    return (mirror, direction) if mirror and direction in ("in", "out") else None
+    return (mirror, direction) if mirror and direction in ("in", "out", DELIVERED) else None

@@ -52,6 +52,8 @@ def _text_left(e: Expr) -> str:
         return f"{e['payload']['protocol']} {e['payload']['field']}"
     if "ct" in e:
         return f"ct {e['ct']['key']}"
+    if "rt" in e:
+        return f"rt {e['rt']['family']} {e['rt']['key']}"
     if "concat" in e:
         return " . ".join(_text_left(x) for x in e["concat"])
     raise ValueError(f"no text form for {e}")
