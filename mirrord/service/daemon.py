@@ -366,8 +366,7 @@ class Daemon:
                 self.pending.add(Change(reason), topology_changed=True)
 
     def _read_nft(self) -> None:
-        """Every nftables notification waiting: a pending change, and what deleted
-        rules had counted for the ledger (also called by the reconciler)."""
+        """Waiting nftables notifications: changes, and deleted rules' counts (also the reconciler's)."""
         if self.nft_events is None:
             return
         for change in self.nft_events.read():
@@ -498,5 +497,4 @@ class Daemon:
         self.answered = True
         reading = self.reconciler.read() if self.reconciler is not None else None
         # The control socket answers plain JSON objects (service/control.py).
-        return cast("dict[str, Any]", build_status(self.snapshot, reading, self.rates,
-                                                         self.deliveries))
+        return cast("dict[str, Any]", build_status(self.snapshot, reading, self.rates, self.deliveries))
