@@ -132,12 +132,12 @@ def offline_topology(s: spec.Spec) -> topology.Topology:
     names = list(dict.fromkeys(
         [i for m in s.mirrors for i in m.interfaces]
         + [c.interface for c in s.collectors.values() if c.interface]
+        + [m for c in s.collectors.values() if c.transport == "span" for m in c.members]
         + [t.name for t in plan.tunnels(s)]
     ))
     links = {n: topology.Link(n, i, True, None, topology.ARPHRD_ETHER, 1500)
              for i, n in enumerate(names, 2)}
-    reach = {(c.address, c.interface): topology.Reach(c.address, oif=c.interface)
-             for c in s.collectors.values() if c.address is not None}
+    reach = {(a, i): topology.Reach(a, oif=i) for a, i in plan.collector_keys(s)}
     return topology.Topology(links=links, reach=reach)
 
 

@@ -24,6 +24,7 @@ from ..match import Address
 from ..netlink import links
 from ..netlink.links import Tunnel
 from ..netlink.topology import Topology
+from ..plan.groups import groups_of, member_changes
 from ..spec import Spec
 from .ledger import CounterLedger
 from .snapshot import Heal, Reading, Snapshot
@@ -178,10 +179,14 @@ class Reconciler:
         if rendered is not None:
             self._rendered = rendered
         heals = self._note_changes(p, why, (drift or rebound) and applied and not force)
+        since, moved = member_changes(groups_of(cur.plan.mirrors if cur.plan else ()),
+                                      groups_of(p.mirrors), cur.member_since, time.time())
+        for line in moved:
+            log.warning("%s (%s)", line, why, extra={"ACTION": "member"})
         self.snapshot = dataclasses.replace(
             cur, spec=s, topology=topo, plan=p, backend=backend.name if backend else None,
             backend_error=backend_error, applies=applies, reapplies=reapplies, heals=heals,
-            apply_error="")
+            apply_error="", member_since=MappingProxyType(since))
         self.taps.sync(p, time.monotonic())
         waiting_on_kernel = any(r.code in _LOOK_AGAIN_FOR for mp in p.mirrors
                                 for r in (*mp.reasons, *(t.cause for t in mp.taps if t.cause)))

@@ -31,10 +31,12 @@ from ..match import (
 from .fields import NAME_RE, host_address, valid_ifname
 from .model import (
     BACKENDS,
+    BALANCES,
     DEFAULT_SESSION,
     DEFAULT_VNI,
     DIRECTIONS,
     FAMILIES,
+    GROUP_TRANSPORTS,
     TRANSPORTS,
     TZSP_PORT,
     VXLAN_PORT,
@@ -59,6 +61,9 @@ _APPLIES: dict[str, frozenset[str]] = {
     "ring_mib": frozenset({"auto", "tzsp"}),
     "vni": frozenset({"vxlan"}),
     "session": frozenset({"erspan"}),
+    # Every transport: those that cannot balance yet are told so by name.
+    "members": frozenset(TRANSPORTS),
+    "balance": frozenset(TRANSPORTS),
 }
 _RANGES = (("port", 1, 65535), ("snaplen", 64, 65535), ("ring_mib", 1, 1024),
            ("vni", 0, 0xFFFFFF), ("session", 0, 1023))
@@ -68,17 +73,25 @@ _TUNNEL_KEY = {"vxlan": "VNI, UDP port and IP version", "gretap": "remote addres
                "erspan": "remote address and session"}
 
 
+def _tunnel_keys(c: Collector) -> set[tuple[object, ...]]:
+    """What the kernel tells c's tunnel devices apart by: two devices with one key
+    are refused (EEXIST). A vxlan group's member k has VNI vni + k (plan.frames)."""
+    if c.transport == "vxlan":
+        addrs = c.member_addresses() if c.is_group else (
+            (c.address,) if c.address is not None else ())
+        return {(c.vni + k, c.port, a.version) for k, a in enumerate(addrs)}
+    if c.address is None:
+        return set()
+    if c.transport == "gretap":
+        return {(c.address,)}
+    if c.transport == "erspan":
+        return {(c.address, c.session)}
+    return set()
+
+
 def _same_tunnel(a: Collector, b: Collector) -> bool:
     """Two collectors whose tunnel devices the kernel would take for one (EEXIST)."""
-    if a.transport != b.transport or a.address is None or b.address is None:
-        return False
-    if a.transport == "vxlan":
-        return (a.vni, a.port, a.address.version) == (b.vni, b.port, b.address.version)
-    if a.transport == "gretap":
-        return a.address == b.address
-    if a.transport == "erspan":
-        return (a.address, a.session) == (b.address, b.session)
-    return False
+    return a.transport == b.transport and bool(_tunnel_keys(a) & _tunnel_keys(b))
 
 
 def _applies_text(key: str) -> str:
@@ -194,6 +207,8 @@ class _Validator(NodeReader):
             if transport not in _APPLIES[key]:
                 self.err(k_node, f"{what}: {key} {_applies_text(key)}")
                 ok = False
+        if "members" in m or "balance" in m:
+            return self.group(name, node, m, transport, ok)
         if transport == "span":
             if "interface" not in m:
                 self.err(node, f"{what}: transport span needs 'interface': the port of this "
@@ -230,6 +245,90 @@ class _Validator(NodeReader):
         return Collector(name, address, interface, transport,  # type: ignore[arg-type]
                          values["port"], values["snaplen"], values["ring_mib"],
                          values["vni"], values["session"])
+
+    def group(self, name: str, node: _Node, m: dict[str, tuple[_Node, _Node]], transport: str,
+              ok: bool) -> Optional[Collector]:
+        """A collector with `members:` (issue 13): one address or port per member."""
+        what = f"collector '{name}'"
+        if "members" not in m:
+            self.err(m["balance"][0], f"{what}: balance applies to a group only: give 'members'")
+            return None
+        knode, vnode = m["members"]
+        if transport == "auto":
+            self.err(knode, f"{what}: a group needs an explicit transport: clone, span or vxlan "
+                     "(auto may pick tzsp, whose groups are not supported yet)")
+            return None
+        if transport not in GROUP_TRANSPORTS:
+            self.err(knode, f"{what}: members with transport {transport} is not supported yet; "
+                     "a group needs transport clone, span or vxlan")
+            return None
+        for key in ("address", "interface"):
+            if key in m:
+                self.err(m[key][0], f"{what}: {key} and members exclude each other: a group's "
+                         f"{'ports' if transport == 'span' else 'addresses'} are its members")
+                ok = False
+        balance = "flow"
+        if "balance" in m:
+            b = self.choice(m["balance"][1], f"{what}: balance", BALANCES)
+            ok = ok and b is not None
+            balance = b or balance
+        items = list(vnode.value) if isinstance(vnode, yaml.SequenceNode) else None
+        if not items:
+            self.err(vnode, f"{what}: members must be a non-empty list of "
+                     f"{'ports' if transport == 'span' else 'addresses'}")
+            return None
+        members: list[str] = []
+        first: dict[str, _Node] = {}
+        family: Optional[tuple[int, str]] = None
+        for n in items:
+            text: Optional[str] = None
+            if transport == "span":
+                text = self.ifname(n, f"{what}: member")
+            else:
+                raw = self.string(n, f"{what}: member")
+                if raw is not None:
+                    address, why = host_address(raw, has_interface=False)
+                    if why or address is None:
+                        self.err(n, f"{what}: member {why}")
+                    else:
+                        text = str(address)
+                        if family is None:
+                            family = (address.version, text)
+                        elif transport == "clone" and address.version != family[0]:
+                            self.err(n, f"{what}: member {text} is IPv{address.version} but "
+                                     f"{family[1]} is IPv{family[0]}: the kernel clones a packet "
+                                     "only to a next hop of its own family; make one group per "
+                                     "family")
+                            ok = False
+            if text is None:
+                ok = False
+                continue
+            if text in first:
+                line = first[text].start_mark.line + 1
+                self.err(n, f"{what}: member {text} is listed twice (first on line {line})")
+                ok = False
+                continue
+            first[text] = n
+            members.append(text)
+        port = VXLAN_PORT if transport == "vxlan" else TZSP_PORT
+        values = {"port": port, "snaplen": 65535, "ring_mib": Collector.ring_mib,
+                  "vni": DEFAULT_VNI, "session": DEFAULT_SESSION}
+        for key, low, high in _RANGES:
+            if key in m:
+                v = self.integer(m[key][1], f"{what}: {key}", low, high)
+                ok = ok and v is not None
+                if v is not None:
+                    values[key] = v
+        if ok and transport == "vxlan" and values["vni"] + len(members) - 1 > 0xFFFFFF:
+            self.err(m.get("vni", (knode, knode))[1],
+                     f"{what}: member k gets VNI vni + k; {values['vni']} + "
+                     f"{len(members) - 1} is over 16777215")
+            ok = False
+        if not ok:
+            return None
+        return Collector(name, None, None, transport,  # type: ignore[arg-type]
+                         values["port"], values["snaplen"], values["ring_mib"],
+                         values["vni"], values["session"], tuple(members), balance)
 
     def ifname(self, node: _Node, what: str) -> Optional[str]:
         name = self.string(node, what)
@@ -330,18 +429,21 @@ class _Validator(NodeReader):
 
     def not_the_port(self, node: Optional[_Node], what: str, interfaces: list[str],
                      c: Collector) -> bool:
-        if c.interface not in interfaces:
+        ports = c.members or (c.interface,)
+        port = next((p for p in ports if p in interfaces), None)
+        if port is None:
             return True
         items = self.items(node) if node is not None else []
-        node = next((n for n in items if self.scalar(n) == c.interface), node)
-        self.err(node, f"{what}: interface {c.interface} is the span port of collector "
+        node = next((n for n in items if self.scalar(n) == port), node)
+        self.err(node, f"{what}: interface {port} is the span port of collector "
                  f"'{c.name}': its own copies would be copied again")
         return False
 
     def family_fits(self, node: _Node, what: str, match: Match, c: Collector) -> bool:
-        if c.transport != "clone" or c.address is None:
+        address = next(iter(c.member_addresses()), None) if c.is_group else c.address
+        if c.transport != "clone" or address is None:
             return True
-        cv = c.address.version
+        cv = address.version
         if match.family != "any" and match.family != f"ipv{cv}":
             self.err(
                 node,
