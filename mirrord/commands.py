@@ -65,6 +65,9 @@ def describe_mirror(s: spec.Spec, m: spec.Mirror) -> str:
     via = f" via {c.interface}" if c.interface and c.address is not None else ""
     extra = {"tzsp": f":{c.port}", "vxlan": f":{c.port} vni {c.vni}",
              "erspan": f" session {c.session}"}.get(c.transport, "")
+    if c.is_group:
+        extra = (f" (port {c.port}, vni {c.vni} + member index)" if c.transport == "vxlan"
+                 else "") + f", balance {c.balance}"
     note = ""
     if c.transport == "clone" and m.match.family == "any" and c.address is not None:
         note = f" (IPv{c.address.version} only: a clone goes to a next hop of its own family)"
