@@ -105,9 +105,12 @@ mirrors:
 """
 
 
-def add_members(lab: Lab) -> None:
+def add_members(lab: Lab, vxlan: bool = False) -> None:
+    """The members in the collector namespace, each counted there in the kernel:
+    clones by their destination MAC, VXLAN datagrams by their destination."""
     lab.col.run("sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1")
-    lab.count_at_collector({f"m{k}": f"ether daddr {MACS[a]} meta protocol ip"
+    lab.count_at_collector({f"m{k}": (f"ip daddr {a} udp dport 4789" if vxlan else
+                                      f"ether daddr {MACS[a]} meta protocol ip")
                             for k, a in enumerate(MEMBERS)})
     for k, a in enumerate(MEMBERS):
         dev = f"m{k}"
@@ -133,20 +136,21 @@ def mirror_packets(lab: Lab) -> tuple[int, dict[str, int]]:
 Run = tuple[dict[Flow, dict[str, dict[str, int]]], dict[str, int], int, dict[str, int]]
 
 
-def run_flows(lab: Lab) -> Run:
+def run_flows(lab: Lab, vxlan: bool = False) -> Run:
     """Every flow's copies: flow -> member -> {"up": n, "down": n} (captured);
     the copies that reached each member (counted in the collector's kernel);
     the mirror's own count of what it copied, and each member counter's."""
     pcap = f"/tmp/{lab.tag}-groups.pcap"
     macs = " or ".join(f"ether dst {m}" for m in MACS.values())
+    bpf = "udp dst port 4789" if vxlan else f"ip and ({macs})"
     before, members_before = mirror_packets(lab)
     lab.reset_collector_counts()
     server = Background(lab.wan.name, [sys.executable, "-c", SERVER, str(UDP_PORT),
                                        str(TCP_PORT), "90"], "serving")
     # tcpdump's own buffer drops a few percent of copies under load (its
     # count is never the proof: the collector's kernel counters are).
-    cap = Background(lab.col.name, ["tcpdump", "-i", "eth0", "-n", "-B", "16384", "-s", "128",
-                                    "-w", pcap, f"ip and ({macs})"], "listening on")
+    cap = Background(lab.col.name, ["tcpdump", "-i", "eth0", "-n", "-B", "16384", "-s", "192",
+                                    "-w", pcap, bpf], "listening on")
     try:
         out = lab.lan.run(sys.executable, "-c", CLIENT, WAN_HOST, str(UDP_PORT), str(TCP_PORT),
                           str(UDP_FLOWS), str(TCP_FLOWS), str(ROUNDS), timeout=90).stdout
@@ -167,7 +171,11 @@ def run_flows(lab: Lab) -> Run:
     total = 0
     for frame, _ in read_pcap(pcap)[1]:
         total += 1
-        dst = ":".join(f"{b:02x}" for b in frame[:6])
+        if vxlan:  # the member is the outer destination; the flow is the inner frame's
+            member = ".".join(map(str, frame[30:34]))
+            frame = frame[50:]
+        else:
+            member = by_mac[":".join(f"{b:02x}" for b in frame[:6])]
         if frame[12:14] != b"\x08\x00" or frame[23] not in (6, 17):
             continue
         ihl = (frame[14] & 0x0F) * 4
@@ -177,7 +185,7 @@ def run_flows(lab: Lab) -> Run:
         client = sport if up else dport
         if not (41000 <= client < 41000 + UDP_FLOWS or 42000 <= client < 42000 + TCP_FLOWS):
             continue
-        flows[(frame[23], client)][by_mac[dst]]["up" if up else "down"] += 1
+        flows[(frame[23], client)][member]["up" if up else "down"] += 1
     counts = lab.collector_counts()
     arrived = {a: counts[f"m{k}"] for k, a in enumerate(MEMBERS)}
     print("arrived", arrived, "captured", total, "copied", after - before, file=sys.stderr)
@@ -290,3 +298,23 @@ def _bucket_owner(text: str) -> dict[int, str]:
         for b in range(int(low), int(high or low) + 1):
             out[b] = target.strip()
     return out
+
+
+def test_vxlan_group_one_tunnel_per_member_each_flow_at_one_member() -> None:
+    """A vxlan group of 3: a tunnel device per member (VNI 100 + k), every flow's
+    frames, both directions, inside the datagrams to exactly one member."""
+    with Lab(ipv6=False) as lab:
+        add_members(lab, vxlan=True)
+        text = spec(MEMBERS).replace("transport: clone", "transport: vxlan\n    vni: 100")
+        lab.start_daemon(lab.write_spec(text))
+        st = lab.wait_for_status(lambda s: s and s["mirrors"][0]["state"] == "active"
+                                 and len(members_of(s)) == 3)
+        links = lab.rtr.run("ip", "-d", "link", "show", "type", "vxlan").stdout
+        for k, a in enumerate(MEMBERS):
+            assert f"mvx-sensors~{k}:" in links and f"vxlan id {100 + k} remote {a} " in links
+        flows, arrived, copied, counted = run_flows(lab, vxlan=True)
+        assert len(flows) == UDP_FLOWS + TCP_FLOWS
+        placed = owner(flows)
+        assert set(placed.values()) == set(MEMBERS)
+        assert sum(arrived.values()) == copied and counted == arrived, (arrived, copied, counted)
+        assert sum(mb["buckets"] for mb in members_of(st).values()) == 64
