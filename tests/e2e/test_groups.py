@@ -136,7 +136,7 @@ def mirror_packets(lab: Lab) -> tuple[int, dict[str, int]]:
 Run = tuple[dict[Flow, dict[str, dict[str, int]]], dict[str, int], int, dict[str, int]]
 
 
-def run_flows(lab: Lab, vxlan: bool = False) -> Run:
+def run_flows(lab: Lab, vxlan: bool = False, ports: tuple[str, ...] = ()) -> Run:
     """Every flow's copies: flow -> member -> {"up": n, "down": n} (captured);
     the copies that reached each member (counted in the collector's kernel);
     the mirror's own count of what it copied, and each member counter's."""
@@ -149,8 +149,10 @@ def run_flows(lab: Lab, vxlan: bool = False) -> Run:
                                        str(TCP_PORT), "90"], "serving")
     # tcpdump's own buffer drops a few percent of copies under load (its
     # count is never the proof: the collector's kernel counters are).
-    cap = Background(lab.col.name, ["tcpdump", "-i", "eth0", "-n", "-B", "16384", "-s", "192",
-                                    "-w", pcap, bpf], "listening on")
+    where = {p: f"{pcap}.{p}" for p in ports} or {"eth0": pcap}
+    caps = [Background(lab.col.name, ["tcpdump", "-i", dev, "-n", "-B", "16384", "-s", "192",
+                                      "-w", path, "ip" if ports else bpf], "listening on")
+            for dev, path in where.items()]
     try:
         out = lab.lan.run(sys.executable, "-c", CLIENT, WAN_HOST, str(UDP_PORT), str(TCP_PORT),
                           str(UDP_FLOWS), str(TCP_FLOWS), str(ROUNDS), timeout=90).stdout
@@ -163,15 +165,19 @@ def run_flows(lab: Lab, vxlan: bool = False) -> Run:
             last = after
             after, members = mirror_packets(lab)
     finally:
-        cap.stop()
+        for cap in caps:
+            cap.stop()
         server.kill()
     by_mac = {m: a for a, m in MACS.items()}
     flows: dict[Flow, dict[str, dict[str, int]]] = defaultdict(
         lambda: defaultdict(lambda: {"up": 0, "down": 0}))
     total = 0
-    for frame, _ in read_pcap(pcap)[1]:
+    frames = [(dev, f) for dev, path in where.items() for f, _ in read_pcap(path)[1]]
+    for dev, frame in frames:
         total += 1
-        if vxlan:  # the member is the outer destination; the flow is the inner frame's
+        if ports:  # the member is the port the frame came out of
+            member = dev
+        elif vxlan:  # the member is the outer destination; the flow is the inner frame's
             member = ".".join(map(str, frame[30:34]))
             frame = frame[50:]
         else:
@@ -187,7 +193,7 @@ def run_flows(lab: Lab, vxlan: bool = False) -> Run:
             continue
         flows[(frame[23], client)][member]["up" if up else "down"] += 1
     counts = lab.collector_counts()
-    arrived = {a: counts[f"m{k}"] for k, a in enumerate(MEMBERS)}
+    arrived = {a: counts[f"m{k}"] for k, a in enumerate(ports or MEMBERS)}
     print("arrived", arrived, "captured", total, "copied", after - before, file=sys.stderr)
     return flows, arrived, after - before, {
         a: members.get(a, 0) - members_before.get(a, 0) for a in members}
@@ -318,3 +324,53 @@ def test_vxlan_group_one_tunnel_per_member_each_flow_at_one_member() -> None:
         assert set(placed.values()) == set(MEMBERS)
         assert sum(arrived.values()) == copied and counted == arrived, (arrived, copied, counted)
         assert sum(mb["buckets"] for mb in members_of(st).values()) == 64
+
+
+def test_span_group_a_port_down_moves_only_its_flows() -> None:
+    """A span group of 3 ports (veth pairs into the collector namespace): each
+    flow's frames out of exactly one port; one port down: only its flows move."""
+    ports = ("sp0", "sp1", "sp2")
+    with Lab(ipv6=False) as lab:
+        for k, port in enumerate(ports):
+            tmp = f"{lab.tag}s{k}"[:15]
+            lab.rtr.run("ip", "link", "add", port, "type", "veth", "peer", "name", tmp)
+            lab.rtr.run("ip", "link", "set", tmp, "netns", lab.col.name)
+            lab.col.run("ip", "link", "set", tmp, "name", port)
+            # Nothing but the copies leaves the router's ports (no IPv6 of their own).
+            lab.rtr.sh(f"sysctl -qw net.ipv6.conf.{port}.disable_ipv6=1 && "
+                       f"ip link set {port} up")
+            lab.col.sh(f"sysctl -qw net.ipv6.conf.{port}.disable_ipv6=1 && "
+                       f"ip link set {port} up")
+        chains = "".join(
+            f'  chain c{k} {{ type filter hook ingress device "{p}" priority 0; '
+            f'counter name "m{k}"; }}\n' for k, p in enumerate(ports))
+        counters = "".join(f"  counter m{k} {{ }}\n" for k in range(len(ports)))
+        lab.col.run("nft", "-f", "-", input=f"table netdev lab {{\n{counters}{chains}}}\n")
+        text = f"""\
+backend: nftables
+collectors:
+  sensors:
+    transport: span
+    members: [{", ".join(ports)}]
+mirrors:
+  - name: m
+    interfaces: [br-lan]
+    collector: sensors
+"""
+        lab.start_daemon(lab.write_spec(text))
+        lab.wait_for_status(lambda s: s and s["mirrors"][0]["state"] == "active"
+                            and len(members_of(s)) == 3)
+        flows, arrived, copied, counted = run_flows(lab, ports=ports)
+        first = owner(flows)
+        assert set(first.values()) == set(ports)
+        assert sum(arrived.values()) == copied and counted == arrived, (arrived, copied, counted)
+
+        lab.rtr.run("ip", "link", "set", "sp1", "down")
+        st = lab.wait_for_status(lambda s: s and members_of(s)["sp1"]["state"] == "dead")
+        assert st["mirrors"][0]["state"] == "degraded"
+        assert "port sp1 is down" in members_of(st)["sp1"]["reason"]
+        flows, arrived, copied, counted = run_flows(lab, ports=ports)
+        second = owner(flows)
+        moved = {f for f in first if first[f] != second[f]}
+        assert moved == {f for f in first if first[f] == "sp1"} and moved
+        assert arrived["sp1"] == 0 and sum(arrived.values()) == copied, (arrived, copied)
