@@ -242,6 +242,8 @@ def tzsp_state(state: MirrorState, reason: str, workers: list[TzspRow],
 
 
 def _device_of(mp: MirrorPlan) -> Optional[str]:
+    if mp.group is not None:
+        return None  # a device per member: the delivery row names the member
     if mp.collector.copies_frames:
         from ..plan.frames import target_of
 

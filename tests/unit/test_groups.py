@@ -186,3 +186,60 @@ def test_status_json_table_and_prometheus_show_each_member() -> None:
     # Two mirrors share the group: each member once.
     assert prom.count("mirrord_member_packets_total{") == 3
     assert any(f["code"] == "members-dead" for f in doc["findings"])
+
+
+# -- the reconciler ---------------------------------------------------------------------------
+def test_reconciler_applies_a_member_failure_once_logs_it_and_probes_the_dead(
+        monkeypatch: Any, caplog: Any) -> None:
+    import dataclasses
+    import logging
+
+    from mirrord.commands import offline_topology
+    from mirrord.netlink import probe as probe_mod
+    from mirrord.reconcile.ledger import CounterLedger
+    from mirrord.reconcile.reconciler import PROBE_DEAD_EVERY, Reconciler
+    from mirrord.reconcile.taps import TapPool
+    from tests.unit.test_reconciler import FakeKernel
+
+    probed: list[list[str]] = []
+    monkeypatch.setattr(probe_mod, "probe", lambda addrs: probed.append([str(a) for a in addrs]))
+    state = {"51": "REACHABLE"}
+
+    def topology(sp: spec.Spec) -> Topology:
+        t = offline_topology(sp)
+        reach = {k: dataclasses.replace(r, oif="eth2", neighbour=state["51"]
+                                        if str(k[0]) == "192.0.2.51" else "REACHABLE")
+                 for k, r in t.reach.items()}
+        return dataclasses.replace(t, reach=reach)
+
+    class GroupKernel(FakeKernel):
+        """The fake kernel, whose rendering also holds the buckets of each member."""
+
+        def render(self, plan: Any) -> Any:
+            out = super().render(plan)
+            buckets = "\n".join(f"{m.name}: {m.buckets}" for r in plan.clones if r.group
+                                for m in r.group.members)
+            return dataclasses.replace(out, text=out.text + "\n" + buckets)
+
+    s = spec.parse(SPEC, "t.yaml")
+    k = GroupKernel()
+    ledger = CounterLedger()
+    r = Reconciler(s, topology, lambda _name: (k, ""), TapPool(ledger, watch=lambda fd, on: None),
+                   ledger, make_tunnels=k.make_tunnels)
+    out = r.reconcile(["start"], refresh_topology=True, force=True)
+    assert out.look_again_in is None and probed == [[]]
+    assert set(out.snapshot.member_since) == {("sensors", m) for m in MEMBERS}
+    started = out.snapshot.member_since[("sensors", "192.0.2.51")]
+    state["51"] = "FAILED"
+    with caplog.at_level(logging.WARNING):
+        out = r.reconcile(["neighbour: 192.0.2.51 FAILED"], refresh_topology=True)
+    assert len(k.applied) == 2  # the failure: one apply
+    assert out.look_again_in == PROBE_DEAD_EVERY and probed[-1] == ["192.0.2.51"]
+    assert out.snapshot.member_since[("sensors", "192.0.2.51")] > started
+    assert "member 192.0.2.51 FAILED" in caplog.text and "moved to 192.0.2." in caplog.text
+    out = r.reconcile(["a fresh look"], refresh_topology=True)
+    assert len(k.applied) == 2 and probed[-1] == []  # at most once a second
+    state["51"] = "REACHABLE"
+    out = r.reconcile(["neighbour: 192.0.2.51 REACHABLE"], refresh_topology=True)
+    assert len(k.applied) == 3 and out.look_again_in is None
+    assert k.applied[2] == k.applied[0]  # the buckets are back where they were
