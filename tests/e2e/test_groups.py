@@ -230,6 +230,10 @@ def test_flows_split_by_member_both_directions_and_failover_moves_only_the_dead(
         assert sum(arrived.values()) == copied, (arrived, copied)
         assert counted == arrived  # each member's counter: what reached it
         st = lab.wait_for_status(bool)
+        # Delivery: a point per member, fed by its counter, every copy left.
+        rows = st["mirrors"][0]["delivery"]
+        assert sorted(r["via"] for r in rows) == [f"clones routed to {a}" for a in MEMBERS]
+        assert all(r["verdict"] == "leaving" and r["copied"] == r["left"] for r in rows), rows
         buckets_before = {a: mb["buckets"] for a, mb in members_of(st).items()}
 
         # (b) member .51 stops answering ARP: its neighbour goes FAILED.
