@@ -12,6 +12,7 @@ addresses and ports.
 
 from __future__ import annotations
 
+import json
 import struct
 import sys
 import time
@@ -85,6 +86,29 @@ for r in range(rounds):
 for s in ts:
     s.close()
 print("lost", lost, flush=True)
+"""
+
+# In the router namespace: the kernel's FAILED for a member, then mirrord's
+# next change of its table (the failover's apply); prints both, CLOCK_MONOTONIC.
+WATCH = r"""
+import json, select, sys, time
+from mirrord.netlink.watch import NftEvents, RouteEvents
+member = sys.argv[1]
+route, nft = RouteEvents(), NftEvents(frozenset({("ip", "mirrord")}))
+print("watching", file=sys.stderr, flush=True)
+failed = applied = None
+end = time.monotonic() + 20
+while applied is None and time.monotonic() < end:
+    ready, _, _ = select.select([route, nft], [], [], 0.5)
+    now = time.monotonic()
+    if route in ready:
+        for c in route.read():
+            if failed is None and str(c.neighbour_failed) == member:
+                failed = now
+    if nft in ready:
+        if nft.read() and failed is not None:
+            applied = now
+print(json.dumps({"failed": failed, "applied": applied}), flush=True)
 """
 
 Flow = tuple[int, int]  # (protocol, the client's port): names a flow, both directions
@@ -238,12 +262,18 @@ def test_flows_split_by_member_both_directions_and_failover_moves_only_the_dead(
 
         # (b) member .51 stops answering ARP: its neighbour goes FAILED.
         dead = MEMBERS[1]
+        watch = Background(lab.rtr.name, [sys.executable, "-c", WATCH, dead], "watching")
         lab.col.run("ip", "addr", "del", f"{dead}/24", "dev", "m1")
-        lab.rtr.run("ip", "neigh", "flush", "dev", "col")
+        lab.rtr.run("ip", "neigh", "del", dead, "dev", "col")  # only its entry
         lab.rtr.run("ping", "-c1", "-W1", dead, check=False)  # resolution fails
         st = lab.wait_for_status(lambda s: s and members_of(s)[dead]["state"] == "dead",
                                  timeout=15)
         assert st["mirrors"][0]["state"] == "degraded" and dead in st["mirrors"][0]["reason"]
+        assert watch.wait(30) == 0, watch.stderr
+        seen = json.loads(watch.stdout)
+        heal_ms = (seen["applied"] - seen["failed"]) * 1000
+        print(f"failover applied {heal_ms:.1f} ms after the kernel's FAILED", file=sys.stderr)
+        assert heal_ms < 1000, heal_ms  # the same path as any heal (10 ms debounce)
         for a in MEMBERS:
             lab.rtr.run("ping", "-c1", "-W2", a, check=False)
         flows, arrived, copied, counted = run_flows(lab)
