@@ -28,15 +28,14 @@ from ..match import (
     PortRange,
     merge_ranges,
 )
-from .fields import NAME_RE, host_address, valid_ifname
+from .fields import NAME_RE, host_address
+from .groups import GroupReader
 from .model import (
     BACKENDS,
-    BALANCES,
     DEFAULT_SESSION,
     DEFAULT_VNI,
     DIRECTIONS,
     FAMILIES,
-    GROUP_TRANSPORTS,
     TRANSPORTS,
     TZSP_PORT,
     VXLAN_PORT,
@@ -45,7 +44,7 @@ from .model import (
     Spec,
     SpecError,
 )
-from .nodes import BAD, NodeReader, close_matches
+from .nodes import BAD, close_matches
 from .yaml_tree import STD_TAG, short_tag, show
 
 _Node = yaml.Node
@@ -121,7 +120,7 @@ def validate(root: Optional[_Node], odd_tags: list[_Node], path: str) -> Spec | 
     return spec
 
 
-class _Validator(NodeReader):
+class _Validator(GroupReader):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         # Collectors that were defined but are invalid: a mirror naming one
@@ -207,9 +206,12 @@ class _Validator(NodeReader):
             if transport not in _APPLIES[key]:
                 self.err(k_node, f"{what}: {key} {_applies_text(key)}")
                 ok = False
+        group: Optional[tuple[tuple[str, ...], str]] = None
         if "members" in m or "balance" in m:
-            return self.group(name, node, m, transport, ok)
-        if transport == "span":
+            group = self.group_members(what, m, transport)
+            if group is None:
+                return None
+        elif transport == "span":
             if "interface" not in m:
                 self.err(node, f"{what}: transport span needs 'interface': the port of this "
                          "router that the copies leave through (the IDS is plugged into it)")
@@ -218,7 +220,7 @@ class _Validator(NodeReader):
             self.err(node, f"{what}: missing required key 'address'")
             return None
         address: Optional[Address] = None
-        if "address" in m:
+        if "address" in m and group is None:
             raw = self.string(m["address"][1], f"{what}: address")
             if raw is None:
                 ok = False
@@ -228,7 +230,7 @@ class _Validator(NodeReader):
                     self.err(m["address"][1], f"{what}: {why}")
                     ok = False
         interface = None
-        if "interface" in m:
+        if "interface" in m and group is None:
             interface = self.ifname(m["interface"][1], f"{what}: interface")
             ok = ok and interface is not None
         port = VXLAN_PORT if transport == "vxlan" else TZSP_PORT
@@ -240,105 +242,16 @@ class _Validator(NodeReader):
                 ok = ok and v is not None
                 if v is not None:
                     values[key] = v
-        if not ok:
-            return None
-        return Collector(name, address, interface, transport,  # type: ignore[arg-type]
-                         values["port"], values["snaplen"], values["ring_mib"],
-                         values["vni"], values["session"])
-
-    def group(self, name: str, node: _Node, m: dict[str, tuple[_Node, _Node]], transport: str,
-              ok: bool) -> Optional[Collector]:
-        """A collector with `members:` (issue 13): one address or port per member."""
-        what = f"collector '{name}'"
-        if "members" not in m:
-            self.err(m["balance"][0], f"{what}: balance applies to a group only: give 'members'")
-            return None
-        knode, vnode = m["members"]
-        if transport == "auto":
-            self.err(knode, f"{what}: a group needs an explicit transport: clone, span or vxlan "
-                     "(auto may pick tzsp, whose groups are not supported yet)")
-            return None
-        if transport not in GROUP_TRANSPORTS:
-            self.err(knode, f"{what}: members with transport {transport} is not supported yet; "
-                     "a group needs transport clone, span or vxlan")
-            return None
-        for key in ("address", "interface"):
-            if key in m:
-                self.err(m[key][0], f"{what}: {key} and members exclude each other: a group's "
-                         f"{'ports' if transport == 'span' else 'addresses'} are its members")
-                ok = False
-        balance = "flow"
-        if "balance" in m:
-            b = self.choice(m["balance"][1], f"{what}: balance", BALANCES)
-            ok = ok and b is not None
-            balance = b or balance
-        items = list(vnode.value) if isinstance(vnode, yaml.SequenceNode) else None
-        if not items:
-            self.err(vnode, f"{what}: members must be a non-empty list of "
-                     f"{'ports' if transport == 'span' else 'addresses'}")
-            return None
-        members: list[str] = []
-        first: dict[str, _Node] = {}
-        family: Optional[tuple[int, str]] = None
-        for n in items:
-            text: Optional[str] = None
-            if transport == "span":
-                text = self.ifname(n, f"{what}: member")
-            else:
-                raw = self.string(n, f"{what}: member")
-                if raw is not None:
-                    address, why = host_address(raw, has_interface=False)
-                    if why or address is None:
-                        self.err(n, f"{what}: member {why}")
-                    else:
-                        text = str(address)
-                        if family is None:
-                            family = (address.version, text)
-                        elif transport == "clone" and address.version != family[0]:
-                            self.err(n, f"{what}: member {text} is IPv{address.version} but "
-                                     f"{family[1]} is IPv{family[0]}: the kernel clones a packet "
-                                     "only to a next hop of its own family; make one group per "
-                                     "family")
-                            ok = False
-            if text is None:
-                ok = False
-                continue
-            if text in first:
-                line = first[text].start_mark.line + 1
-                self.err(n, f"{what}: member {text} is listed twice (first on line {line})")
-                ok = False
-                continue
-            first[text] = n
-            members.append(text)
-        port = VXLAN_PORT if transport == "vxlan" else TZSP_PORT
-        values = {"port": port, "snaplen": 65535, "ring_mib": Collector.ring_mib,
-                  "vni": DEFAULT_VNI, "session": DEFAULT_SESSION}
-        for key, low, high in _RANGES:
-            if key in m:
-                v = self.integer(m[key][1], f"{what}: {key}", low, high)
-                ok = ok and v is not None
-                if v is not None:
-                    values[key] = v
-        if ok and transport == "vxlan" and values["vni"] + len(members) - 1 > 0xFFFFFF:
-            self.err(m.get("vni", (knode, knode))[1],
-                     f"{what}: member k gets VNI vni + k; {values['vni']} + "
+        members, balance = group or ((), "")
+        if ok and "vni" in m and values["vni"] + len(members) - 1 > 0xFFFFFF:
+            self.err(m["vni"][1], f"{what}: member k gets VNI vni + k; {values['vni']} + "
                      f"{len(members) - 1} is over 16777215")
             ok = False
         if not ok:
             return None
-        return Collector(name, None, None, transport,  # type: ignore[arg-type]
+        return Collector(name, address, interface, transport,  # type: ignore[arg-type]
                          values["port"], values["snaplen"], values["ring_mib"],
-                         values["vni"], values["session"], tuple(members), balance)
-
-    def ifname(self, node: _Node, what: str) -> Optional[str]:
-        name = self.string(node, what)
-        if name is None:
-            return None
-        why = valid_ifname(name)
-        if why:
-            self.err(node, f"{what} '{show(name)}' {why}")
-            return None
-        return name
+                         values["vni"], values["session"], members, balance)
 
     def mirrors(self, node: _Node, collectors: dict[str, Collector]) -> list[Mirror]:
         out: list[Mirror] = []
