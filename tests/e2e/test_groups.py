@@ -13,6 +13,7 @@ addresses and ports.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 import time
@@ -167,8 +168,14 @@ def run_flows(lab: Lab, vxlan: bool = False, ports: tuple[str, ...] = ()) -> Run
     pcap = f"/tmp/{lab.tag}-groups.pcap"
     macs = " or ".join(f"ether dst {m}" for m in MACS.values())
     bpf = "udp dst port 4789" if vxlan else f"ip and ({macs})"
-    before, members_before = mirror_packets(lab)
-    lab.reset_collector_counts()
+    # A stray frame (ARP, a neighbour probe) crossing the mirrored port while
+    # the counts are taken would be on one side only: take them again until
+    # the mirror copied nothing in between.
+    while True:
+        before, members_before = mirror_packets(lab)
+        lab.reset_collector_counts()
+        if mirror_packets(lab)[0] == before:
+            break
     server = Background(lab.wan.name, [sys.executable, "-c", SERVER, str(UDP_PORT),
                                        str(TCP_PORT), "90"], "serving")
     # tcpdump's own buffer drops a few percent of copies under load (its
@@ -197,6 +204,8 @@ def run_flows(lab: Lab, vxlan: bool = False, ports: tuple[str, ...] = ()) -> Run
         lambda: defaultdict(lambda: {"up": 0, "down": 0}))
     total = 0
     frames = [(dev, f) for dev, path in where.items() for f, _ in read_pcap(path)[1]]
+    for path in where.values():
+        os.unlink(path)
     for dev, frame in frames:
         total += 1
         if ports:  # the member is the port the frame came out of
@@ -216,7 +225,12 @@ def run_flows(lab: Lab, vxlan: bool = False, ports: tuple[str, ...] = ()) -> Run
         if not (41000 <= client < 41000 + UDP_FLOWS or 42000 <= client < 42000 + TCP_FLOWS):
             continue
         flows[(frame[23], client)][member]["up" if up else "down"] += 1
-    counts = lab.collector_counts()
+    while True:
+        counts = lab.collector_counts()
+        again = mirror_packets(lab)
+        if again == (after, members):
+            break
+        after, members = again
     arrived = {a: counts[f"m{k}"] for k, a in enumerate(ports or MEMBERS)}
     print("arrived", arrived, "captured", total, "copied", after - before, file=sys.stderr)
     return flows, arrived, after - before, {
