@@ -178,11 +178,13 @@ def run_flows(lab: Lab, vxlan: bool = False, ports: tuple[str, ...] = ()) -> Run
             break
     server = Background(lab.wan.name, [sys.executable, "-c", SERVER, str(UDP_PORT),
                                        str(TCP_PORT), "90"], "serving")
-    # tcpdump's own buffer drops a few percent of copies under load (its
-    # count is never the proof: the collector's kernel counters are).
+    # The capture attributes copies to flows; the counts that prove none was
+    # lost or doubled are the collector's kernel counters. (Without
+    # --immediate-mode tcpdump left copies in its ring at SIGINT.)
     where = {p: f"{pcap}.{p}" for p in ports} or {"eth0": pcap}
-    caps = [Background(lab.col.name, ["tcpdump", "-i", dev, "-n", "-B", "16384", "-s", "192",
-                                      "-w", path, "ip" if ports else bpf], "listening on")
+    caps = [Background(lab.col.name, ["tcpdump", "-i", dev, "-n", "-U", "--immediate-mode",
+                                      "-B", "16384", "-s", "192", "-w", path,
+                                      "ip" if ports else bpf], "listening on")
             for dev, path in where.items()]
     try:
         out = lab.lan.run(sys.executable, "-c", CLIENT, WAN_HOST, str(UDP_PORT), str(TCP_PORT),
