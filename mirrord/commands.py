@@ -65,6 +65,9 @@ def describe_mirror(s: spec.Spec, m: spec.Mirror) -> str:
     via = f" via {c.interface}" if c.interface and c.address is not None else ""
     extra = {"tzsp": f":{c.port}", "vxlan": f":{c.port} vni {c.vni}",
              "erspan": f" session {c.session}"}.get(c.transport, "")
+    if c.is_group:
+        extra = (f" (port {c.port}, vni {c.vni} + member index)" if c.transport == "vxlan"
+                 else "") + f", balance {c.balance}"
     note = ""
     if c.transport == "clone" and m.match.family == "any" and c.address is not None:
         note = f" (IPv{c.address.version} only: a clone goes to a next hop of its own family)"
@@ -132,12 +135,12 @@ def offline_topology(s: spec.Spec) -> topology.Topology:
     names = list(dict.fromkeys(
         [i for m in s.mirrors for i in m.interfaces]
         + [c.interface for c in s.collectors.values() if c.interface]
+        + [m for c in s.collectors.values() if c.transport == "span" for m in c.members]
         + [t.name for t in plan.tunnels(s)]
     ))
     links = {n: topology.Link(n, i, True, None, topology.ARPHRD_ETHER, 1500)
              for i, n in enumerate(names, 2)}
-    reach = {(c.address, c.interface): topology.Reach(c.address, oif=c.interface)
-             for c in s.collectors.values() if c.address is not None}
+    reach = {(a, i): topology.Reach(a, oif=i) for a, i in plan.collector_keys(s)}
     return topology.Topology(links=links, reach=reach)
 
 

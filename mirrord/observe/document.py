@@ -28,6 +28,8 @@ class CollectorRow(_CollectorKeys, total=False):
     # Whole-frame transports only: the device copies leave through, the span
     # port or mirrord's tunnel device (clone and tzsp copies go where routed).
     device: str
+    # A group collector only (then address and reach are None): its members.
+    members: list[str]
 
 
 class Rate(TypedDict):
@@ -97,7 +99,19 @@ class DeliveryRow(TypedDict):
     since: str  # ISO 8601, UTC
 
 
-class MirrorRow(TypedDict):
+class MemberRow(TypedDict):
+    """One member of a group collector (plan.groups)."""
+
+    name: str  # its address, or its port (span)
+    state: str  # "alive" | "dead"
+    reason: str  # why it is dead; "" when alive
+    since: Optional[str]  # ISO 8601, UTC: when it became alive or dead (None: before start)
+    buckets: int  # of the 64 flow buckets, how many it holds
+    packets: int  # copies sent to it (every mirror of the group)
+    bytes: int
+
+
+class _MirrorRowBase(TypedDict):
     name: str
     state: MirrorState
     reason: str  # the plan's reasons joined ("; "), "" when active
@@ -117,6 +131,11 @@ class MirrorRow(TypedDict):
     # ports (TZSP's sends fail with EPERM where a firewall drops them; a span
     # copy is queued straight on the port) and the iptables backends.
     delivery: list[DeliveryRow]
+
+
+class MirrorRow(_MirrorRowBase, total=False):
+    # A group collector only: its members, each with its state and counts.
+    members: list[MemberRow]
 
 
 class _FindingBase(TypedDict):

@@ -68,6 +68,7 @@ def plan_findings(p: Plan, backend_error: str, topo: Optional[Topology] = None) 
             out += _reach_findings(name, reach, mirrored)
         if mp.state == "error":
             out += [_finding(name, r) for r in mp.reasons if r.code in _MIRROR_ERRORS]
+        out += [_finding(name, r) for r in mp.reasons if r.code is Code.MEMBERS_DEAD]
     return out
 
 
@@ -100,11 +101,15 @@ FINDING_OF: dict[Code, tuple[str, str]] = {
     # Both name what to install (kmod-nft-netdev, kmod-vxlan, kmod-gre).
     Code.FRAMES_UNSUPPORTED: ("frames-unsupported", "error"),
     Code.TUNNEL_FAILED: ("tunnel-failed", "error"),
+    # A group collector: some members dead (their flows went to the others), or all.
+    Code.MEMBERS_DEAD: ("members-dead", "warning"),
+    Code.ALL_MEMBERS_DEAD: ("all-members-dead", "error"),
 }
 
 
 # Reasons of a mirror in error that are findings of their own.
-_MIRROR_ERRORS = frozenset({Code.COLLECTOR_OFFLINK, Code.FRAMES_UNSUPPORTED, Code.TUNNEL_FAILED})
+_MIRROR_ERRORS = frozenset({Code.COLLECTOR_OFFLINK, Code.FRAMES_UNSUPPORTED, Code.TUNNEL_FAILED,
+                            Code.ALL_MEMBERS_DEAD})
 
 
 def _finding(mirror: str, r: Reason) -> Finding:

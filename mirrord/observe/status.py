@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Optional
 
 from .. import __version__
@@ -13,6 +14,7 @@ from .document import (
     CollectorRow,
     DeliveryRow,
     DirectionCount,
+    MemberRow,
     MirrorRow,
     MirrorState,
     Rate,
@@ -21,8 +23,10 @@ from .document import (
 )
 
 if TYPE_CHECKING:  # the `mirrord status` client needs none of the daemon's modules
+    from ..backends.base import Counts
     from ..netlink.topology import Reach
     from ..plan import MirrorPlan
+    from ..plan.groups import Group
     from ..reconcile.snapshot import Reading, Snapshot
     from ..spec import Collector
 
@@ -106,7 +110,8 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter,
         if mp.transport == "tzsp" and state in ("active", "degraded"):
             state, reason = tzsp_state(state, reason, workers, mp.collector.where())
         kernel = mp.transport == "clone" or mp.collector.copies_frames
-        through = [d for d in deliveries.values() if any(f[0] == m.name for f in d.point.feeds)]
+        through = [d for d in deliveries.values() if any(f[0] == m.name for f in d.point.feeds)
+                   or (mp.group is not None and mp.collector.name in d.point.collectors)]
         dropped = [d for d in through if d.verdict == "dropped"]
         if dropped and state == "active":
             state = "degraded"
@@ -133,6 +138,8 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter,
             "last_heal": {"when": _iso(heal.when), "why": heal.why} if heal else None,
             "delivery": [_delivery_row(d) for d in through],
         })
+        if mp.group is not None:
+            mirrors[-1]["members"] = _member_rows(mp.group, counts, snap.member_since)
     findings = plan_findings(snap.plan, snap.backend_error, snap.topology) if snap.plan else []
     if snap.apply_error:
         findings.insert(0, Finding(
@@ -240,11 +247,25 @@ def tzsp_state(state: MirrorState, reason: str, workers: list[TzspRow],
 
 
 def _device_of(mp: MirrorPlan) -> Optional[str]:
+    if mp.group is not None:
+        return None  # a device per member: the delivery row names the member
     if mp.collector.copies_frames:
         from ..plan.frames import target_of
 
         return target_of(mp.collector)
     return mp.reach.oif if mp.reach is not None else None
+
+
+def _member_rows(g: Group, counts: Counts,
+                 since: Mapping[tuple[str, str], float]) -> list[MemberRow]:
+    rows: list[MemberRow] = []
+    for m in g.members:
+        when = since.get((g.collector, m.name))
+        p, b = counts.get(m.counter, (0, 0))
+        rows.append({"name": m.name, "state": "alive" if m.alive else "dead", "reason": m.cause,
+                     "since": _iso(when) if when is not None else None,
+                     "buckets": len(m.buckets), "packets": p, "bytes": b})
+    return rows
 
 
 def _delivery_row(d: Delivery) -> DeliveryRow:
@@ -259,12 +280,16 @@ def _collector_row(c: Collector, reach: Optional[Reach]) -> CollectorRow:
 
     row: CollectorRow = {"name": c.name, "address": str(c.address) if c.address else None,
                          "reach": reach.describe() if reach else None}
-    if c.copies_frames:
+    if c.is_group:
+        row["members"] = list(c.members)
+    elif c.copies_frames:
         row["device"] = target_of(c)
     return row
 
 
 def _collector_cell(c: CollectorRow) -> str:
+    if c.get("members"):
+        return f"{c['name']} (group of {len(c['members'])})"
     device = c.get("device")
     if c.get("address") is None:
         return f"{device} (span port)"
@@ -307,6 +332,11 @@ def format_table(status: StatusDocument) -> str:
                 d["mirrors"]) > 1 else ""
             extra.append(f"left the router {d['left']} of {d['copied']} copied ({d['via']}"
                          f"{shared}){': ' + str(d['lost']) + ' lost' if d['verdict'] == 'dropped' else ''}")
+        for mb in m.get("members", []):
+            since = f" since {mb['since']}" if mb["since"] else ""
+            dead = f" ({mb['reason']})" if mb["reason"] else ""
+            extra.append(f"member {mb['name']} {mb['state']}{since}{dead}: {mb['buckets']} "
+                         f"buckets, {mb['packets']} pkts")
         for w in m.get("tzsp", []):
             state = w.get("state")
             shown = f" ({state}: {w.get('exit_reason')})" if state == "exited" else (
@@ -346,6 +376,11 @@ def format_prometheus(status: Optional[StatusDocument]) -> str:
             "counter", "Kernel copies that left the router, after every firewall chain.", []),
         "mirrord_delivery_left_bytes_total": (
             "counter", "Bytes of those copies as they left (with any encapsulation).", []),
+        "mirrord_member_packets_total": (
+            "counter", "Copies sent to a member of a group collector (all its mirrors).", []),
+        "mirrord_member_bytes_total": ("counter", "Bytes of those copies.", []),
+        "mirrord_member_alive": ("gauge", "1 while the member is alive, 0 while dead.", []),
+        "mirrord_member_buckets": ("gauge", "Flow buckets (of 64) the member holds.", []),
         "mirrord_reapplies_total": ("counter", "Rule re-applications after start.", []),
         "mirrord_findings": ("gauge", "Health findings, by code.", []),
     }
@@ -381,6 +416,18 @@ def format_prometheus(status: Optional[StatusDocument]) -> str:
             metrics["mirrord_delivery_copied_packets_total"][2].append(f"{lbl} {d['copied']}")
             metrics["mirrord_delivery_left_packets_total"][2].append(f"{lbl} {d['left']}")
             metrics["mirrord_delivery_left_bytes_total"][2].append(f"{lbl} {d['left_bytes']}")
+    members: set[tuple[str, str]] = set()
+    for m in status.get("mirrors", []):
+        for mb in m.get("members", []):
+            key = (m["collector"]["name"], mb["name"])
+            if key in members:
+                continue  # one member serves every mirror of its group: counted once
+            members.add(key)
+            lbl = f'{{collector="{_label(key[0])}",member="{_label(key[1])}"}}'
+            metrics["mirrord_member_packets_total"][2].append(f"{lbl} {mb['packets']}")
+            metrics["mirrord_member_bytes_total"][2].append(f"{lbl} {mb['bytes']}")
+            metrics["mirrord_member_alive"][2].append(f"{lbl} {int(mb['state'] == 'alive')}")
+            metrics["mirrord_member_buckets"][2].append(f"{lbl} {mb['buckets']}")
     metrics["mirrord_reapplies_total"][2].append(f" {status.get('reapplies', 0)}")
     codes: dict[str, int] = {}
     for f in status.get("findings", []):

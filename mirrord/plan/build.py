@@ -15,7 +15,8 @@ from ..netlink.topology import ARPHRD_ETHER, Reach, Topology
 from ..spec import Collector, Mirror, Spec
 from . import reasons as why
 from .delivery import delivery_points
-from .frames import Result, carriers, plan_frames, tunnels
+from .frames import Result, carriers, frame_rules, plan_frames, tunnels
+from .groups import plan_group
 from .model import (
     CloneRule,
     FrameRule,
@@ -32,8 +33,11 @@ from .reasons import Reason
 
 
 def collector_keys(spec: Spec) -> list[tuple[Address, Optional[str]]]:
-    """The (address, interface) pairs whose reach the topology must look up."""
-    return [(c.address, c.interface) for c in spec.collectors.values() if c.address is not None]
+    """The (address, interface) pairs whose reach the topology must look up:
+    every collector's, and every member's of a group (plan.groups)."""
+    out = [(c.address, c.interface) for c in spec.collectors.values() if c.address is not None]
+    out += [(a, None) for c in spec.collectors.values() for a in c.member_addresses()]
+    return out
 
 
 def exclusions(spec: Spec) -> tuple[Address, ...]:
@@ -46,6 +50,7 @@ def exclusions(spec: Spec) -> tuple[Address, ...]:
     is what keeps two mirrors from copying each other's copies for ever.
     """
     addrs = {c.address for c in spec.collectors.values() if c.address is not None}
+    addrs |= {a for c in spec.collectors.values() for a in c.member_addresses()}
     return tuple(sorted(addrs, key=lambda a: (a.version, int(a))))
 
 
@@ -85,6 +90,9 @@ def build(
         frames.extend(dataclasses.replace(r, exclude=exclude) for r in fr)
         if rules and reach is not None and reach.oif:
             egress.add(reach.oif)
+        if rules and mp.group is not None:
+            egress |= {r.oif for a in collector.member_addresses()
+                       if (r := topo.reach.get((a, None))) is not None and r.oif}
     if egress and (taps or frames):
         _keep_clones_from_taps(mirrors, taps, frames, egress, topo)
     made = tunnels(spec) if frames or any(mp.collector.copies_frames for mp in mirrors) else ()
@@ -210,6 +218,8 @@ def _plan_mirror(
                                 ctx.tunnel_errors, ctx.carriers, result)
         return mp, [], [], rules
 
+    if collector.is_group:
+        return _plan_group_mirror(mirror, collector, ctx, taps, result)
     if collector.address is None:  # span: the collector is a port, not a host
         return frames()
     if reach is None or reach.error:
@@ -257,6 +267,56 @@ def _plan_mirror(
         state = "degraded"
         causes = (why.neighbour_failed(collector.address, reach.oif), *causes)
     return result("clone", state, *causes), rules, [], []
+
+
+def _plan_group_mirror(
+    mirror: Mirror,
+    collector: Collector,
+    ctx: _Context,
+    taps: list[TapState],
+    result: Result,
+) -> tuple[MirrorPlan, list[CloneRule], list[TzspTap], list[FrameRule]]:
+    """A mirror to a group: the rules copy to the live members by bucket
+    (plan.groups); some members dead: degraded, every member: error."""
+    group = plan_group(collector, ctx.topo, ctx.tunnel_errors)
+    t: TransportName = collector.transport  # type: ignore[assignment]
+
+    def done(mp: MirrorPlan, clones: list[CloneRule], frames: list[FrameRule]
+             ) -> tuple[MirrorPlan, list[CloneRule], list[TzspTap], list[FrameRule]]:
+        return dataclasses.replace(mp, group=group), clones, [], frames
+
+    if ctx.backend is None:
+        return done(result(t, "error", why.no_backend(ctx.backend_error or "")), [], [])
+    dead = [(m.name, m.cause) for m in group.dead]
+    live = group.live
+    if not live:
+        return done(result(t, "error", why.all_members_dead(collector.name, dead)), [], [])
+    clones: list[CloneRule] = []
+    frames: list[FrameRule] = []
+    if t == "clone":
+        ports = tuple(r for name in mirror.interfaces if (r := why.bridge_port(name, ctx.topo)))
+        first = collector.member_addresses()[collector.members.index(live[0].name)]
+        fm = mirror.match.for_version(4 if first.version == 4 else 6)
+        if fm is None:
+            return done(result(t, "error", why.no_family_traffic(first.version)), [], [])
+        if first.version not in ctx.versions:
+            return done(result(t, "error", why.backend_cannot_clone(ctx.backend, first.version)),
+                        [], [])
+        clones = [CloneRule(mirror.name, way, mirror.interfaces, fm, first, None, group=group)
+                  for way in mirror.directions]
+        taps[:] = _bridge_ports(taps, ports)
+    else:
+        if ctx.frame_support.ingress:
+            return done(result(t, "error", why.frames_unsupported(ctx.frame_support.ingress)),
+                        [], [])
+        frames = [dataclasses.replace(r, group=group) for r in frame_rules(
+            mirror, ctx.topo, taps, ctx.frame_support, ctx.carriers, live[0].target,
+            live[0].target_index)]
+    state, causes = summarize(taps)
+    if dead and state in ("active", "degraded"):
+        state = "degraded"
+        causes = (why.members_dead(collector.name, dead, len(live)), *causes)
+    return done(result(t, state, *causes), clones, frames)
 
 
 def _not_a_host(address: Address, reach: Reach) -> Optional[str]:

@@ -24,6 +24,7 @@ copy is queued straight on the port, no firewall chain sees it.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from typing import Optional
 
@@ -47,11 +48,24 @@ def delivery_points(mirrors: Iterable[MirrorPlan], clones: Iterable[CloneRule],
 
     for r in clones:
         mp = by_mirror.get(r.mirror)
+        if r.group is not None:
+            # A group: one point per member holding buckets, fed by its own
+            # counter (the mirror's counts the copies to every member).
+            for m in r.group.members:
+                if m.buckets:
+                    add(("clone", ipaddress.ip_address(m.target), 0), m.counter, r.group.collector)
+            continue
         hop = _next_hop(mp, r.gateway)
         if mp is not None and hop is not None:
             add(("clone", hop, 0), (r.mirror, r.direction), mp.collector.name)
     by_device = {t.name: t for t in tunnels}
     for f in frames:
+        if f.group is not None:
+            for m in f.group.members:
+                tm = by_device.get(m.target) if m.buckets else None
+                if tm is not None:
+                    add(("vxlan", tm.remote, tm.port), m.counter, tm.owner)
+            continue
         t = by_device.get(f.target)
         if t is None:
             continue  # a span port

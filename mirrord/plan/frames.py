@@ -13,13 +13,13 @@ from ..netlink.links import Tunnel
 from ..netlink.topology import ARPHRD_ETHER, Topology
 from ..spec import TUNNEL_TRANSPORTS, VXLAN_PORT, Collector, Mirror, Spec
 from . import reasons as why
+from .groups import IFNAMSIZ, TUNNEL_PREFIX, _fnv1a, member_tunnels
 from .model import FrameRule, FrameSupport, MirrorPlan, State, TapState, TransportName, summarize
 from .reasons import Reason
 
 # Device names say whose they are at a glance (`ip link`); the alias
 # ("mirrord COLLECTOR") says it for certain: only devices carrying it are removed.
-TUNNEL_PREFIX = {"vxlan": "mvx-", "gretap": "mgt-", "erspan": "mes-"}
-IFNAMSIZ = 16
+# (TUNNEL_PREFIX, IFNAMSIZ, _fnv1a live in plan.groups, imported here.)
 
 
 class Result(Protocol):
@@ -35,20 +35,14 @@ def tunnel_name(c: Collector) -> str:
     return prefix + f"{_fnv1a(c.name.encode()):08x}"
 
 
-def _fnv1a(data: bytes) -> int:
-    """32-bit FNV-1a: stable across runs and interpreters (hash() is not), and
-    no hashlib, which OpenWrt ships only with OpenSSL."""
-    h = 0x811C9DC5
-    for b in data:
-        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
-    return h
-
-
 def tunnels(spec: Spec) -> tuple[Tunnel, ...]:
     """The tunnel devices the spec's mirrors copy into: one per collector used."""
     used = {m.collector for m in spec.mirrors}
     out: list[Tunnel] = []
     for c in spec.collectors.values():
+        if c.name in used and c.transport == "vxlan" and c.is_group:
+            out += member_tunnels(c)
+            continue
         if c.name not in used or c.transport not in TUNNEL_TRANSPORTS or c.address is None:
             continue
         out.append(Tunnel(
@@ -107,6 +101,15 @@ def plan_frames(
         if link is None or not link.up:
             return result(t, "waiting", why.tunnel_failed(
                 target, f"tunnel device {target} is {'down' if link else 'not there yet'}")), []
+    rules = frame_rules(mirror, topo, taps, support, carriers, target, link.index)
+    state, causes = summarize(taps)
+    return result(t, state, *causes), rules
+
+
+def frame_rules(mirror: Mirror, topo: Topology, taps: list[TapState], support: FrameSupport,
+                carriers: Mapping[str, str], target: str, target_index: int) -> list[FrameRule]:
+    """The active taps' frame rules to `target`; `taps` updated in place with
+    what stops a copy on one of them."""
     rules: list[FrameRule] = []
     for i, tap in enumerate(taps):
         if tap.state != "active":
@@ -123,9 +126,8 @@ def plan_frames(
         src = topo.link(tap.interface)
         assert src is not None  # an active tap's link exists
         rules.append(FrameRule(mirror.name, tap.direction, tap.interface, src.index,
-                               mirror.match, target, link.index))
-    state, causes = summarize(taps)
-    return result(t, state, *causes), rules
+                               mirror.match, target, target_index))
+    return rules
 
 
 def carriers(spec: Spec) -> dict[str, str]:
@@ -133,6 +135,10 @@ def carriers(spec: Spec) -> dict[str, str]:
     used = {m.collector for m in spec.mirrors}
     out: dict[str, str] = {}
     for c in spec.collectors.values():
-        if c.name in used and c.copies_frames:
-            out.setdefault(target_of(c), f"the copies for collector '{c.name}'")
+        if c.name not in used or not c.copies_frames:
+            continue
+        targets = ([t.name for t in member_tunnels(c)] if c.transport == "vxlan" else
+                   list(c.members)) if c.is_group else [target_of(c)]
+        for target in targets:
+            out.setdefault(target, f"the copies for collector '{c.name}'")
     return out

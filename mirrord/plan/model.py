@@ -15,6 +15,7 @@ from ..netlink.links import Tunnel
 from ..netlink.topology import Reach
 from ..spec import Collector, Mirror
 from . import reasons as why
+from .groups import Group
 from .reasons import Reason
 
 State = Literal["active", "waiting", "degraded", "error"]
@@ -37,6 +38,9 @@ class CloneRule:
     # Every collector address of the spec: their traffic, mirrord's own
     # copies (TZSP datagrams and their fragments) included, is never cloned.
     exclude: tuple[Address, ...] = ()
+    # A group collector: copies go to the member holding the flow's bucket
+    # (`gateway` is then the first live member, for the family and the log).
+    group: Optional[Group] = None
 
     @property
     def version(self) -> int:
@@ -77,6 +81,8 @@ class FrameRule:
     # Every collector address of the spec: their traffic, the tunnels' outer
     # packets and TZSP datagrams included, is never copied.
     exclude: tuple[Address, ...] = ()
+    # A group collector: `target` is then the first live member's device.
+    group: Optional[Group] = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,8 @@ class DeliveryPoint:
     kind: PointKind
     address: Address  # clone: the next hop; tunnels: the remote
     port: int = 0  # vxlan only
-    # The (mirror, direction) counters whose copies leave here.
+    # The (mirror, direction) counters whose copies leave here (a group's
+    # member: its (member counter, "member") alone).
     feeds: tuple[tuple[str, str], ...] = ()
     collectors: tuple[str, ...] = ()
 
@@ -145,6 +152,8 @@ class MirrorPlan:
     # A clone mirror's interfaces that are bridge ports, whatever their taps'
     # state: a port copies nothing with a kernel clone (health: bridge-port).
     bridge_ports: tuple[Reason, ...] = ()
+    # A group collector: each member's liveness and buckets (status shows them).
+    group: Optional[Group] = None
 
     @property
     def reason(self) -> str:

@@ -28,6 +28,8 @@ class Code(enum.Enum):
     COLLECTOR_NOT_A_HOST = "collector-not-a-host"
     COLLECTOR_OFFLINK = "collector-offlink"
     NEIGHBOUR_FAILED = "neighbour-failed"
+    MEMBERS_DEAD = "members-dead"  # some members of a group (degraded)
+    ALL_MEMBERS_DEAD = "all-members-dead"  # every member of a group (error)
     # What a kernel clone needs.
     NO_FAMILY_TRAFFIC = "no-family-traffic"
     NO_BACKEND = "no-backend"
@@ -132,6 +134,22 @@ def neighbour_failed(address: Address, oif: Optional[str]) -> Reason:
         f"collector {address} does not answer ARP/ND (neighbour FAILED on {oif})",
         f"check that {address} is up and attached to {oif} (`ip neigh show {address}`)",
         interface=oif or "")
+
+
+def members_dead(collector: str, dead: list[tuple[str, str]], left: int) -> Reason:
+    """`dead`: (member, why) of a group some of whose members are alive."""
+    names = "; ".join(f"{m}: {c}" for m, c in dead)
+    return Reason(Code.MEMBERS_DEAD,
+                  f"collector '{collector}': {len(dead)} member(s) unreachable, their flows "
+                  f"moved to the {left} other(s) ({names})",
+                  "bring the members back; their flows return to them")
+
+
+def all_members_dead(collector: str, dead: list[tuple[str, str]]) -> Reason:
+    names = "; ".join(f"{m}: {c}" for m, c in dead)
+    return Reason(Code.ALL_MEMBERS_DEAD,
+                  f"collector '{collector}': every member unreachable ({names})",
+                  "bring at least one member back")
 
 
 def no_family_traffic(version: int) -> Reason:

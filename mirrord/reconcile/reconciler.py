@@ -25,6 +25,7 @@ from ..netlink import links
 from ..netlink.links import Tunnel
 from ..netlink.topology import Topology
 from ..netlink.watch import CounterEvent
+from ..plan.groups import groups_of, member_changes
 from ..spec import Spec
 from .ledger import CounterLedger
 from .snapshot import Heal, Reading, Snapshot
@@ -39,6 +40,9 @@ RETRY_MAX = 30.0  # seconds: the longest wait before applying again
 # (no netdev family or egress hook, a tunnel it refused): a module may be
 # installed meanwhile, and no event says so.
 LOOK_AGAIN = 30.0
+# A group member dead by its neighbour gets no copies, so nothing makes the
+# kernel resolve it again: probe it (netlink.probe) and look again this often.
+PROBE_DEAD_EVERY = 1.0
 _LOOK_AGAIN_FOR = frozenset({plan.Code.FRAMES_UNSUPPORTED, plan.Code.EGRESS_UNSUPPORTED,
                              plan.Code.TUNNEL_FAILED})
 VERIFY_BACKOFF = 0.01  # the first wait after a listing that kept failing verification
@@ -102,6 +106,7 @@ class Reconciler:
         self.taps = taps
         self.ledger = ledger
         self.snapshot = Snapshot(spec=spec, started=time.time())
+        self._probed: dict[Address, float] = {}  # group member -> when last probed
         self.backend: Optional[Backend] = None
         self._rendered: Optional[Rendered] = None
         self._render_cache: Optional[tuple[Backend, tuple[Any, ...], Rendered]] = None
@@ -198,15 +203,38 @@ class Reconciler:
         if rendered is not None:
             self._rendered = rendered
         heals = self._note_changes(p, why, (drift or rebound) and applied and not force)
+        since, moved = member_changes(groups_of(cur.plan.mirrors if cur.plan else ()),
+                                      groups_of(p.mirrors), cur.member_since, time.time())
+        for line in moved:
+            log.warning("%s (%s)", line, why, extra={"ACTION": "member"})
         self.snapshot = dataclasses.replace(
             cur, spec=s, topology=topo, plan=p, backend=backend.name if backend else None,
             backend_error=backend_error, applies=applies, reapplies=reapplies, heals=heals,
-            apply_error="")
+            apply_error="", member_since=MappingProxyType(since))
         self.taps.sync(p, time.monotonic())
         waiting_on_kernel = any(r.code in _LOOK_AGAIN_FOR for mp in p.mirrors
                                 for r in (*mp.reasons, *(t.cause for t in mp.taps if t.cause)))
+        look: Optional[float] = LOOK_AGAIN if waiting_on_kernel else None
+        if self._probe_dead_members(p):
+            look = min(look or PROBE_DEAD_EVERY, PROBE_DEAD_EVERY)
         return Outcome(self.snapshot, again, "rules changed during the apply" if again else "",
-                       LOOK_AGAIN if waiting_on_kernel else None)
+                       look)
+
+    def _probe_dead_members(self, p: plan.Plan) -> bool:
+        """Probe the group members dead by a FAILED neighbour, at most once per
+        PROBE_DEAD_EVERY each; whether any is dead that way."""
+        from ..netlink.probe import probe
+
+        now = time.monotonic()
+        dead = [a for mp in p.mirrors if mp.group is not None
+                for m, a in zip(mp.group.members, mp.collector.member_addresses())
+                if not m.alive and "FAILED" in m.cause]
+        due = [a for a in dict.fromkeys(dead)
+               if now - self._probed.get(a, -PROBE_DEAD_EVERY) >= PROBE_DEAD_EVERY]
+        for a in due:
+            self._probed[a] = now
+        probe(due)
+        return bool(dead)
 
     def failed(self, error: str) -> Snapshot:
         """Record that the last apply was refused (the running rules stay)."""

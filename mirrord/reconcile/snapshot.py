@@ -41,6 +41,9 @@ class Snapshot:
     applies: int = 0
     reapplies: int = 0
     heals: Mapping[str, Heal] = field(default_factory=_frozen_heals)
+    # (collector, member) of a group -> wall clock its state (alive, dead) began.
+    member_since: Mapping[tuple[str, str], float] = field(
+        default_factory=lambda: MappingProxyType({}))
 
     def summary(self) -> str:
         if self.plan is None:

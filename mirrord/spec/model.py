@@ -6,6 +6,7 @@ daemon use a Spec without the reader.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -29,6 +30,9 @@ FRAME_TRANSPORTS: frozenset[str] = frozenset({"span", "vxlan", "gretap", "erspan
 TUNNEL_TRANSPORTS: frozenset[str] = frozenset({"vxlan", "gretap", "erspan"})
 DIRECTIONS: tuple[str, ...] = ("in", "out", "both")
 FAMILIES: tuple[str, ...] = ("ipv4", "ipv6", "any")
+BALANCES: tuple[str, ...] = ("flow",)
+# Transports whose collector can be a group: one address or device per member.
+GROUP_TRANSPORTS: frozenset[str] = frozenset({"clone", "span", "vxlan"})
 
 
 @dataclass(frozen=True)
@@ -45,13 +49,29 @@ class Collector:
     ring_mib: int = 0
     vni: int = DEFAULT_VNI  # vxlan
     session: int = DEFAULT_SESSION  # erspan
+    # A group (issue 13): the members' addresses (clone, vxlan) or ports
+    # (span), as normalized text; `address` and `interface` are then None.
+    members: tuple[str, ...] = ()
+    balance: str = ""  # "flow" for a group
 
     @property
     def copies_frames(self) -> bool:
         return self.transport in FRAME_TRANSPORTS
 
+    @property
+    def is_group(self) -> bool:
+        return bool(self.members)
+
+    def member_addresses(self) -> tuple[Address, ...]:
+        """The members that are hosts (clone, vxlan); () for a span group."""
+        if self.transport == "span":
+            return ()
+        return tuple(ipaddress.ip_address(m) for m in self.members)
+
     def where(self) -> str:
         """The collector for humans: its address, or for span the port."""
+        if self.members:
+            return f"group {', '.join(self.members)}"
         if self.address is None:
             return f"port {self.interface}"
         return str(self.address)

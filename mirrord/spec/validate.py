@@ -28,7 +28,8 @@ from ..match import (
     PortRange,
     merge_ranges,
 )
-from .fields import NAME_RE, host_address, valid_ifname
+from .fields import NAME_RE, host_address
+from .groups import GroupReader
 from .model import (
     BACKENDS,
     DEFAULT_SESSION,
@@ -43,7 +44,7 @@ from .model import (
     Spec,
     SpecError,
 )
-from .nodes import BAD, NodeReader, close_matches
+from .nodes import BAD, close_matches
 from .yaml_tree import STD_TAG, short_tag, show
 
 _Node = yaml.Node
@@ -59,6 +60,9 @@ _APPLIES: dict[str, frozenset[str]] = {
     "ring_mib": frozenset({"auto", "tzsp"}),
     "vni": frozenset({"vxlan"}),
     "session": frozenset({"erspan"}),
+    # Every transport: those that cannot balance yet are told so by name.
+    "members": frozenset(TRANSPORTS),
+    "balance": frozenset(TRANSPORTS),
 }
 _RANGES = (("port", 1, 65535), ("snaplen", 64, 65535), ("ring_mib", 1, 1024),
            ("vni", 0, 0xFFFFFF), ("session", 0, 1023))
@@ -68,17 +72,25 @@ _TUNNEL_KEY = {"vxlan": "VNI, UDP port and IP version", "gretap": "remote addres
                "erspan": "remote address and session"}
 
 
+def _tunnel_keys(c: Collector) -> set[tuple[object, ...]]:
+    """What the kernel tells c's tunnel devices apart by: two devices with one key
+    are refused (EEXIST). A vxlan group's member k has VNI vni + k (plan.frames)."""
+    if c.transport == "vxlan":
+        addrs = c.member_addresses() if c.is_group else (
+            (c.address,) if c.address is not None else ())
+        return {(c.vni + k, c.port, a.version) for k, a in enumerate(addrs)}
+    if c.address is None:
+        return set()
+    if c.transport == "gretap":
+        return {(c.address,)}
+    if c.transport == "erspan":
+        return {(c.address, c.session)}
+    return set()
+
+
 def _same_tunnel(a: Collector, b: Collector) -> bool:
     """Two collectors whose tunnel devices the kernel would take for one (EEXIST)."""
-    if a.transport != b.transport or a.address is None or b.address is None:
-        return False
-    if a.transport == "vxlan":
-        return (a.vni, a.port, a.address.version) == (b.vni, b.port, b.address.version)
-    if a.transport == "gretap":
-        return a.address == b.address
-    if a.transport == "erspan":
-        return (a.address, a.session) == (b.address, b.session)
-    return False
+    return a.transport == b.transport and bool(_tunnel_keys(a) & _tunnel_keys(b))
 
 
 def _applies_text(key: str) -> str:
@@ -108,7 +120,7 @@ def validate(root: Optional[_Node], odd_tags: list[_Node], path: str) -> Spec | 
     return spec
 
 
-class _Validator(NodeReader):
+class _Validator(GroupReader):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         # Collectors that were defined but are invalid: a mirror naming one
@@ -194,7 +206,12 @@ class _Validator(NodeReader):
             if transport not in _APPLIES[key]:
                 self.err(k_node, f"{what}: {key} {_applies_text(key)}")
                 ok = False
-        if transport == "span":
+        group: Optional[tuple[tuple[str, ...], str]] = None
+        if "members" in m or "balance" in m:
+            group = self.group_members(what, m, transport)
+            if group is None:
+                return None
+        elif transport == "span":
             if "interface" not in m:
                 self.err(node, f"{what}: transport span needs 'interface': the port of this "
                          "router that the copies leave through (the IDS is plugged into it)")
@@ -203,7 +220,7 @@ class _Validator(NodeReader):
             self.err(node, f"{what}: missing required key 'address'")
             return None
         address: Optional[Address] = None
-        if "address" in m:
+        if "address" in m and group is None:
             raw = self.string(m["address"][1], f"{what}: address")
             if raw is None:
                 ok = False
@@ -213,7 +230,7 @@ class _Validator(NodeReader):
                     self.err(m["address"][1], f"{what}: {why}")
                     ok = False
         interface = None
-        if "interface" in m:
+        if "interface" in m and group is None:
             interface = self.ifname(m["interface"][1], f"{what}: interface")
             ok = ok and interface is not None
         port = VXLAN_PORT if transport == "vxlan" else TZSP_PORT
@@ -225,21 +242,16 @@ class _Validator(NodeReader):
                 ok = ok and v is not None
                 if v is not None:
                     values[key] = v
+        members, balance = group or ((), "")
+        if ok and "vni" in m and values["vni"] + len(members) - 1 > 0xFFFFFF:
+            self.err(m["vni"][1], f"{what}: member k gets VNI vni + k; {values['vni']} + "
+                     f"{len(members) - 1} is over 16777215")
+            ok = False
         if not ok:
             return None
         return Collector(name, address, interface, transport,  # type: ignore[arg-type]
                          values["port"], values["snaplen"], values["ring_mib"],
-                         values["vni"], values["session"])
-
-    def ifname(self, node: _Node, what: str) -> Optional[str]:
-        name = self.string(node, what)
-        if name is None:
-            return None
-        why = valid_ifname(name)
-        if why:
-            self.err(node, f"{what} '{show(name)}' {why}")
-            return None
-        return name
+                         values["vni"], values["session"], members, balance)
 
     def mirrors(self, node: _Node, collectors: dict[str, Collector]) -> list[Mirror]:
         out: list[Mirror] = []
@@ -330,18 +342,21 @@ class _Validator(NodeReader):
 
     def not_the_port(self, node: Optional[_Node], what: str, interfaces: list[str],
                      c: Collector) -> bool:
-        if c.interface not in interfaces:
+        ports = c.members or (c.interface,)
+        port = next((p for p in ports if p in interfaces), None)
+        if port is None:
             return True
         items = self.items(node) if node is not None else []
-        node = next((n for n in items if self.scalar(n) == c.interface), node)
-        self.err(node, f"{what}: interface {c.interface} is the span port of collector "
+        node = next((n for n in items if self.scalar(n) == port), node)
+        self.err(node, f"{what}: interface {port} is the span port of collector "
                  f"'{c.name}': its own copies would be copied again")
         return False
 
     def family_fits(self, node: _Node, what: str, match: Match, c: Collector) -> bool:
-        if c.transport != "clone" or c.address is None:
+        address = next(iter(c.member_addresses()), None) if c.is_group else c.address
+        if c.transport != "clone" or address is None:
             return True
-        cv = c.address.version
+        cv = address.version
         if match.family != "any" and match.family != f"ipv{cv}":
             self.err(
                 node,

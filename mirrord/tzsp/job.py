@@ -44,6 +44,8 @@ TAP_FIELDS_UNUSED: dict[str, str] = {
     "collector.transport": "decided by the plan: a TzspTap exists only for TZSP",
     "collector.vni": "VXLAN's; a TZSP collector has none",
     "collector.session": "ERSPAN's; a TZSP collector has none",
+    "collector.members": "a group's (issue 13); TZSP groups are not supported yet",
+    "collector.balance": "a group's (issue 13); TZSP groups are not supported yet",
 }
 
 

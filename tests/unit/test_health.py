@@ -190,6 +190,24 @@ NO_NETDEV = ("the kernel refused an nftables netdev dup rule (Error: Could not p
              "such file or directory); install kmod-nft-netdev (OpenWrt) or a kernel with "
              "CONFIG_NF_TABLES_NETDEV and CONFIG_NF_DUP_NETDEV")
 
+GROUPS = """\
+collectors:
+  sensors:
+    transport: clone
+    members: [192.0.2.50, 192.0.2.51, 192.0.2.52]
+  gone:
+    transport: span
+    members: [lan8, lan9]
+mirrors:
+  - {name: lan, interfaces: [wan], collector: sensors}
+  - {name: ports, interfaces: [wan], direction: in, collector: gone}
+"""
+MEMBERS_DEAD = ("collector 'sensors': 1 member(s) unreachable, their flows moved to the 2 "
+                "other(s) (192.0.2.51: 192.0.2.51 does not answer ARP/ND (neighbour FAILED on "
+                "eth2))")
+ALL_DEAD = ("collector 'gone': every member unreachable (lan8: port lan8 does not exist; lan9: "
+            "port lan9 does not exist)")
+
 ONLINK_50 = Reach(addr("192.0.2.50"), oif="eth2", neighbour="REACHABLE")
 FAILED_50 = Reach(addr("192.0.2.50"), oif="eth2", neighbour="FAILED")
 FAILED_60 = Reach(addr("192.0.2.60"), oif="eth2", neighbour="FAILED")
@@ -246,10 +264,17 @@ def case(name: str) -> tuple[plan.Plan, Topology, str]:
                    else plan.FrameSupport("", NO_EGRESS))
         return plan.build(spec.parse(FRAMES, "t.yaml"), topo, "nftables",
                           frame_support=support, tunnel_errors={"mgt-gt": NO_GRE}), topo, ""
+    if name == "groups":
+        # One clone member's neighbour FAILED; neither span port exists.
+        topo = router("wan", "eth2", reach=(
+            ONLINK_50, Reach(addr("192.0.2.51"), oif="eth2", neighbour="FAILED"),
+            Reach(addr("192.0.2.52"), oif="eth2", neighbour="REACHABLE")))
+        return plan.build(spec.parse(GROUPS, "t.yaml"), topo, "nftables"), topo, ""
     raise AssertionError(name)
 
 
-CASES = ("bridge_ports", "offlink", "tzsp", "errors", "families", "frames", "frames_off")
+CASES = ("bridge_ports", "offlink", "tzsp", "errors", "families", "frames", "frames_off",
+         "groups")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -303,6 +328,10 @@ EXPECTED = [
            ("collector-offlink", f"mirror remote: {OFFLINK_TEXT}")),
     Expect(Code.NEIGHBOUR_FAILED, "tzsp", "lan",
            "collector 192.0.2.50 does not answer ARP/ND (neighbour FAILED on eth2)"),
+    Expect(Code.MEMBERS_DEAD, "groups", "lan", MEMBERS_DEAD,
+           ("members-dead", f"mirror lan: {MEMBERS_DEAD}")),
+    Expect(Code.ALL_MEMBERS_DEAD, "groups", "ports", ALL_DEAD,
+           ("all-members-dead", f"mirror ports: {ALL_DEAD}")),
     Expect(Code.NO_FAMILY_TRAFFIC, "families", "v6only", "no IPv4 traffic to clone"),
     Expect(Code.NO_BACKEND, "errors", "nobackend",
            "no kernel clone backend is usable (tried nftables: x; iptables: y)"),

@@ -35,6 +35,7 @@ def devices(s: spec.Spec) -> list[str]:
     """Every device the case's rules bind to: mirrored interfaces, span ports, tunnels."""
     names = [i for m in s.mirrors for i in m.interfaces]
     names += [c.interface for c in s.collectors.values() if c.interface]
+    names += [m for c in s.collectors.values() if c.transport == "span" for m in c.members]
     names += [t.name for t in plan.tunnels(s)]
     return list(dict.fromkeys(names))
 
@@ -43,8 +44,8 @@ def build(case: str) -> plan.Plan:
     s = spec.load(str(FRAMES / f"{case}.yaml"))
     links = {n: Link(n, i, True, None, ARPHRD_ETHER, 1500)
              for i, n in enumerate([*devices(s), "eth2"], 2)}
-    reach = {(c.address, c.interface): Reach(c.address, oif="eth2", neighbour="REACHABLE")
-             for c in s.collectors.values() if c.address is not None}
+    reach = {(a, i): Reach(a, oif="eth2", neighbour="REACHABLE")
+             for a, i in plan.collector_keys(s)}
     return plan.build(s, Topology(links, reach), "nftables")
 
 
@@ -165,8 +166,8 @@ def test_every_mirror_is_one_map_target_or_its_own_rules(matches: list[str],
     s = spec.parse(text)
     links = {n: Link(n, i, True, None, ARPHRD_ETHER, 1500) for i, n in enumerate(
         ["wan", "lan4", "eth2"], 2)}
-    reach = {(c.address, c.interface): Reach(c.address, oif="eth2", neighbour="REACHABLE")
-             for c in s.collectors.values() if c.address is not None}
+    reach = {(a, i): Reach(a, oif="eth2", neighbour="REACHABLE")
+             for a, i in plan.collector_keys(s)}
     p = plan.build(s, Topology(links, reach), "nftables")
     rendered = create("nftables").render(p)
     objs = rendered.payload["netdev" if transport == "span" else "ip"]

@@ -451,6 +451,8 @@ def _another(path: str, v: Any) -> Any:
         return Match(protocols=(6,))
     if isinstance(v, tuple) and v:
         return v + v
+    if v == ():
+        return ("192.0.2.9",)
     pytest.fail(f"{path}: teach this test another value of a {type(v).__name__}")
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from ...match import Match
 from ...plan import FrameRule, Plan
 from ..base import comment
+from .groups import MemberChains
 from .maps import Entry, chain_rules, frame_key
 from .render import (
     FAMILIES,
@@ -88,19 +89,22 @@ def netdev_table(plan: Plan, ranges: bool = True) -> list[dict[str, Any]]:
         per_chain[(r.direction, r.interface)].append(r)
     taken: set[str] = set()
     actions = ActionChains(taken)
+    members = MemberChains(taken)
     rule_objs: list[dict[str, Any]] = []
     for (direction, ifname), rules in sorted(per_chain.items()):
         chain = chain_name(direction, ifname, taken)
         objs.append({"chain": {**t, "name": chain, "type": "filter", "hook": HOOKS[direction],
                                "prio": PRIO_NETDEV, "dev": ifname, "policy": "accept"}})
         rule_objs += exclusion_rules(t, chain, rules[0])
-        rule_objs += chain_rules(t, chain, [_entry(r, actions) for r in rules], ranges)
+        rule_objs += chain_rules(t, chain, [_entry(r, actions, members) for r in rules], ranges)
+    objs += members.objects(t)
     objs += actions.objects(t, rule_objs)
     return objs + rule_objs
 
 
-def _entry(r: FrameRule, actions: ActionChains) -> Entry:
-    leaf: tuple[Expr, ...] = (*counting((r.mirror, r.direction)), {"dup": {"addr": r.target}})
+def _entry(r: FrameRule, actions: ActionChains, members: MemberChains) -> Entry:
+    copy = members.lookup(r.group) if r.group is not None else {"dup": {"addr": r.target}}
+    leaf: tuple[Expr, ...] = (*counting((r.mirror, r.direction)), copy)
     key = frame_key(r.match)
     return Entry(tuple(tuple(alt) for alt in frame_match_exprs(r.match)), leaf,
                  comment(r.mirror, r.direction),

@@ -22,8 +22,10 @@ from typing import Any, Optional
 
 from ...match import FamilyMatch, Network, PortRange
 from ...plan import CloneRule, Plan
+from ...plan.groups import MEMBER
 from ...plan.model import DELIVERED, DeliveryPoint
 from ..base import CounterKey, Counts, comment
+from .groups import MemberChains
 from .maps import Entry, chain_rules, family_key
 
 TABLE = "mirrord"
@@ -135,6 +137,7 @@ def ip_tables(plan: Plan, ranges: bool = True) -> dict[str, list[dict[str, Any]]
         objs += [{"counter": {**t, "name": counter_name(k)}} for k in keys]
         taken: set[str] = set()
         actions = ActionChains(taken)
+        members = MemberChains(taken)
         rule_objs: list[dict[str, Any]] = []
         for direction, hook, prio, meta in (
             ("in", "prerouting", PRIO_PREROUTING, "iifname"),
@@ -160,7 +163,7 @@ def ip_tables(plan: Plan, ranges: bool = True) -> dict[str, list[dict[str, Any]]
                     # copy is already suppressed, but they must not count.
                     rule_objs.append({"rule": {**t, "chain": chain, "expr": [
                         _match({"ct": {"key": "state"}}, "untracked", "in"), {"return": None}]}})
-                entries = [_clone_entry(r, actions) for r in per_if[ifname]]
+                entries = [_clone_entry(r, actions, members) for r in per_if[ifname]]
                 rule_objs += chain_rules(t, chain, entries, ranges)
             rule_objs.insert(0, {"rule": {**t, "chain": hook, "expr": [
                 {"vmap": {"key": _meta(meta), "data": {"set": dispatch}}}]}})
@@ -170,6 +173,7 @@ def ip_tables(plan: Plan, ranges: bool = True) -> dict[str, list[dict[str, Any]]
                                    "policy": "accept"}})
             rule_objs += [{"rule": {**t, "chain": "delivered", "expr": delivered_exprs(p)}}
                           for p in points[version]]
+        objs += members.objects(t)
         objs += actions.objects(t, rule_objs)
         objs += rule_objs
         tables[fam] = objs
@@ -241,14 +245,16 @@ def exclusion_list(r: CloneRule) -> list[str]:
     return [str(a) for a in sorted(addrs, key=int)]
 
 
-def _clone_entry(r: CloneRule, actions: ActionChains) -> Entry:
+def _clone_entry(r: CloneRule, actions: ActionChains, members: MemberChains) -> Entry:
     fam = FAMILIES[r.version]
     never = _value(exclusion_list(r))
     dup: dict[str, Any] = {"addr": str(r.gateway)}
     if r.device:
         dup["dev"] = r.device
+    # A group: the flow's member chain copies (backends.nftables.groups).
+    copy = members.lookup(r.group) if r.group is not None else {"dup": dup}
     leaf = (_match(_payload(fam, "saddr"), never, "!="), _match(_payload(fam, "daddr"), never, "!="),
-            *counting((r.mirror, r.direction)), {"dup": dup})
+            *counting((r.mirror, r.direction)), copy)
     key = family_key(r.match)
     return Entry(tuple(tuple(alt) for alt in match_exprs(r.match)), leaf,
                  comment(r.mirror, r.direction),
@@ -423,4 +429,4 @@ def first_references(fam: str, objs: list[dict[str, Any]], seeds: Seeds,
 
 def counter_key(name: str) -> Optional[CounterKey]:
     mirror, _, direction = name.rpartition(".")
-    return (mirror, direction) if mirror and direction in ("in", "out", DELIVERED) else None
+    return (mirror, direction) if mirror and direction in ("in", "out", DELIVERED, MEMBER) else None

@@ -56,6 +56,8 @@ def _text_left(e: Expr) -> str:
         return f"rt {e['rt']['family']} {e['rt']['key']}"
     if "concat" in e:
         return " . ".join(_text_left(x) for x in e["concat"])
+    if "symhash" in e:
+        return f"symhash mod {e['symhash']['mod']}"
     raise ValueError(f"no text form for {e}")
 
 

@@ -1,0 +1,72 @@
+"""A group collector's copies (plan.groups) as nftables objects (pure).
+
+The copy rule of a mirror to a group ends, where a single collector's has
+`dup to ADDR`, in one lookup:
+
+    symhash mod 64 vmap { 0-5 : jump g_sensors_0, 6 : jump g_sensors_2, ... }
+
+and each member has a chain that counts (its named counter,
+`_member_COLLECTOR_MEMBER.member`) and copies to it. One hash and one map
+lookup per packet, whatever the number of members; contiguous buckets of a
+member are one range element. A member without buckets (dead) keeps its
+counter and has no chain. Members are shared by every mirror of the group in
+one table: their counters count the group's copies to that member.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...plan.groups import BUCKETS, Group, bucket_ranges
+
+Expr = dict[str, Any]
+
+
+def _counter_name(key: tuple[str, str]) -> str:
+    return f"{key[0]}.{key[1]}"
+
+
+class MemberChains:
+    """The member chains of the groups a table's rules copy to, named once."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self._taken = taken
+        self._groups: dict[str, Group] = {}
+        self._chains: dict[tuple[str, str], str] = {}
+
+    def _chain(self, g: Group, k: int) -> str:
+        from .render import chain_name  # render imports this module
+
+        key = (g.collector, g.members[k].name)
+        if key not in self._chains:
+            self._chains[key] = chain_name("g", f"{g.collector}_{k}", self._taken)
+        return self._chains[key]
+
+    def lookup(self, g: Group) -> Expr:
+        """The expression that sends a packet to its flow's member chain."""
+        self._groups.setdefault(g.collector, g)
+        items: list[list[Any]] = []
+        for first, last, k in sorted(
+                (a, b, k) for k, m in enumerate(g.members) for a, b in bucket_ranges(m.buckets)):
+            key: Any = first if first == last else {"range": [first, last]}
+            items.append([key, {"jump": {"target": self._chain(g, k)}}])
+        return {"vmap": {"key": {"symhash": {"mod": BUCKETS}}, "data": {"set": items}}}
+
+    def objects(self, t: dict[str, str]) -> list[dict[str, Any]]:
+        """Every member's counter, and the chains of those holding buckets with
+        their one rule: count, copy."""
+        from .render import counting  # render imports this module
+
+        counters: list[dict[str, Any]] = []
+        chains: list[dict[str, Any]] = []
+        for g in self._groups.values():
+            for k, m in enumerate(g.members):
+                counters.append({"counter": {**t, "name": _counter_name(m.counter)}})
+                if not m.buckets:
+                    continue
+                name = self._chain(g, k)
+                chains.append({"chain": {**t, "name": name}})
+                chains.append({"rule": {**t, "chain": name, "expr": [
+                    *counting(m.counter), {"dup": {"addr": m.target}}],
+                    "comment": f"mirrord member {g.collector} {m.name}"}})
+        return counters + chains
