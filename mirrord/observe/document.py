@@ -50,9 +50,10 @@ class TapRow(TypedDict):
     reason: str  # "" when active
 
 
-TzspCounter = Literal["captured", "sent", "bytes", "ring_drops", "send_errors", "truncated"]
+TzspCounter = Literal["captured", "sent", "bytes", "ring_drops", "send_errors", "truncated",
+                      "oversize"]
 TZSP_COUNTERS: tuple[TzspCounter, ...] = (
-    "captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
+    "captured", "sent", "bytes", "ring_drops", "send_errors", "truncated", "oversize")
 
 
 class _TzspCounters(TypedDict, total=False):
@@ -63,6 +64,7 @@ class _TzspCounters(TypedDict, total=False):
     ring_drops: int
     send_errors: int
     truncated: int
+    oversize: int
 
 
 class TzspRow(_TzspCounters):
