@@ -1,0 +1,236 @@
+"""TZSP copies of partial-checksum frames arrive with valid checksums (issue 14, item 5).
+
+Hosts behind veth hand the router CHECKSUM_PARTIAL packets: the capture ring
+marks them TP_STATUS_CSUMNOTREADY and their TCP/UDP checksum field holds only
+the pseudo-header sum. An IDS checking checksums (Suricata's default) drops
+such copies, so the forwarder completes them. What reaches the collector is
+decoded by tshark (TZSP, then the inner frame) with checksum checks on: none
+may be bad. GRO/GSO super-frames (a TCP burst across veth) are counted as
+`oversize`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import ipaddress
+import os
+import struct
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from mirrord.match import Match, PortRange
+from mirrord.tzsp.job import TzspJob
+from tests.harness.capture import Background, receiver
+from tests.harness.lab import ROOT, WAN_HOST, WAN_HOST6, Lab, have_root_netns, python_env
+from tests.harness.tzsp import WorkerRun
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(have_root_netns() is not None, reason=str(have_root_netns())),
+]
+
+TCP_PORT, UDP_PORT = 5001, 5555
+TCP_BYTES = 200_000  # per connection: some super-frames, bounded
+UDP_COUNT = 40       # per family
+SMALL_BYTES = sum(len(b"small %d " % i) + i for i in range(5))  # the client's first writes
+MATCH = Match(protocols=(6, 17), ports=(PortRange(TCP_PORT, TCP_PORT),
+                                        PortRange(UDP_PORT, UDP_PORT)))
+
+SERVER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", int(sys.argv[1])))
+s.listen(4)
+s.settimeout(20)
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    c, _ = s.accept()
+    c.settimeout(20)
+    n = 0
+    while True:
+        d = c.recv(1 << 16)
+        if not d:
+            break
+        n += len(d)
+    c.sendall(b"ok")
+    c.close()
+    print(n, flush=True)
+"""
+
+CLIENT = r"""
+import socket, sys
+dst, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((dst, port), timeout=20)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for i in range(5):  # small segments, odd lengths among them
+    s.sendall(b"small %d " % i + b"x" * i)
+chunk = b"y" * 65536
+sent = 0
+while sent < total:
+    sent += s.send(chunk[:total - sent])
+s.shutdown(socket.SHUT_WR)
+assert s.recv(2) == b"ok"
+"""
+
+# Frames sent with a virtio-net header: VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start
+# and csum_offset make the skb CHECKSUM_PARTIAL, as a VM's virtio NIC does.
+SEND_NEEDS_CSUM = r"""
+import socket, struct, sys, time
+dev, start, offset = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+s.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
+s.bind((dev, 0))
+vnet = struct.pack("=BBHHHH", 1, 0, 0, 0, start, offset)
+for h in sys.argv[4:]:
+    s.send(vnet + bytes.fromhex(h))
+    time.sleep(0.002)
+"""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab(offlink=False, ipv6=True) as lab:
+        try:
+            yield lab
+        finally:
+            for path in glob.glob(f"/tmp/{lab.tag}-*"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+
+def ifindex(ns: Any, name: str) -> int:
+    return int(ns.sh(f"cat /sys/class/net/{name}/ifindex"))
+
+
+def make_job(lab: Lab, iface: str, directions: tuple[str, ...], port: int) -> TzspJob:
+    return TzspJob(mirror=f"c-{iface}-{port}", interface=iface, ifindex=ifindex(lab.rtr, iface),
+                   directions=directions, match=MATCH,
+                   collector=ipaddress.ip_address(lab.collector), port=port, snaplen=65535)
+
+
+def tcp_transfers(lab: Lab, destinations: list[str]) -> None:
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", lab.wan.name, sys.executable, "-c", SERVER, str(TCP_PORT),
+         str(len(destinations))], stdout=subprocess.PIPE, text=True, env=python_env(),
+        cwd=str(ROOT))
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        for dst in destinations:
+            lab.lan.run(sys.executable, "-c", CLIENT, dst, str(TCP_PORT), str(TCP_BYTES),
+                        timeout=30)
+        out, _ = server.communicate(timeout=30)
+        assert [int(n) for n in out.split()] == [TCP_BYTES + SMALL_BYTES] * len(destinations)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def inner_checksums(pcap: str, port: int) -> Counter[tuple[str, str]]:
+    """(inner protocol, tshark's checksum status) for each TZSP datagram's frame.
+
+    tshark checks every TCP and UDP checksum it decodes: the outer UDP one
+    (the TZSP datagram, itself partial here: it crosses veth too) comes
+    first, the inner frame's last. Status 0 is bad, 1 good, 2 unverified.
+    """
+    p = subprocess.run(
+        ["tshark", "-r", pcap, "-n", "-d", f"udp.port=={port},tzsp",
+         "-o", "tcp.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE",
+         "-Y", "tzsp", "-T", "fields", "-E", "occurrence=a", "-E", "aggregator=,",
+         "-e", "tcp.checksum.status", "-e", "udp.checksum.status"],
+        capture_output=True, text=True, timeout=120, check=True)
+    out: Counter[tuple[str, str]] = Counter()
+    for line in p.stdout.splitlines():
+        tcp, udp = line.split("\t")
+        udps = udp.split(",")
+        if tcp:
+            out[("tcp", tcp)] += 1
+        elif len(udps) == 2:
+            out[("udp", udps[1])] += 1
+        else:
+            out[("other", line)] += 1
+    return out
+
+
+def run_mirrored(lab: Lab, iface: str, directions: tuple[str, ...], port: int,
+                 traffic: Any) -> tuple[dict[str, Any], str]:
+    pcap = f"/tmp/{lab.tag}-csum-{port}.pcap"
+    # Non-first fragments of a large datagram (a super-frame's copy) have no
+    # UDP header; a 32 MiB buffer (-B) holds a burst of them (2 MiB does not).
+    dump = Background(lab.col.name, [
+        "tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-B", "32768", "-s", "0",
+        "-w", pcap, f"udp port {port} or (ip[6:2] & 0x1fff != 0)"], "listening on")
+    # A listener, so the collector answers no datagram with "port unreachable".
+    rx = receiver(lab.col.name, "--listen", f"0.0.0.0:{port}", "--write", f"{pcap}.rx",
+                  "--timeout", "60")
+    worker = WorkerRun(lab.rtr.name, make_job(lab, iface, directions, port).to_json())
+    try:
+        traffic()
+    finally:
+        result = worker.stop()
+        dump.stop()
+        rx.kill()
+    return result, pcap
+
+
+def test_partial_checksums_completed_tcp_udp_v4_v6(lab: Lab) -> None:
+    def traffic() -> None:
+        for dst in (WAN_HOST, WAN_HOST6):
+            lab.udp_send(lab.lan, dst, UDP_PORT, UDP_COUNT, payload="odd-length")
+        tcp_transfers(lab, [WAN_HOST, WAN_HOST6])
+
+    result, pcap = run_mirrored(lab, "br-lan", ("in", "out"), 37030, traffic)
+    got = inner_checksums(pcap, 37030)
+    sent = result["sent"]
+    assert result["send_errors"] == 0 and result["ring_drops"] == 0
+    # Every datagram decoded, each inner checksum verified good.
+    assert sum(got.values()) == sent, got
+    assert got[("udp", "1")] == 2 * UDP_COUNT, got
+    assert got[("tcp", "1")] == sent - 2 * UDP_COUNT, got
+    assert got[("tcp", "1")] >= 20, got
+    # A TCP burst across veth leaves TSO/GSO super-frames in the capture.
+    assert result["oversize"] > 0, result
+    assert result["truncated"] == 0
+
+
+def test_partial_checksum_under_a_stripped_vlan_tag(lab: Lab) -> None:
+    """A tagged frame with a partial checksum: the router's kernel takes the
+    tag off into metadata (TP_STATUS_VLAN_VALID) on receive, and the ring
+    marks the frame CSUMNOTREADY; the copy gets both its tag and its checksum.
+
+    No 8021q module here, so the lan host sends the tagged frames through a
+    packet socket with a virtio-net header that asks for checksum offload
+    (exactly what a VM's virtio NIC hands its host)."""
+    from scapy.all import UDP, Dot1Q, Ether, IPv6, Raw, raw
+
+    lan_mac = lab.lan.sh("cat /sys/class/net/eth0/address").strip()
+    frames = []
+    for i in range(UDP_COUNT):
+        pkt = (Ether(src=lan_mac, dst="02:00:00:00:42:01") / Dot1Q(vlan=42, prio=3) /
+               IPv6(src="2001:db8:42::10", dst="2001:db8:42::1") /
+               UDP(sport=40000, dport=UDP_PORT) / Raw(b"tagged %d" % i))
+        frame = bytearray(raw(pkt))
+        struct.pack_into("!H", frame, 14 + 4 + 40 + 6, 0x5A5A)  # not the checksum
+        frames.append(bytes(frame).hex())
+
+    def traffic() -> None:
+        lab.lan.run(sys.executable, "-c", SEND_NEEDS_CSUM, "eth0", str(14 + 4 + 40), "6",
+                    *frames, timeout=30)
+
+    result, pcap = run_mirrored(lab, "lan0", ("in",), 37031, traffic)
+    got = inner_checksums(pcap, 37031)
+    assert got == Counter({("udp", "1"): UDP_COUNT}), got
+    assert result["sent"] == UDP_COUNT
+    vlans = subprocess.run(["tshark", "-r", pcap, "-n", "-d", "udp.port==37031,tzsp", "-Y",
+                            "tzsp && vlan", "-T", "fields", "-e", "vlan.id"],
+                           capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert vlans == ["42"] * UDP_COUNT
