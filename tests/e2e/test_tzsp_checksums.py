@@ -27,7 +27,15 @@ import pytest
 from mirrord.match import Match, PortRange
 from mirrord.tzsp.job import TzspJob
 from tests.harness.capture import Background, receiver
-from tests.harness.lab import ROOT, WAN_HOST, WAN_HOST6, Lab, have_root_netns, python_env
+from tests.harness.lab import (
+    ROOT,
+    WAN_HOST,
+    WAN_HOST6,
+    Lab,
+    have_root_netns,
+    python_env,
+    spec_text,
+)
 from tests.harness.tzsp import WorkerRun
 
 pytestmark = [
@@ -234,3 +242,27 @@ def test_partial_checksum_under_a_stripped_vlan_tag(lab: Lab) -> None:
                             "tzsp && vlan", "-T", "fields", "-e", "vlan.id"],
                            capture_output=True, text=True, timeout=60, check=True).stdout.split()
     assert vlans == ["42"] * UDP_COUNT
+
+
+def test_superframes_are_a_health_finding_naming_the_fix(lab: Lab) -> None:
+    """Through the daemon: a TCP burst from behind veth leaves super-frames in the
+    capture; status counts them (`oversize`) and names the interface and the fix."""
+    text = spec_text("nftables", collector=lab.collector, direction="in", name="sf",
+                     match=f"{{protocol: tcp, dport: {TCP_PORT}}}")
+    path = lab.write_spec(text.replace("transport: clone", "transport: tzsp"))
+    rx = receiver(lab.col.name, "--write", f"/tmp/{lab.tag}-sf.pcap", "--timeout", "60")
+    d = lab.start_daemon(path)
+    try:
+        lab.wait_for_status(lambda s: s and s["mirrors"][0].get("tzsp")
+                            and s["mirrors"][0]["tzsp"][0]["state"] == "running")
+        tcp_transfers(lab, [WAN_HOST])
+        st = lab.wait_for_status(
+            lambda s: s and any(f["code"] == "tzsp-superframes" for f in s["findings"]))
+    finally:
+        lab.stop_daemon(d)
+        rx.kill()
+    (f,) = [f for f in st["findings"] if f["code"] == "tzsp-superframes"]
+    row = st["mirrors"][0]["tzsp"][0]
+    assert row["oversize"] > 0 and row["send_errors"] == 0, row
+    assert f"{row['oversize']} frame(s) captured on br-lan" in f["what"]
+    assert "ethtool -K br-lan gro off" in f["fix"] and f["severity"] == "warning"
