@@ -44,27 +44,8 @@ _CHECK_AT = {TCP: (16, 20), UDP: (6, 8)}
 # completed.
 _IPV6_SKIP = frozenset({0, 43, 60})
 _U16 = struct.Struct("!H")
-
-
-def ones_sum(data: Union[bytes, Buffer], start: int = 0) -> int:
-    """The ones' complement sum of `data` as 16-bit big-endian words, reduced
-    mod 0xFFFF (0 stands for both 0 and 0xFFFF). An odd length is padded with
-    a zero byte; `start` is added (a pseudo-header's sum, say)."""
-    n = int.from_bytes(data, "big")
-    if len(data) & 1:
-        n <<= 8
-    return (n + start) % 0xFFFF
-
-
-def finish(total: int, proto: int) -> int:
-    """The checksum field's value for a sum (ones_sum's form) that covers
-    the pseudo-header and a segment whose checksum field was zero."""
-    # total == 0 is a folded sum of 0xFFFF (the pseudo-header is never all
-    # zero), whose complement is 0; UDP sends a computed 0 as 0xFFFF.
-    check = 0xFFFF - total if total else 0
-    if check == 0 and proto == UDP:
-        return 0xFFFF
-    return check
+# IPv4: version/IHL, total length, flags/fragment offset, protocol, addresses.
+_IPV4 = struct.Struct("!BxH2xHxB2x8s")
 
 
 def complete_l3(buf: Buffer, at: int, end: int) -> bool:
@@ -73,18 +54,16 @@ def complete_l3(buf: Buffer, at: int, end: int) -> bool:
     (not TCP or UDP, a fragment, or a segment not wholly within `end`)."""
     if end - at < 20:
         return False
-    version = buf[at] >> 4
+    vihl, total_len, frag, proto, addrs = _IPV4.unpack_from(buf, at)
+    version = vihl >> 4
     if version == 4:
-        ihl = (buf[at] & 0x0F) * 4
-        total_len = _U16.unpack_from(buf, at + 2)[0]
-        if ihl < 20 or total_len < ihl or at + total_len > end:
+        ihl = (vihl & 0x0F) * 4
+        # Not a fragment (MF or an offset), and wholly captured.
+        if ihl < 20 or total_len < ihl or at + total_len > end or frag & 0x3FFF:
             return False
-        if _U16.unpack_from(buf, at + 6)[0] & 0x3FFF:  # MF or an offset: a fragment
-            return False
-        proto = buf[at + 9]
         l4 = at + ihl
         l4_end = at + total_len
-        pseudo = int.from_bytes(buf[at + 12:at + 20], "big")
+        pseudo = int.from_bytes(addrs, "big")
     elif version == 6:
         if end - at < 40:
             return False
@@ -113,11 +92,18 @@ def complete_l3(buf: Buffer, at: int, end: int) -> bool:
     if seg_len < where[1]:
         return False
     check_at = l4 + where[0]
-    # The field still holds the partial sum: take it out again (it sits at an
-    # even offset, so its weight is 1 mod 0xFFFF).
-    old = _U16.unpack_from(buf, check_at)[0]
-    total = ones_sum(buf[l4:l4_end], pseudo + proto + seg_len - old)
-    _U16.pack_into(buf, check_at, finish(total, proto))
+    # The ones' complement sum of pseudo-header and segment, mod 0xFFFF (an
+    # odd length padded with a zero byte: the number shifted by 8 bits). The
+    # field still holds the partial sum: it is taken out of the total again
+    # (it sits at an even offset, so its weight is 1 mod 0xFFFF).
+    n = int.from_bytes(buf[l4:l4_end], "big")
+    if seg_len & 1:
+        n <<= 8
+    total = (n + pseudo + proto + seg_len - _U16.unpack_from(buf, check_at)[0]) % 0xFFFF
+    # total 0 is a folded sum of 0xFFFF (the pseudo-header is never all zero),
+    # whose complement is 0; UDP sends a computed 0 as 0xFFFF (0: no checksum).
+    check = 0xFFFF - total if total else 0
+    _U16.pack_into(buf, check_at, check if check or proto == TCP else 0xFFFF)
     return True
 
 

@@ -102,6 +102,24 @@ for h in sys.argv[4:]:
     time.sleep(0.002)
 """
 
+# The same through a tun device opened with IFF_VNET_HDR: packets with no link
+# header (a raw-IP link: WireGuard, PPP, tun) that enter CHECKSUM_PARTIAL.
+TUN_WRITE_NEEDS_CSUM = r"""
+import fcntl, os, struct, sys, time
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), 0x0001 | 0x1000 | 0x4000))
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline:
+    with open(f"/sys/class/net/{sys.argv[1]}/operstate") as f:
+        if f.read().strip() != "down":
+            break
+    time.sleep(0.01)
+for item in sys.argv[2:]:
+    start, offset, h = item.split(":")
+    os.write(fd, struct.pack("=BBHHHH", 1, 0, 0, 0, int(start), int(offset)) + bytes.fromhex(h))
+    time.sleep(0.002)
+"""
+
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
@@ -266,3 +284,33 @@ def test_superframes_are_a_health_finding_naming_the_fix(lab: Lab) -> None:
     assert row["oversize"] > 0 and row["send_errors"] == 0, row
     assert f"{row['oversize']} frame(s) captured on br-lan" in f["what"]
     assert "ethtool -K br-lan gro off" in f["fix"] and f["severity"] == "warning"
+
+
+def test_partial_checksums_on_a_raw_ip_link(lab: Lab) -> None:
+    """A device without a link header: the copy gets a made-up Ethernet header
+    and its L4 checksum completed where the IP packet lies in the ring."""
+    from scapy.all import IP, TCP, UDP, IPv6, Raw, raw
+
+    packets = []
+    for i in range(UDP_COUNT // 2):
+        for pkt, l4_off in ((IP(src="192.0.2.77", dst="192.0.2.1") /
+                             UDP(sport=40000, dport=UDP_PORT) / Raw(b"raw %d" % i), 20),
+                            (IPv6(src="2001:db8:1::77", dst="2001:db8:1::1") /
+                             TCP(sport=40000, dport=TCP_PORT, flags="A", seq=i) /
+                             Raw(b"raw-tcp %d" % i), 40)):
+            data = bytearray(raw(pkt))
+            check_off = 6 if UDP in pkt else 16
+            struct.pack_into("!H", data, l4_off + check_off, 0xA5A5)  # not the checksum
+            packets.append(f"{l4_off}:{check_off}:{bytes(data).hex()}")
+    lab.rtr.sh("ip tuntap add mode tun name tzc0; ip link set tzc0 up")
+    try:
+        def traffic() -> None:
+            lab.rtr.run(sys.executable, "-c", TUN_WRITE_NEEDS_CSUM, "tzc0", *packets, timeout=30)
+
+        result, pcap = run_mirrored(lab, "tzc0", ("in",), 37032, traffic)
+    finally:
+        lab.rtr.run("ip", "link", "del", "tzc0", check=False)
+    got = inner_checksums(pcap, 37032)
+    half = UDP_COUNT // 2
+    assert got == Counter({("udp", "1"): half, ("tcp", "1"): half}), got
+    assert result["sent"] == 2 * half
