@@ -16,7 +16,12 @@ segmenting GRO/GSO super-frames would cost. In-process: no root, no namespaces.
    TCP headers and checksums: what segmenting in the worker would cost per
    super-frame, before the ~45 extra datagrams it would send.
 
-    python3 bench/bench_csum.py [--rounds 7] [--only complete,pump,segment]
+4. `frames` (root; namespaces created and deleted): how often partial
+   checksums and super-frames show in the test lab (tests/harness/lab.py): a
+   bounded TCP transfer and 200 UDP datagrams from the LAN host across veth,
+   captured on the router's br-lan by a TPACKET_V3 ring like the forwarder's.
+
+    python3 bench/bench_csum.py [--rounds 7] [--only complete,pump,segment,frames]
 """
 
 from __future__ import annotations
@@ -217,10 +222,111 @@ def bench_segment(rounds: int) -> None:
           f"{ns / 1000:.1f} us per super-frame, {ns / len(segs):.0f} ns per segment")
 
 
+# -- 4. what the lab's veth links hand the capture ----------------------------------------
+
+CAPTURE = r"""
+import _socket, json, struct, sys, time
+from mirrord.tzsp.ring import BLOCK_HDR, BLOCK_STATUS_BYTE, PKT_HDR, TP_STATUS_USER, RxRing
+prog = struct.pack("=HBBI", 0x06, 0, 0, 0xFFFF)  # ret #65535: every frame, whole
+ring = RxRing(_socket.if_nametoindex(sys.argv[1]), {"ethernet": prog}, ring_bytes=8 << 20)
+print("ready", flush=True)
+m, mtu = ring.map, ring.mtu()
+st = {"frames": 0, "partial": 0, "tcp": 0, "tcp_over_mtu": 0, "bytes_tcp": 0,
+      "bytes_over_mtu": 0, "max_len": 0, "udp": 0, "udp_partial": 0, "tcp_partial": 0}
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    b = ring.cursor
+    boff = b * ring.block_size
+    if not m[boff + BLOCK_STATUS_BYTE] & TP_STATUS_USER:
+        ring.wait(50)
+        continue
+    num, off = BLOCK_HDR.unpack_from(m, boff + 12)
+    off += boff
+    for _ in range(num):
+        nxt, snap, plen, status, mac, net, _tci, _tpid = PKT_HDR.unpack_from(m, off)
+        proto = m[off + mac + 23] if m[off + mac + 12:off + mac + 14] == b"\x08\x00" else -1
+        st["frames"] += 1
+        st["partial"] += bool(status & 8)
+        st["max_len"] = max(st["max_len"], plen)
+        if proto == 6:
+            st["tcp"] += 1
+            st["tcp_partial"] += bool(status & 8)
+            st["bytes_tcp"] += plen
+            if plen > mtu + 18:
+                st["tcp_over_mtu"] += 1
+                st["bytes_over_mtu"] += plen
+        elif proto == 17:
+            st["udp"] += 1
+            st["udp_partial"] += bool(status & 8)
+        off += nxt
+    ring.release(b)
+    ring.cursor = (b + 1) % ring.block_nr
+print(json.dumps(st), flush=True)
+"""
+SERVER = r"""
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", 5001))
+s.listen(1)
+s.settimeout(20)
+print("ready", flush=True)
+c, _ = s.accept()
+c.settimeout(20)
+while c.recv(1 << 16):
+    pass
+"""
+CLIENT = r"""
+import socket, sys
+total, sent = int(sys.argv[2]), 0
+s = socket.create_connection((sys.argv[1], 5001), timeout=20)
+chunk = b"x" * 65536
+while sent < total:
+    sent += s.send(chunk[:total - sent])
+s.close()
+"""
+
+
+def bench_frames(total: int) -> None:
+    import json
+    import subprocess
+
+    from tests.harness.lab import WAN_HOST, Lab, python_env
+
+    def start(ns: str, code: str, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
+                                stdout=subprocess.PIPE, text=True, env=python_env(),
+                                cwd=str(ROOT))
+
+    with Lab(ipv6=False) as lab:
+        cap = start(lab.rtr.name, CAPTURE, "br-lan", "8")
+        srv = start(lab.wan.name, SERVER)
+        try:
+            assert cap.stdout is not None and srv.stdout is not None
+            assert cap.stdout.readline().strip() == srv.stdout.readline().strip() == "ready"
+            lab.lan.run(sys.executable, "-c", CLIENT, WAN_HOST, str(total), timeout=30)
+            srv.wait(30)
+            lab.udp_send(lab.lan, WAN_HOST, 5555, 200, rate=1000)
+            st = json.loads(cap.stdout.readline())
+        finally:
+            for p in (cap, srv):
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+    print(f"lab, br-lan input: {total} B of TCP and 200 UDP datagrams from behind veth:")
+    print(f"  frames {st['frames']}, marked CSUMNOTREADY {st['partial']} "
+          f"(TCP {st['tcp_partial']} of {st['tcp']}, UDP {st['udp_partial']} of {st['udp']})")
+    print(f"  TCP frames {st['tcp']}, longer than MTU + 18: {st['tcp_over_mtu']} carrying "
+          f"{100 * st['bytes_over_mtu'] / max(1, st['bytes_tcp']):.1f} % of the TCP bytes; "
+          f"longest {st['max_len']} B")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--only", default="complete,pump,segment")
+    ap.add_argument("--only", default="complete,pump,segment",
+                    help="sections, comma-separated; 'frames' (root) only when named")
+    ap.add_argument("--tcp-bytes", type=int, default=4_000_000, help="frames: TCP bytes sent")
     args = ap.parse_args()
     only = set(args.only.split(","))
     print(f"Python {sys.version.split()[0]}")
@@ -230,6 +336,8 @@ def main() -> int:
         bench_pump(args.rounds)
     if "segment" in only:
         bench_segment(args.rounds)
+    if "frames" in only:
+        bench_frames(args.tcp_bytes)
     return 0
 
 
