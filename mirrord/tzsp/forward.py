@@ -6,12 +6,12 @@ copies each frame once, into the datagram), sends the batch with sendmmsg,
 and only then hands the blocks back. Frames whose VLAN tag the kernel took
 off, frames cut to the snap length, and frames of devices without a link
 header get their header built in the sender's scratch area. Frames the ring
-marks TP_STATUS_CSUMNOTREADY get their TCP/UDP checksum completed in place
-in the ring first (csum.py), and frames longer than the device's MTU (GRO/GSO
-super-frames) are counted as `oversize`; both ride the same one-bit-test
-slow path as the VLAN frames, so ordinary frames pay nothing for them. The capture
-process (capture.py) runs one Forwarder per tap; the loop reads best whole,
-so the per-frame paths for both link types stay here, side by side.
+marks TP_STATUS_CSUMNOTREADY get their TCP/UDP checksum completed in place in
+the ring first (csum.py): the flag shares the VLAN bit's test, so other
+frames pay nothing for it. Frames longer than the device's MTU (GRO/GSO
+super-frames) are counted as `oversize` (one comparison per frame). The
+capture process (capture.py) runs one Forwarder per tap; the loop reads best
+whole, so the per-frame paths for both link types stay here, side by side.
 """
 
 from __future__ import annotations
@@ -173,9 +173,10 @@ class Forwarder:
 
     def _special(self, slot: int, off: int, mac: int, snap: int, plen: int, status: int,
                  tci: int, tpid: int) -> int:
-        """A frame whose VLAN tag must be re-inserted, or that was cut: build
-        its header (and the first 12 bytes + tag) in the slot's scratch. A
-        partial checksum is completed first; a super-frame is counted."""
+        """A frame off the fast path: a partial checksum is completed (unless
+        the frame was cut), a super-frame counted; a frame whose VLAN tag must
+        be re-inserted, or that was cut, gets its header (and the first 12
+        bytes + tag) built in the slot's scratch."""
         m = self.ring.map
         assert m is not None
         frame = self.ring.address + off + mac
