@@ -53,6 +53,14 @@ class Capabilities:
     # other's rules in place, so a switch between them must not flush.
     kernel_owner: str
     removes: str  # what flush() removes, for humans
+    # Counts the kernel copies again where they leave the router, after every
+    # firewall chain (plan.delivery): status compares the two.
+    delivery_counters: bool = False
+    # Whether the nftables notifications of its rules' deletion tell what
+    # they had counted (named_counter() maps them to mirrors): then a table
+    # deleted by someone else costs no count. Without it, what was counted
+    # since the last reading is lost with the rules, and status says so.
+    counted_deletes: bool = False
 
 
 class Backend(ABC):
@@ -117,6 +125,11 @@ class Backend(ABC):
 
     @abstractmethod
     def counters(self) -> Counts: ...
+
+    def named_counter(self, name: str) -> Optional[CounterKey]:
+        """The (mirror, direction) a named counter of its own tables counts, if any
+        (see Capabilities.counted_deletes)."""
+        return None
 
     @abstractmethod
     def flush(self) -> None:

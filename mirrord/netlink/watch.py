@@ -9,6 +9,11 @@ can miss events that were already read.
 A source only says *that* something relevant changed (with a short reason for
 the log); the daemon then re-reads the kernel and reconciles. ENOBUFS means
 events were lost, which is reported as a change too: a full resync covers it.
+
+One exception: the nftables source also keeps what deleted rules had counted
+(`CounterEvent`). A deleted named counter's notification carries no values,
+but a deleted rule's carries its anonymous counters' last values next to the
+named counter's name; the counter ledger turns them into exact totals.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import errno
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 # The message and attribute parsing is rtnl.py's, which the topology queries share.
 from .rtnl import address as _address
@@ -56,7 +61,140 @@ NFT_MSG_NAMES = {
     12: "set element added", 14: "set element deleted", 18: "object added", 20: "object deleted",
 }
 NFT_MSG_NEWGEN = 15
+NFT_MSG_DELRULE = 8
+NFT_MSG_NEWOBJ = 18
+NFT_MSG_DELOBJ = 20
 NFPROTO_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+NFTA_RULE_EXPRESSIONS = 4
+NFTA_LIST_ELEM = 1
+NFTA_EXPR_NAME = 1
+NFTA_EXPR_DATA = 2
+NFTA_OBJREF_IMM_TYPE = 1
+NFTA_OBJREF_IMM_NAME = 2
+NFTA_OBJ_NAME = 2
+NFTA_OBJ_TYPE = 3
+NFT_OBJECT_COUNTER = 1
+NFTA_COUNTER_BYTES = 1
+NFTA_COUNTER_PACKETS = 2
+
+
+class CounterEvent(NamedTuple):  # a NamedTuple: thousands are made per flush
+    """What a notification says about named counters, in the order they came.
+
+    kind: "rule" (a rule referencing `name` was deleted; `packets`/`nbytes`:
+    the anonymous counter next to the reference, `values` False when there
+    was none), "created"/"deleted" (the named counter object), "lost"
+    (ENOBUFS: notifications were dropped, whatever they said is unknown).
+    """
+
+    kind: str
+    family: str = ""
+    name: str = ""
+    packets: int = 0
+    nbytes: int = 0
+    values: bool = True
+
+
+_NLA = struct.Struct("=HH")
+_OBJREF = b"objref\0"
+_COUNTER = b"counter\0"
+
+
+def _be64(b: Optional[bytes]) -> Optional[int]:
+    return struct.unpack("!Q", b)[0] if b is not None and len(b) == 8 else None
+
+
+def _sub(b: bytes, pos: int, end: int, *wanted: int) -> list[Optional[bytes]]:
+    """The payloads of the `wanted` attribute types between pos and end (None: absent)."""
+    out: list[Optional[bytes]] = [None] * len(wanted)
+    while pos + 4 <= end:
+        alen, akind = _NLA.unpack_from(b, pos)
+        if alen < 4 or pos + alen > end:
+            break
+        kind = akind & 0x3FFF
+        if kind in wanted:
+            out[wanted.index(kind)] = b[pos + 4 : pos + alen]
+        pos += (alen + 3) & ~3
+    return out
+
+
+_OBJREF_NAME = _NLA.pack(4 + len(_OBJREF), NFTA_EXPR_NAME) + _OBJREF
+
+
+def rule_counts(family: str, buf: bytes, start: int, end: int) -> list[CounterEvent]:
+    """A deleted rule's named counter references with the anonymous counter
+    that follows each (mirrord renders them as a pair: see backends/nftables).
+
+    A flush of thousands of mirrors' rules is thousands of these: each
+    objref expression is found by its name's bytes and only it and the
+    expression after it are decoded; anything unexpected there is decoded
+    the long way, every expression in turn.
+    """
+    exprs = _attr(buf, start + 4, end, NFTA_RULE_EXPRESSIONS)
+    if exprs is None:
+        return []
+    out: list[CounterEvent] = []
+    at = exprs.find(_OBJREF_NAME)
+    while at != -1:
+        elem = at - 4
+        if elem < 0:
+            return _rule_counts_walk(family, exprs)
+        alen, akind = _NLA.unpack_from(exprs, elem)
+        if akind & 0x3FFF != NFTA_LIST_ELEM or alen < 4 or elem + alen > len(exprs):
+            return _rule_counts_walk(family, exprs)
+        nxt = elem + ((alen + 3) & ~3)
+        name = _objref(exprs, elem + 4, elem + alen)
+        if name is not None:
+            out.append(_counter_after(family, name, exprs, nxt))
+        at = exprs.find(_OBJREF_NAME, nxt)
+    return out
+
+
+def _objref(b: bytes, pos: int, end: int) -> Optional[str]:
+    """The named counter an objref expression (its attributes from pos) refers to."""
+    (data,) = _sub(b, pos, end, NFTA_EXPR_DATA)
+    if data is None:
+        return None
+    typ, ref = _sub(data, 0, len(data), NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME)
+    if typ is None or len(typ) != 4 or struct.unpack("!I", typ)[0] != NFT_OBJECT_COUNTER:
+        return None
+    return _cstr(ref) or None
+
+
+def _counter_after(family: str, name: str, b: bytes, pos: int) -> CounterEvent:
+    """`name`'s event with the values of the anonymous counter at pos, if there is one."""
+    if pos + 8 <= len(b):
+        alen, akind = _NLA.unpack_from(b, pos)
+        if akind & 0x3FFF == NFTA_LIST_ELEM and alen >= 8 and pos + alen <= len(b):
+            ename, data = _sub(b, pos + 4, pos + alen, NFTA_EXPR_NAME, NFTA_EXPR_DATA)
+            if ename is not None and ename.startswith(_COUNTER) and data is not None:
+                nb, pk = _sub(data, 0, len(data), NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS)
+                packets, nbytes = _be64(pk), _be64(nb)
+                if packets is not None and nbytes is not None:
+                    return CounterEvent("rule", family, name, packets, nbytes)
+    return CounterEvent("rule", family, name, values=False)
+
+
+def _rule_counts_walk(family: str, exprs: bytes) -> list[CounterEvent]:
+    """rule_counts the long way: every expression in turn."""
+    out: list[CounterEvent] = []
+    pos, n = 0, len(exprs)
+    while pos + 8 <= n:
+        alen, akind = _NLA.unpack_from(exprs, pos)
+        if alen < 4 or pos + alen > n:
+            break
+        elem, pos = pos, pos + ((alen + 3) & ~3)
+        if akind & 0x3FFF != NFTA_LIST_ELEM:
+            continue
+        (ename,) = _sub(exprs, elem + 4, elem + alen, NFTA_EXPR_NAME)
+        if ename is None or not ename.startswith(_OBJREF):
+            continue
+        name = _objref(exprs, elem + 4, elem + alen)
+        if name is not None:
+            out.append(_counter_after(family, name, exprs, pos))
+    return out
+
+
 @dataclass(frozen=True)
 class Change:
     what: str  # for the log: "link deleted: wan", "table deleted: ip mirrord"
@@ -81,6 +219,9 @@ class _Parser:
 
     def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
         raise NotImplementedError
+
+    def lost(self) -> None:
+        """Notifications were dropped (ENOBUFS)."""
 
 
 class _Source(_Parser):
@@ -110,6 +251,7 @@ class _Source(_Parser):
                 return changes
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
+                    self.lost()
                     changes.append(Change("netlink events were lost (ENOBUFS)", resync=True))
                     continue
                 raise
@@ -168,6 +310,25 @@ class NftChanges(_Parser):
     def __init__(self, tables: frozenset[tuple[str, str]]) -> None:
         self.tables = tables  # (family, name) pairs whose changes matter
         self._changes: dict[tuple[int, str, str], Change] = {}
+        self.counter_events: list[CounterEvent] = []
+
+    def take_counter_events(self) -> list[CounterEvent]:
+        out, self.counter_events = self.counter_events, []
+        return out
+
+    def lost(self) -> None:
+        self.counter_events.append(CounterEvent("lost"))
+
+    def _counters(self, msg: int, family: str, buf: bytes, start: int, end: int) -> None:
+        if msg == NFT_MSG_DELRULE:
+            self.counter_events += rule_counts(family, buf, start, end)
+        elif msg in (NFT_MSG_NEWOBJ, NFT_MSG_DELOBJ):
+            raw, typ = _sub(buf, start + 4, end, NFTA_OBJ_NAME, NFTA_OBJ_TYPE)
+            name = _cstr(raw)
+            if name and typ is not None and len(typ) == 4 and \
+                    struct.unpack("!I", typ)[0] == NFT_OBJECT_COUNTER:
+                self.counter_events.append(CounterEvent(
+                    "created" if msg == NFT_MSG_NEWOBJ else "deleted", family, name))
 
     def parse(self, kind: int, buf: bytes, start: int, end: int) -> Optional[Change]:
         if kind >> 8 != NFNL_SUBSYS_NFTABLES:
@@ -181,6 +342,8 @@ class NftChanges(_Parser):
         table = _cstr(_attr(buf, start + 4, end, 1))
         if (family, table) not in self.tables:
             return None
+        if msg in (NFT_MSG_DELRULE, NFT_MSG_NEWOBJ, NFT_MSG_DELOBJ):
+            self._counters(msg, family, buf, start, end)
         # A flush of thousands of mirrors' rules is tens of thousands of
         # messages alike: one Change each kind, not one per message.
         key = (msg, family, table)

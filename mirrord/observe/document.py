@@ -50,6 +50,10 @@ class TapRow(TypedDict):
     reason: str  # "" when active
 
 
+# A mirror's state: the plan's, or `starting` for a TZSP mirror whose capture
+# is not open yet (the plan never says that; only the capture process can).
+MirrorState = Literal["active", "starting", "waiting", "degraded", "error"]
+
 TzspCounter = Literal["captured", "sent", "bytes", "ring_drops", "send_errors", "truncated",
                       "oversize"]
 TZSP_COUNTERS: tuple[TzspCounter, ...] = (
@@ -76,11 +80,28 @@ class TzspRow(_TzspCounters):
     state: str
     running: bool
     exit_reason: Optional[str]
+    # Seconds until an exited tap is started again (as of this status); None
+    # while it runs.
+    restart_in: Optional[float]
+
+
+class DeliveryRow(TypedDict):
+    """Kernel copies counted again after every firewall chain (plan.delivery)."""
+
+    via: str  # what is counted there: "clones routed to 192.0.2.50", "VXLAN datagrams to ..."
+    collectors: list[str]
+    mirrors: list[str]  # every mirror whose copies leave here: the counts are theirs together
+    copied: int  # packets their rules copied
+    left: int  # packets that left (after output and postrouting)
+    left_bytes: int  # as they left, with any tunnel encapsulation
+    verdict: str  # "leaving" | "dropped" | "idle" (no copies yet)
+    lost: int  # copies that did not leave, in the window since `since`
+    since: str  # ISO 8601, UTC
 
 
 class MirrorRow(TypedDict):
     name: str
-    state: State
+    state: MirrorState
     reason: str  # the plan's reasons joined ("; "), "" when active
     transport: Optional[str]  # "clone", "tzsp", or None when the collector is unusable
     interfaces: list[str]
@@ -94,6 +115,10 @@ class MirrorRow(TypedDict):
     tzsp: list[TzspRow]
     rate: Optional[Rate]
     last_heal: Optional[LastHeal]
+    # Where the mirror's kernel copies are counted leaving; [] for TZSP and span
+    # ports (TZSP's sends fail with EPERM where a firewall drops them; a span
+    # copy is queued straight on the port) and the iptables backends.
+    delivery: list[DeliveryRow]
 
 
 class _FindingBase(TypedDict):

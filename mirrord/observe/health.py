@@ -14,10 +14,14 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..backends.nftables.render import PRIO_DELIVERED
 from ..netlink.topology import Reach, Topology
 from ..plan import Plan, reasons
+from ..plan.model import DeliveryPoint
 from ..plan.reasons import Code, Reason
+from .delivery import Delivery
 from .document import FindingRow, MirrorRow
+from .dropscan import Copy, find_drop
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,55 @@ def tzsp_findings(mirrors: list[MirrorRow]) -> list[Finding]:
                     "through); for traffic generated on this router or behind veth: ethtool -K "
                     "<sending device> tso off gso off", m["name"]))
     return out
+
+
+def delivery_findings(p: Plan, dropped: list[Delivery]) -> list[Finding]:
+    """Copies that did not leave: which firewall rule drops them, and the fix."""
+    out: list[Finding] = []
+    for d in dropped:
+        point = d.point
+        mirrors = list(dict.fromkeys(f[0] for f in point.feeds))
+        mp = p.mirror(mirrors[0]) if mirrors else None
+        oif = mp.reach.oif if mp is not None and mp.reach is not None else None
+        copy, accept = _copy_at(point, oif)
+        ruleset = _nft_ruleset()
+        culprit = find_drop(ruleset, copy, PRIO_DELIVERED) if ruleset is not None else None
+        names = ", ".join(mirrors)
+        what = (f"mirror{'s' if len(mirrors) > 1 else ''} {names}: {d.lost} of {d.window_copied} "
+                f"copies to {', '.join(point.collectors)} did not leave the router "
+                f"({point.describe()}{', through ' + oif if oif else ''})")
+        if culprit is not None:
+            what += f"; dropped by {culprit.describe()}"
+            if culprit.zone:
+                fix = (f"let the router send to fw4 zone '{culprit.zone}': set the zone's output "
+                       "to ACCEPT (uci set firewall.@zone[N].output='ACCEPT'; uci commit firewall; "
+                       "fw4 reload), or add a rule accepting output to the collector")
+            else:
+                fix = (f"accept the copies before that rule: nft insert rule {culprit.family} "
+                       f"{culprit.table} {culprit.chain} {accept}")
+        else:
+            what += "; no rule of the output or postrouting hooks could be named"
+            fix = (f"look for what drops traffic leaving through {oif or 'that device'}: rules of "
+                   "the output and postrouting chains that match named sets or marks, tc "
+                   "filters on the device, iptables-legacy rules (iptables-legacy-save)")
+        out.append(Finding("copies-dropped", "error", what, fix,
+                           mirrors[0] if len(mirrors) == 1 else None))
+    return out
+
+
+def _copy_at(point: DeliveryPoint, oif: Optional[str]) -> tuple[Copy, str]:
+    """What is known of the point's copies on their way out, and an nft rule
+    that would accept them."""
+    fam = "ip6" if point.version == 6 else "ip"
+    if point.kind == "clone":
+        return (Copy(point.version, oif, ct_state="untracked"),
+                f'ct state untracked oifname "{oif}" rt {fam} nexthop {point.address} accept')
+    # A tunnel's outer packets are the router's own and get no reply: NEW.
+    if point.kind == "vxlan":
+        return (Copy(point.version, oif, "new", 17, str(point.address), point.port),
+                f"{fam} daddr {point.address} udp dport {point.port} accept")
+    return (Copy(point.version, oif, "new", 47, str(point.address)),
+            f"{fam} daddr {point.address} meta l4proto gre accept")
 
 
 # Tables a flow offload rule never lives in: mirrord's own, which hold

@@ -7,11 +7,14 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from .. import __version__
+from .delivery import Delivery, DeliveryMeter, why_dropped
 from .document import (
     TZSP_COUNTERS,
     CollectorRow,
+    DeliveryRow,
     DirectionCount,
     MirrorRow,
+    MirrorState,
     Rate,
     StatusDocument,
     TzspRow,
@@ -19,7 +22,7 @@ from .document import (
 
 if TYPE_CHECKING:  # the `mirrord status` client needs none of the daemon's modules
     from ..netlink.topology import Reach
-    from ..plan import MirrorPlan, State
+    from ..plan import MirrorPlan
     from ..reconcile.snapshot import Reading, Snapshot
     from ..spec import Collector
 
@@ -56,11 +59,16 @@ class RateMeter:
         return out
 
 
-def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -> StatusDocument:
-    """The status document from what the reconciler produced and the counters now."""
-    from .health import Finding, offload_findings, plan_findings, tzsp_findings
+def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter,
+                 delivery: Optional[DeliveryMeter] = None) -> StatusDocument:
+    """The status document from what the reconciler produced and the counters now.
+    `delivery`: the meter that keeps the previous query's delivery counts."""
+    from .health import Finding, delivery_findings, offload_findings, plan_findings, tzsp_findings
 
     counts = reading.clones if reading else {}
+    points = snap.plan.deliveries if snap.plan and reading else ()
+    deliveries = (delivery or DeliveryMeter()).assess(points, counts, time.time(), snap.started,
+                                                      snap.applies + snap.reapplies)
     tzsp = reading.tzsp if reading else {}
     taps = reading.taps if reading else ()
     mirror_plans = snap.plan.mirrors if snap.plan else ()
@@ -87,15 +95,22 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
                 continue
             # pid: the capture process every tap shares; state: this tap's own.
             row: TzspRow = {"interface": t.interface, "id": t.id, "pid": t.pid, "state": t.state,
-                            "running": t.running, "exit_reason": t.exit_reason}
+                            "running": t.running, "exit_reason": t.exit_reason,
+                            "restart_in": t.restart_in}
             for k in TZSP_COUNTERS:
                 if k in t.counters:
                     row[k] = t.counters[k]
             workers.append(row)
-        state, reason = mp.state, mp.reason
+        state: MirrorState = mp.state
+        reason = mp.reason
         if mp.transport == "tzsp" and state in ("active", "degraded"):
-            state, reason = _with_exited_taps(state, reason, mp, workers)
+            state, reason = tzsp_state(state, reason, workers, mp.collector.where())
         kernel = mp.transport == "clone" or mp.collector.copies_frames
+        through = [d for d in deliveries.values() if any(f[0] == m.name for f in d.point.feeds)]
+        dropped = [d for d in through if d.verdict == "dropped"]
+        if dropped and state == "active":
+            state = "degraded"
+            reason = "; ".join(why_dropped(d, mp.collector.name, _device_of(mp)) for d in dropped)
         if snap.apply_error and kernel:
             # The kernel refused the last apply: what runs may not be this plan.
             state, reason = "error", f"rules could not be applied: {snap.apply_error}"
@@ -116,6 +131,7 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
             "tzsp": workers,
             "rate": rates.get(m.name),
             "last_heal": {"when": _iso(heal.when), "why": heal.why} if heal else None,
+            "delivery": [_delivery_row(d) for d in through],
         })
     findings = plan_findings(snap.plan, snap.backend_error, snap.topology) if snap.plan else []
     if snap.apply_error:
@@ -124,7 +140,15 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
             "see the daemon's log for the refused input; mirrord retries on every change and "
             "with a growing delay"))
     findings += tzsp_findings(mirrors)
+    if snap.plan is not None:
+        findings += delivery_findings(snap.plan, [d for d in deliveries.values()
+                                                  if d.verdict == "dropped"])
     findings += offload_findings()
+    # Never silently: where a total could not be kept exact, say when and why.
+    findings += [Finding("counters-inexact", "warning", note,
+                         "the totals go on from what was counted before and after; nothing "
+                         "to fix unless it repeats (then see what deletes mirrord's rules)")
+                 for note in (reading.notes if reading else ())]
     doc: StatusDocument = {
         "version": __version__,
         "pid": os.getpid(),
@@ -132,7 +156,8 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter) -
         "config": snap.spec.path,
         "backend": snap.backend,
         "backend_error": snap.backend_error or None,
-        "summary": snap.summary(),
+        # The mirrors' states as shown (a TZSP mirror's from its capture), not the plan's.
+        "summary": _summary(mirrors) if snap.plan else snap.summary(),
         "applies": snap.applies,
         "reapplies": snap.reapplies,
         "mirrors": mirrors,
@@ -159,27 +184,74 @@ def _human_count(n: int) -> str:
     return f"{n}P"
 
 
-def _with_exited_taps(state: State, reason: str, mp: MirrorPlan,
-                      workers: list[TzspRow]) -> tuple[State, str]:
-    """A TZSP mirror whose capture ended, or whose every send fails, is not
-    active, whatever the plan wants: nothing reaches the collector (status
-    said `active` through the restart delay, and to an unreachable collector,
-    before)."""
+def _summary(mirrors: list[MirrorRow]) -> str:
+    states: dict[str, int] = {}
+    for m in mirrors:
+        states[m["state"]] = states.get(m["state"], 0) + 1
+    return f"{len(mirrors)} mirror(s): " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+
+
+def _restart(w: TzspRow) -> str:
+    due = w.get("restart_in")
+    if due is None:
+        return "restarting"  # its end is not read yet: no restart planned so far
+    return f"restarting in {due:.1f} s" if due > 0 else "restarting now"
+
+
+def tzsp_state(state: MirrorState, reason: str, workers: list[TzspRow],
+               collector: str) -> tuple[MirrorState, str]:
+    """A TZSP mirror's state from its taps as the capture process reports them.
+
+    The plan says what should capture; only the capture process knows when a
+    tap does: it marks the tap's slot running once its socket is bound with
+    its filter and ring. From the plan alone, status said `active` about
+    70 ms before the first frame could be captured, through a restart's
+    delay, and to a collector that refused every datagram. So, with the
+    plan's state `active` or `degraded` (`state`):
+
+    - a tap exited (waiting for its restart, or its end not read yet), or
+      one whose every send failed: `degraded`, or `error` when no other tap
+      is capturing or starting; the reason names each and when it restarts;
+    - else a tap still starting: `starting` (a `degraded` plan stays
+      `degraded`), the reason naming the taps; all of a mirror's taps start
+      together, so a mirror whose taps are partly open is `starting` too;
+    - else (every tap running and sending) the plan's state and reason.
+    """
     exited = [w for w in workers if w["state"] == "exited"]
     # Every datagram refused by the kernel (no route, unreachable, a broadcast
     # address): capturing is not copying.
     failing = [w for w in workers if w["state"] != "exited" and not w.get("sent")
                and w.get("send_errors")]
-    if not exited and not failing:
+    starting = [w for w in workers if w["state"] in ("starting", "not started")]
+    why = ([f"TZSP capture on {w['interface']} stopped ({w['exit_reason'] or 'ended'}), "
+            f"{_restart(w)}" for w in exited]
+           + [f"every TZSP datagram from {w['interface']} to {collector} failed to send "
+              f"({w.get('send_errors')} so far)" for w in failing]
+           + [f"TZSP capture on {w['interface']} starting (not capturing yet)"
+              for w in starting])
+    new: MirrorState
+    if exited or failing:
+        new = "error" if len(exited) + len(failing) >= len(workers) else "degraded"
+    elif starting:
+        new = "starting" if state == "active" else state
+    else:
         return state, reason
-    why = "; ".join([f"TZSP capture on {w['interface']} stopped ({w['exit_reason']}), "
-                     "restarting" for w in exited]
-                    + [f"every TZSP datagram from {w['interface']} to "
-                       f"{mp.collector.where()} failed to send ({w.get('send_errors')} so far)"
-                       for w in failing])
-    capturing = {t.interface for t in mp.taps if t.state == "active"}
-    state = "error" if len(exited) + len(failing) >= len(capturing) else "degraded"
-    return state, "; ".join(r for r in (why, reason) if r)
+    return new, "; ".join(r for r in (*why, reason) if r)
+
+
+def _device_of(mp: MirrorPlan) -> Optional[str]:
+    if mp.collector.copies_frames:
+        from ..plan.frames import target_of
+
+        return target_of(mp.collector)
+    return mp.reach.oif if mp.reach is not None else None
+
+
+def _delivery_row(d: Delivery) -> DeliveryRow:
+    return {"via": d.point.describe(), "collectors": list(d.point.collectors),
+            "mirrors": list(dict.fromkeys(f[0] for f in d.point.feeds)),
+            "copied": d.copied, "left": d.left, "left_bytes": d.left_bytes,
+            "verdict": d.verdict, "lost": d.lost, "since": _iso(d.since)}
 
 
 def _collector_row(c: Collector, reach: Optional[Reach]) -> CollectorRow:
@@ -230,6 +302,11 @@ def format_table(status: StatusDocument) -> str:
             extra.append(dirs)
         if rate:
             extra.append(f"{rate['pps']} pkt/s over {rate['interval']}s")
+        for d in m.get("delivery", []):
+            shared = f", with {', '.join(n for n in d['mirrors'] if n != m['name'])}" if len(
+                d["mirrors"]) > 1 else ""
+            extra.append(f"left the router {d['left']} of {d['copied']} copied ({d['via']}"
+                         f"{shared}){': ' + str(d['lost']) + ' lost' if d['verdict'] == 'dropped' else ''}")
         for w in m.get("tzsp", []):
             state = w.get("state")
             shown = f" ({state}: {w.get('exit_reason')})" if state == "exited" else (
@@ -249,7 +326,7 @@ def _label(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\"", '\\"').replace("\n", "\\n")
 
 
-STATES = ("active", "waiting", "degraded", "error")
+STATES = ("active", "starting", "waiting", "degraded", "error")
 
 
 def format_prometheus(status: Optional[StatusDocument]) -> str:
@@ -263,6 +340,12 @@ def format_prometheus(status: Optional[StatusDocument]) -> str:
         "mirrord_mirror_bytes_total": ("counter", "Bytes copied to the collector.", []),
         "mirrord_mirror_state": ("gauge", "1 for the state the mirror is in.", []),
         "mirrord_tzsp_errors_total": ("counter", "TZSP copies lost, by cause.", []),
+        "mirrord_delivery_copied_packets_total": (
+            "counter", "Kernel copies made for a delivery point (every mirror it serves).", []),
+        "mirrord_delivery_left_packets_total": (
+            "counter", "Kernel copies that left the router, after every firewall chain.", []),
+        "mirrord_delivery_left_bytes_total": (
+            "counter", "Bytes of those copies as they left (with any encapsulation).", []),
         "mirrord_reapplies_total": ("counter", "Rule re-applications after start.", []),
         "mirrord_findings": ("gauge", "Health findings, by code.", []),
     }
@@ -288,6 +371,16 @@ def format_prometheus(status: Optional[StatusDocument]) -> str:
                     metrics["mirrord_tzsp_errors_total"][2].append(
                         f'{{mirror="{name}",interface="{_label(w["interface"])}",'
                         f'cause="{cause}"}} {w[cause]}')
+    seen: set[str] = set()
+    for m in status.get("mirrors", []):
+        for d in m.get("delivery", []):
+            if d["via"] in seen:
+                continue  # one point serves several mirrors: counted once
+            seen.add(d["via"])
+            lbl = f'{{via="{_label(d["via"])}",collectors="{_label(",".join(d["collectors"]))}"}}'
+            metrics["mirrord_delivery_copied_packets_total"][2].append(f"{lbl} {d['copied']}")
+            metrics["mirrord_delivery_left_packets_total"][2].append(f"{lbl} {d['left']}")
+            metrics["mirrord_delivery_left_bytes_total"][2].append(f"{lbl} {d['left_bytes']}")
     metrics["mirrord_reapplies_total"][2].append(f" {status.get('reapplies', 0)}")
     codes: dict[str, int] = {}
     for f in status.get("findings", []):

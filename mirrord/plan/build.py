@@ -14,6 +14,7 @@ from ..match import Address
 from ..netlink.topology import ARPHRD_ETHER, Reach, Topology
 from ..spec import Collector, Mirror, Spec
 from . import reasons as why
+from .delivery import delivery_points
 from .frames import Result, carriers, plan_frames, tunnels
 from .model import (
     CloneRule,
@@ -59,10 +60,12 @@ def build(
     versions: frozenset[int] = frozenset({4, 6}),
     frame_support: FrameSupport = _FRAMES_SUPPORTED,
     tunnel_errors: Optional[Mapping[str, str]] = None,
+    delivery: bool = True,
 ) -> Plan:
     """`versions`: the IP versions the backend can clone (route-tee: IPv4 only);
     `frame_support`: whether it can copy whole frames; `tunnel_errors`: why a
-    tunnel device of plan.tunnels(spec) could not be made, by device name."""
+    tunnel device of plan.tunnels(spec) could not be made, by device name;
+    `delivery`: whether the backend counts copies where they leave."""
     mirrors: list[MirrorPlan] = []
     clones: list[CloneRule] = []
     taps: list[TzspTap] = []
@@ -84,9 +87,10 @@ def build(
             egress.add(reach.oif)
     if egress and (taps or frames):
         _keep_clones_from_taps(mirrors, taps, frames, egress, topo)
+    made = tunnels(spec) if frames or any(mp.collector.copies_frames for mp in mirrors) else ()
     return Plan(backend, tuple(mirrors), tuple(clones), tuple(taps), clone_egress=frozenset(egress),
-                frames=tuple(frames), tunnels=tunnels(spec) if frames or any(
-                    mp.collector.copies_frames for mp in mirrors) else ())
+                frames=tuple(frames), tunnels=made,
+                deliveries=delivery_points(mirrors, clones, frames, made) if delivery else ())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,8 @@ from .reasons import Reason
 State = Literal["active", "waiting", "degraded", "error"]
 Way = Literal["in", "out"]
 TransportName = Literal["clone", "tzsp", "span", "vxlan", "gretap", "erspan"]
+PointKind = Literal["clone", "vxlan", "gre"]
+DELIVERED = "delivered"  # a delivery counter key's second part, where copies use "in"/"out"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,40 @@ class FrameRule:
 
 
 @dataclass(frozen=True)
+class DeliveryPoint:
+    """Where kernel copies leave the router and are counted again (plan.delivery)."""
+
+    kind: PointKind
+    address: Address  # clone: the next hop; tunnels: the remote
+    port: int = 0  # vxlan only
+    # The (mirror, direction) counters whose copies leave here.
+    feeds: tuple[tuple[str, str], ...] = ()
+    collectors: tuple[str, ...] = ()
+
+    @property
+    def version(self) -> int:
+        return self.address.version
+
+    @property
+    def name(self) -> str:
+        """The counter's name without its ".delivered": a mirror name never
+        starts with "_", and nft reads it unquoted (no ":")."""
+        addr = str(self.address).replace(":", "-")
+        return f"_{self.kind}_{addr}" + (f"_{self.port}" if self.kind == "vxlan" else "")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, DELIVERED)
+
+    def describe(self) -> str:
+        if self.kind == "clone":
+            return f"clones routed to {self.address}"
+        if self.kind == "vxlan":
+            return f"VXLAN datagrams to {self.address} port {self.port}"
+        return f"GRE packets to {self.address}"
+
+
+@dataclass(frozen=True)
 class FrameSupport:
     """Why the backend cannot copy whole frames at each netdev hook ("": it can)."""
 
@@ -128,9 +164,13 @@ class Plan:
     # Interfaces that kernel clones leave through: an `out` mirror there must
     # not count the clones themselves (they carry the original headers).
     clone_egress: frozenset[str] = field(default_factory=frozenset)
+    # Where the kernel copies leave the router, when the backend counts them
+    # there (plan.delivery): render counts, status compares.
+    deliveries: tuple[DeliveryPoint, ...] = ()
 
     def mirror(self, name: str) -> Optional[MirrorPlan]:
         return self._by_name.get(name)
+
 
     @cached_property
     def _by_name(self) -> dict[str, MirrorPlan]:

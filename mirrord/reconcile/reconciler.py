@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import MappingProxyType
 from typing import Any, Optional
 
@@ -24,6 +24,7 @@ from ..match import Address
 from ..netlink import links
 from ..netlink.links import Tunnel
 from ..netlink.topology import Topology
+from ..netlink.watch import CounterEvent
 from ..spec import Spec
 from .ledger import CounterLedger
 from .snapshot import Heal, Reading, Snapshot
@@ -112,6 +113,16 @@ class Reconciler:
         self._unverified_listing = ""
         self._states: dict[str, str] = {}
         self.failed_neighbours: set[Address] = set()
+        # Reads the nftables notifications waiting on the daemon's socket
+        # (passing what they say about counters to counter_events): called
+        # right before a carry is taken and right after an apply, so that a
+        # deletion is folded in before the heal seeds from the carry, and our
+        # own apply's notifications before any reading.
+        self.drain: Optional[Callable[[], None]] = None
+        self._lost_since: Optional[float] = None  # notifications lost; counters read then
+        # The backend whose apply's notifications are being read (a switch
+        # commits self.backend only after it).
+        self._applying: Optional[Backend] = None
         backend, why = choose_backend(spec.backend)
         self.backend = backend
         self.snapshot = dataclasses.replace(self.snapshot, backend=backend.name if backend else None,
@@ -153,11 +164,20 @@ class Reconciler:
         again: Optional[float] = None
         switching = self.backend is not None and backend is not self.backend and bool(cur.applies)
         if backend is not None and rendered is not None and (force or changed_rules or drift):
+            self._drained()
             carry = self._carry()
             if rendered.text or listing:
                 backend.apply(rendered, carry)  # raises: nothing below runs
                 applied = True
+                self._applying = backend
+                try:
+                    self._drained()
+                finally:
+                    self._applying = None
             again = self._verify(backend, rendered)
+            if applied and drift and cur.applies and not changed_rules:
+                self._note_uncounted(backend)
+        self._lost_since = None
         if switching and self.backend is not None:
             # Only now that the new backend's rules are in: for a moment
             # both copy (a duplicate), never neither (a gap).
@@ -197,7 +217,52 @@ class Reconciler:
         """The counters now: kernel clones and TZSP taps, totals across every replacement."""
         self._fold_counters()
         tzsp, rows = self.taps.reading()
-        return Reading(clones=self.ledger.carry(), tzsp=tzsp, taps=rows)
+        return Reading(clones=self.ledger.carry(), tzsp=tzsp, taps=rows,
+                       notes=self.ledger.notes())
+
+    def counter_events(self, events: Iterable[CounterEvent]) -> None:
+        """What nftables notifications said about named counters, in their order."""
+        backend = self._applying or self.backend
+        for e in events:
+            if e.kind == "lost":
+                self.ledger.events_lost()
+                if self._lost_since is None:
+                    self._lost_since = self.ledger.unread_since()
+                continue
+            key = backend.named_counter(e.name) if backend is not None else None
+            if key is None:
+                continue
+            named = (e.family, e.name)
+            if e.kind == "rule":
+                self.ledger.rule_deleted(named, e.packets, e.nbytes, e.values)
+            elif e.kind == "created":
+                self.ledger.counter_created(named)
+            elif e.kind == "deleted":
+                self.ledger.counter_deleted(named, key, time.time())
+
+    def _drained(self) -> None:
+        if self.drain is not None:
+            self.drain()
+
+    def _note_uncounted(self, backend: Backend) -> None:
+        """A heal of rules someone else changed, where their last counts may be gone."""
+        exact = backend.capabilities.counted_deletes
+        if exact and self._lost_since is None:
+            return
+        since = self._lost_since if exact else self.ledger.unread_since()
+        mirrors = sorted({m.mirror.name for m in (self.snapshot.plan.mirrors
+                                                  if self.snapshot.plan else ())
+                          if m.transport == "clone" or m.collector.copies_frames})
+        if not mirrors:
+            return
+        why = ("nftables notifications were lost" if exact else
+               f"backend {backend.name} cannot tell what rules deleted by another process "
+               "had counted")
+        self.ledger.note(
+            f"copies of {', '.join(mirrors)} between "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since)) if since else 'the start'}"
+            f" and {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} may not have been "
+            f"counted: the rules were changed by another process and {why}")
 
     def stop(self) -> None:
         """Stop every tap, remove every rule, then the tunnel devices the rules
@@ -284,7 +349,8 @@ class Reconciler:
             c.copies_frames for c in s.collectors.values()) else plan.FrameSupport())
         return plan.build(s, topo, backend.name if backend else None, backend_error,
                           backend.capabilities.versions if backend else frozenset({4, 6}),
-                          frames, dict(self._tunnel_errors))
+                          frames, dict(self._tunnel_errors),
+                          backend.capabilities.delivery_counters if backend else False)
 
     def _render(self, backend: Backend, p: plan.Plan) -> Rendered:
         """backend.render(p), or the last rendering when it cannot differ.
@@ -316,7 +382,7 @@ class Reconciler:
 
     def _carry(self) -> Counts:
         self._fold_counters()
-        return self.ledger.carry()
+        return self.ledger.seeding()
 
     def _verify(self, backend: Backend, rendered: Rendered) -> Optional[float]:
         """Take the post-apply listing as the drift reference only if it is ours;

@@ -63,6 +63,7 @@ class TapReading:
     state: str
     exit_reason: Optional[str]
     counters: Mapping[str, int]
+    restart_in: Optional[float] = None  # seconds until an exited tap starts again
 
     @property
     def running(self) -> bool:
@@ -76,3 +77,5 @@ class Reading:
     clones: Counts
     tzsp: Mapping[str, tuple[int, int]]
     taps: tuple[TapReading, ...] = ()
+    # Where the totals could not be kept exact (the ledger's notes).
+    notes: tuple[str, ...] = ()

@@ -105,15 +105,22 @@ class TapPool:
     def reading(self) -> tuple[dict[str, tuple[int, int]], tuple[TapReading, ...]]:
         """Per-mirror totals (stopped taps' included) and one row per running tap."""
         live, rows = [], []
+        now = time.monotonic()
         for t in self._taps.values():
             c = t.handle.counters()
             live.append((t.tap.mirror, c.sent, c.bytes))
+            state = "exited" if t.exited is not None else t.handle.state()
+            # Ended, but its event not read yet (a status query came first): the
+            # handle knows why; the restart is planned once the event is read.
+            reason = t.exited if t.exited is not None else (
+                t.handle.poll() if state == "exited" else None)
             rows.append(TapReading(
                 mirror=t.tap.mirror, interface=t.tap.interface,
                 id=getattr(t.handle, "serial", None), pid=getattr(t.handle, "pid", None),
-                state="exited" if t.exited is not None else t.handle.state(),
-                exit_reason=t.exited,
-                counters={k: getattr(c, k) for k in COUNTER_FIELDS if hasattr(c, k)}))
+                state=state, exit_reason=reason,
+                counters={k: getattr(c, k) for k in COUNTER_FIELDS if hasattr(c, k)},
+                restart_in=round(max(0.0, t.restart_at - now), 3) if t.exited is not None
+                else None))
         return self.ledger.tzsp_totals(live), tuple(rows)
 
     # -- the taps -------------------------------------------------------------

@@ -29,6 +29,7 @@ from .. import backends, plan, spec
 from ..cli import add_config_argument
 from ..netlink import topology
 from ..netlink.watch import Change, NftEvents, RouteEvents
+from ..observe.delivery import DeliveryMeter
 from ..observe.status import RateMeter, build_status
 from ..reconcile.ledger import CounterLedger
 from ..reconcile.reconciler import Outcome, Reconciler, summarize
@@ -157,6 +158,7 @@ class Daemon:
         self._initial = spec_
         self.reconciler: Optional[Reconciler] = None
         self.rates = RateMeter()
+        self.deliveries = DeliveryMeter()
         self.pending = Pending()
         self.retry_at: Optional[float] = None
         self.look_at: Optional[float] = None  # a fresh look the reconciler asked for
@@ -254,6 +256,7 @@ class Daemon:
             return 1
         self.reconciler = Reconciler(self._initial, _read_topology, backends.select,
                                      self.taps, self.ledger)
+        self.reconciler.drain = self._read_nft
         first = self.reconciler.snapshot
         if first.backend_error and any(True for _ in first.spec.mirrors):
             log.warning("%s", first.backend_error)
@@ -351,9 +354,8 @@ class Daemon:
                     self.reconciler.failed_neighbours.add(
                         ipaddress.ip_address(change.neighbour_failed))
                 self.pending.add(change, topology_changed=True)
-        elif what == "nft" and self.nft_events is not None:
-            for change in self.nft_events.read():
-                self.pending.add(change, topology_changed=False)
+        elif what == "nft":
+            self._read_nft()
         elif what == "control" and self.control is not None:
             self.control.ready(fileobj)
         elif what == "lock" and self.lock is not None:
@@ -362,6 +364,16 @@ class Daemon:
             for reason in self.taps.read_events():
                 # The interface may be gone or changed: look again.
                 self.pending.add(Change(reason), topology_changed=True)
+
+    def _read_nft(self) -> None:
+        """Waiting nftables notifications: changes, and deleted rules' counts (also the reconciler's)."""
+        if self.nft_events is None:
+            return
+        for change in self.nft_events.read():
+            self.pending.add(change, topology_changed=False)
+        events = self.nft_events.take_counter_events()
+        if events and self.reconciler is not None:
+            self.reconciler.counter_events(events)
 
     # -- after a reconcile ---------------------------------------------------
     def _after(self, outcome: Outcome) -> None:
@@ -485,4 +497,4 @@ class Daemon:
         self.answered = True
         reading = self.reconciler.read() if self.reconciler is not None else None
         # The control socket answers plain JSON objects (service/control.py).
-        return cast("dict[str, Any]", build_status(self.snapshot, reading, self.rates))
+        return cast("dict[str, Any]", build_status(self.snapshot, reading, self.rates, self.deliveries))

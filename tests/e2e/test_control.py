@@ -157,12 +157,11 @@ class Hostile:
 
 
 @pytest.fixture(scope="module")
-def daemon_lab() -> Iterator[tuple[Lab, list[float]]]:
+def daemon_lab() -> Iterator[Lab]:
     with Lab(ipv6=False) as lab:
         d = lab.start_daemon(lab.write_spec(SPEC))
         lab.wait_for_status(lambda s: s and s["mirrors"][0]["state"] == "active")
-        base = heals(lab)
-        yield lab, base
+        yield lab
         assert d.poll() is None, lab.daemon_log()
         assert lab.stop_daemon(d) == 0
 
@@ -172,10 +171,17 @@ def budget(base: list[float]) -> float:
     return max(0.15, 3 * statistics.median(base))
 
 
+# A client that held the loop would delay a heal by its whole deadline (5 s)
+# or for ever; one heal of five slower than this is the machine, not a client
+# (a baseline taken seconds apart on a busy 2-core machine had one at 0.78 s).
+WORST = 1.0
+
+
 @pytest.mark.parametrize("mode", ["silent", "trickle", "flood"])
-def test_hostile_control_clients_do_not_delay_heals(daemon_lab: tuple[Lab, list[float]],
-                                                    mode: str) -> None:
-    lab, base = daemon_lab
+def test_hostile_control_clients_do_not_delay_heals(daemon_lab: Lab, mode: str) -> None:
+    lab = daemon_lab
+    # The baseline right before the pressure, under the same load of the machine.
+    base = heals(lab)
     with Hostile(lab, mode) as hostile:
         got = heals(lab)
         # `mirrord status` still answers, and quickly, while the pressure is on.
@@ -188,5 +194,5 @@ def test_hostile_control_clients_do_not_delay_heals(daemon_lab: tuple[Lab, list[
     assert st.returncode == 0, st.stderr
     assert json.loads(st.stdout)["mirrors"][0]["state"] == "active"
     assert statistics.median(got) <= budget(base), (mode, base, got)
-    assert max(got) <= 2 * budget(base), (mode, base, got)
+    assert max(got) <= max(WORST, 2 * budget(base)), (mode, base, got)
     assert status_took < 10  # rc 0 already says it answered within its 5 s; this is the CLI start under load

@@ -345,7 +345,9 @@ def test_collector_goes_offlink_and_back() -> None:
         with Stream(lab, 5.0) as stream:
             stream.at(1.0)
             lab.rtr.run("ip", "route", "add", f"{COLLECTOR}/32", "via", via, "dev", "col")
-            off = lab.wait_for_status(lambda s: bool(s) and mirror(s)["transport"] != "clone")
+            # TZSP is `starting` until its capture ring is open, then `active`.
+            off = lab.wait_for_status(lambda s: bool(s) and mirror(s)["transport"] != "clone"
+                                      and mirror(s)["state"] == "active")
             stream.at(3.0)
             lab.rtr.run("ip", "route", "del", f"{COLLECTOR}/32")
             on = lab.wait_for_status(lambda s: bool(s) and mirror(s)["transport"] == "clone")

@@ -857,3 +857,172 @@ def test_removed_tap_counts_to_its_very_end(lab: Lab) -> None:
             assert _total(st) == final[0] > 1000
         finally:
             lab.stop_daemon(daemon)
+
+
+# -- the state status reports comes from the capture process ---------------------------
+
+SEQ_SPEC = """\
+backend: nftables
+collectors:
+  far:
+    address: "{collector}"
+    transport: tzsp
+    port: {port}
+mirrors:
+  - name: seq
+    interfaces: [br-lan]
+    direction: in
+    collector: far
+    match:
+      protocol: udp
+      dport: {dport}
+"""
+
+
+class StatusLog:
+    """Status straight from the control socket (no `mirrord status` process: a
+    few ms per answer, fine enough for a 70 ms window), each answer kept with
+    the wall time it arrived."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.rows: list[tuple[float, dict[str, Any]]] = []
+
+    def get(self) -> dict[str, Any]:
+        from mirrord.service.control import request
+
+        m = next(m for m in request(self.path, "status", timeout=30)["mirrors"]
+                 if m["name"] == "seq")
+        self.rows.append((time.time(), m))
+        return m
+
+    def until(self, pred: Any, timeout: float, what: str) -> tuple[float, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.get()
+            if pred(m):
+                return self.rows[-1]
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out waiting for {what}; last: {m}")
+            time.sleep(0.002)
+
+
+def _capturing(m: dict[str, Any]) -> bool:
+    return bool(m["tzsp"]) and all(w["state"] == "running" for w in m["tzsp"])
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _freeze_capture_at_boot(daemon_pid: int, timeout: float = 20) -> int:
+    """SIGSTOP the daemon's capture process as soon as it runs its own code
+    (after exec: a child stopped before would block the daemon in its spawn),
+    long before its ring is open (about 70 ms of interpreter start-up): the
+    window in which status must say `starting`, held open for the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{daemon_pid}/task/{daemon_pid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            kids = []
+        for pid in kids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"mirrord.tzsp.capture" not in f.read():
+                        continue
+            except OSError:
+                continue
+            os.kill(pid, signal.SIGSTOP)
+            return pid
+        time.sleep(0.0005)
+    raise AssertionError("no capture process started")
+
+
+def test_status_is_active_only_while_the_ring_captures(lab: Lab) -> None:
+    """Right after start the mirror is `starting` until the capture process
+    has its ring open, then `active`, and every packet sent from then on is
+    copied. A killed capture process makes it not `active` (with the reason
+    and when it restarts) until the new ring captures, within about 1.5 s;
+    from then on every packet is copied again. Status said `active` from
+    the plan: about 70 ms before the ring captured, and again as soon as the
+    restarted tap was handed to the new process."""
+    from tests.harness.stream import STREAM_PORT, TZSP_PORT, Stream
+
+    sock = lab.socket_path()
+    spec = lab.write_spec(SEQ_SPEC.format(collector=lab.collector, port=TZSP_PORT,
+                                          dport=STREAM_PORT))
+    log = StatusLog(sock)
+    with Stream(lab, 20.0, open_ended=True) as stream:
+        daemon = lab.start_daemon(spec, wait_active=False)
+        frozen = _freeze_capture_at_boot(daemon.pid)
+        try:
+            # Held before its ring opens: `starting`, answer after answer.
+            try:
+                deadline = time.monotonic() + 0.3
+                while time.monotonic() < deadline:
+                    lab.check_daemons()
+                    m = log.get()
+                    assert m["state"] == "starting", m
+                    assert m["reason"] == "TZSP capture on br-lan starting (not capturing yet)"
+                    assert m["tzsp"][0]["state"] == "starting", m
+                    time.sleep(0.01)
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+            t_active, m = log.until(lambda m: m["state"] == "active", 20, "the mirror active")
+            assert _capturing(m), m
+            # The copies flow (positive control for the kill below).
+            log.until(lambda m: m["tzsp"][0].get("sent", 0) >= 250, 10, "250 copies sent")
+
+            (old,) = {w["pid"] for w in m["tzsp"]}
+            os.kill(old, signal.SIGKILL)
+            t_kill = time.time()
+            wait_until_gone = time.monotonic() + 5
+            while not _pid_gone(old) and time.monotonic() < wait_until_gone:
+                time.sleep(0.001)
+            assert _pid_gone(old)
+            t_dead = time.time()
+            t_back, back = log.until(
+                lambda m: m["state"] == "active" and m["tzsp"][0]["pid"] != old, 10,
+                "the mirror active again with a new capture process")
+            assert _capturing(back), back
+            # Copies from the new ring (seen at the collector below).
+            time.sleep(0.5)
+            t_end = time.time()
+        finally:
+            lab.stop_daemon(daemon)
+    after_kill = [(t, r) for t, r in log.rows if t > t_dead and t < t_back]
+    states = [r["state"] for _, r in after_kill]
+    # Never `active` until the tap captures again; down, then starting, then back.
+    assert "active" not in states, states
+    assert {"error", "starting"} <= set(states), states
+    down = next(r for _, r in after_kill if r["state"] == "error")
+    assert "TZSP capture on br-lan stopped (capture process killed by SIGKILL), restarting" \
+        in down["reason"], down
+    assert any("restarting in " in r["reason"] for _, r in after_kill), after_kill
+    # Every answer, from start to the end: `active` exactly when every ring captures.
+    for _, r in log.rows:
+        assert (r["state"] == "active") == _capturing(r), r
+    assert t_back - t_kill <= 1.5, (t_back - t_kill, states)
+    print(f"kill -> active again {t_back - t_kill:.3f} s ({len(after_kill)} answers between, "
+          f"{states.count('starting')} of them starting)")
+
+    c = stream.result
+    sent = sorted((t, seq) for seq, t in c.sent_at.items())
+    per = c.per_seq()
+    # Once status said active, every packet was copied, exactly once, until the
+    # kill (those still in the ring then, up to its 50 ms block timer, die with it) ...
+    live = [seq for t, seq in sent if t_active <= t < t_kill - 0.2]
+    assert len(live) > 50 and all(per.get(s) == 1 for s in live), \
+        ([s for s in live if per.get(s) != 1][:10], c.summary())
+    # ... and again from the moment it said active again (and the kill lost some:
+    # the positive control that the capture really was gone meanwhile).
+    again = [seq for t, seq in sent if t_back <= t < t_end - 0.2]
+    assert len(again) > 50 and all(per.get(s) == 1 for s in again), \
+        ([s for s in again if per.get(s) != 1][:10], c.summary())
+    assert any(seq not in per for t, seq in sent if t_dead <= t < t_back), c.summary()

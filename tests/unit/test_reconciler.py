@@ -185,6 +185,7 @@ class FakeHandle:
         self.sent = self.nbytes = self.send_errors = 0
         self.stopped = False
         self.ended: Optional[str] = None
+        self.tap_state = "running"  # what the capture process put in the tap's slot
 
     def start(self) -> None:
         pass
@@ -196,7 +197,7 @@ class FakeHandle:
         return self.ended
 
     def state(self) -> str:
-        return "running"
+        return "exited" if self.ended is not None else self.tap_state
 
     def counters(self) -> Any:
         return types.SimpleNamespace(sent=self.sent, bytes=self.nbytes, captured=self.sent,
@@ -356,10 +357,66 @@ def test_status_is_not_active_while_a_tap_waits_for_its_restart() -> None:
     m = status.build_status(snap, r.read(), status.RateMeter())["mirrors"][0]
     assert m["state"] == "degraded"
     assert m["reason"] == (f"TZSP capture on {handles[0].tap.interface} stopped (capture "
-                           "process killed by SIGKILL), restarting")
+                           "process killed by SIGKILL), restarting in 1.0 s")
+    assert m["tzsp"][0]["restart_in"] == pytest.approx(1.0, abs=0.05)
     handles[1].ended, handles[1].slot_index = "killed", 4
     pool.collect_exits([4])
     assert status.build_status(snap, r.read(), status.RateMeter())["mirrors"][0]["state"] == "error"
+
+
+def test_tzsp_mirror_is_starting_until_every_ring_captures_and_after_a_restart(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`active` only once the capture process marked every tap running: the
+    plan alone said `active` while the rings were still being opened, and
+    again as soon as a restarted tap was handed to the process."""
+    from mirrord.observe import status
+
+    r, pool, handles = fake_tap_reconciler()
+    snap = r.reconcile(["start"], refresh_topology=True, force=True).snapshot
+    for h in handles:
+        h.tap_state = "starting"
+
+    def doc() -> Any:
+        return status.build_status(snap, r.read(), status.RateMeter())
+
+    d = doc()
+    (m,) = d["mirrors"]
+    assert m["state"] == "starting", m
+    assert m["reason"] == ("TZSP capture on lan1 starting (not capturing yet); "
+                           "TZSP capture on lan2 starting (not capturing yet)")
+    assert d["summary"] == "1 mirror(s): 1 starting"
+    assert not status.healthy(d) and not status.all_active(d)  # `mirrord status` exits 1
+    prom = status.format_prometheus(d).splitlines()
+    assert 'mirrord_mirror_state{mirror="ports",state="starting"} 1' in prom
+    assert 'mirrord_mirror_state{mirror="ports",state="active"} 0' in prom
+    handles[0].tap_state = "running"  # one ring open, the other not yet
+    m = doc()["mirrors"][0]
+    assert m["state"] == "starting" and m["reason"] == (
+        "TZSP capture on lan2 starting (not capturing yet)")
+    handles[1].tap_state = "running"
+    d = doc()
+    assert d["mirrors"][0]["state"] == "active" and d["mirrors"][0]["reason"] == ""
+    assert status.healthy(d) and d["summary"] == "1 mirror(s): 1 active"
+    # Killed: degraded until its restart, with when; then starting, then active.
+    handles[0].ended, handles[0].slot_index = "capture process killed by SIGKILL", 3
+    m = doc()["mirrors"][0]  # the end not read yet from the events pipe
+    assert (m["state"], m["reason"]) == ("degraded", "TZSP capture on lan1 stopped (capture "
+                                         "process killed by SIGKILL), restarting")
+    pool.collect_exits([3])
+    restart = pool.next_restart()
+    assert restart is not None
+    monkeypatch.setattr("time.monotonic", lambda: restart - 0.3)
+    m = doc()["mirrors"][0]
+    assert m["state"] == "degraded" and m["reason"].endswith("restarting in 0.3 s"), m
+    monkeypatch.setattr("time.monotonic", lambda: restart + 0.01)
+    assert doc()["mirrors"][0]["reason"].endswith("restarting now")
+    r.reconcile(["TZSP tap restart"], refresh_topology=True)
+    assert len(handles) == 3
+    handles[2].tap_state = "starting"
+    m = doc()["mirrors"][0]
+    assert m["state"] == "starting" and "lan1 starting" in m["reason"], m
+    handles[2].tap_state = "running"
+    assert doc()["mirrors"][0]["state"] == "active"
 
 
 def test_a_tunnel_that_failed_is_tried_again_only_after_a_while(

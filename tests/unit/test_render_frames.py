@@ -78,7 +78,7 @@ def test_one_chain_per_device_and_direction_bound_to_it() -> None:
     # No match: every frame (ARP too) reaches the copy; only the collectors'
     # IP traffic returns first, under a protocol guard that lets ARP through.
     lan_in = rules(nd, "in_br-lan")
-    assert lan_in[-1] == [{"counter": "lan.in"}, {"dup": {"addr": "lan4"}}]
+    assert lan_in[-1] == [{"counter": "lan.in"}, {"counter": None}, {"dup": {"addr": "lan4"}}]
     guards = [r[0] for r in lan_in[:-1]]
     assert guards == [{"match": {"op": "==", "left": {"meta": {"key": "protocol"}},
                                  "right": "ip"}}] * 2
@@ -121,10 +121,11 @@ def test_disjoint_port_mirrors_share_one_map_the_rest_stay_rules() -> None:
 
 def test_map_elements_jump_to_a_chain_that_counts_and_copies() -> None:
     nd = tables("vxlan_maps")["netdev"]
-    assert rules(nd, "m_dns_in") == [[{"counter": "dns.in"}, {"dup": {"addr": "mvx-ids"}}]]
+    assert rules(nd, "m_dns_in") == [[{"counter": "dns.in"}, {"counter": None},
+                                      {"dup": {"addr": "mvx-ids"}}]]
     ip = tables("clone_maps")["ip"]
     (leaf,) = rules(ip, "m_p1_in")
-    assert leaf[-2:] == [{"counter": "p1.in"}, {"dup": {"addr": "192.0.2.50"}}]
+    assert leaf[-3:] == [{"counter": "p1.in"}, {"counter": None}, {"dup": {"addr": "192.0.2.50"}}]
     assert [e["match"]["op"] for e in leaf[:2]] == ["!=", "!="]  # collectors never copied
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mirrord.observe.health import _has_flow_add, uci_offloading
 from mirrord.observe.status import format_prometheus, format_table, healthy
 from mirrord.service.daemon import summarize
@@ -102,3 +104,42 @@ def test_ring_drops_are_a_finding_naming_the_fix() -> None:
     assert (f.code, f.severity, f.mirror) == ("tzsp-ring-drops", "warning", "wan")
     assert "lan1 dropped 37 frame(s)" in f.what and "ring_mib on collector ids" in f.fix
     assert tzsp_findings([{**row, "tzsp": [{"interface": "wan", "ring_drops": 0}]}]) == []
+
+
+def _worker(interface: str, state: str, **counters: int) -> Any:
+    return {"interface": interface, "id": 1, "pid": 7, "state": state,
+            "running": state != "exited", "exit_reason": "killed" if state == "exited" else None,
+            "restart_in": 0.5 if state == "exited" else None, **counters}
+
+
+@pytest.mark.parametrize(("plan", "taps", "want"), [
+    ("active", [("a", "running", 3, 0), ("b", "running", 1, 0)], "active"),
+    ("active", [("a", "starting", 0, 0)], "starting"),
+    ("active", [("a", "not started", 0, 0)], "starting"),
+    ("active", [("a", "running", 3, 0), ("b", "starting", 0, 0)], "starting"),
+    ("degraded", [("a", "starting", 0, 0)], "degraded"),  # the plan's degraded stays
+    ("active", [("a", "exited", 0, 0)], "error"),
+    ("active", [("a", "exited", 0, 0), ("b", "starting", 0, 0)], "degraded"),
+    ("active", [("a", "exited", 0, 0), ("b", "running", 5, 0)], "degraded"),
+    ("active", [("a", "running", 0, 4)], "error"),  # every send refused
+    ("active", [("a", "running", 0, 4), ("b", "running", 2, 0)], "degraded"),
+    ("active", [("a", "running", 2, 4)], "active"),  # some get through: a finding, not a state
+])
+def test_tzsp_state_from_the_taps(plan: Any, taps: list[tuple[str, str, int, int]],
+                                  want: str) -> None:
+    from mirrord.observe.status import tzsp_state
+
+    workers = [_worker(i, s, sent=sent, send_errors=errors) for i, s, sent, errors in taps]
+    state, reason = tzsp_state(plan, "the plan's reason" if plan != "active" else "", workers,
+                               "192.0.2.9:37008")
+    assert state == want, reason
+    assert (reason == "") == (state == "active")
+    if plan != "active":
+        assert reason.endswith("the plan's reason")
+    for i, s, sent, errors in taps:
+        if s == "exited":
+            assert f"TZSP capture on {i} stopped (killed), restarting in 0.5 s" in reason
+        elif s != "running":
+            assert f"TZSP capture on {i} starting (not capturing yet)" in reason
+        elif errors and not sent:
+            assert f"every TZSP datagram from {i} to 192.0.2.9:37008 failed to send" in reason

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any, Optional
 
 from ...plan import FrameSupport, Plan
-from ..base import ApplyError, Backend, Capabilities, Counts, Rendered
+from ..base import ApplyError, Backend, Capabilities, CounterKey, Counts, Rendered
 from ..libnft import NftSession
 from .netdev import FAMILY as NETDEV
 from .netdev import PRIO_NETDEV
@@ -111,6 +111,8 @@ class NftablesBackend(Backend):
         event_driven=True,
         kernel_owner="nftables",
         removes=" and ".join(f"table {fam} {table}" for fam, table in sorted(OWN_TABLES)),
+        delivery_counters=True,
+        counted_deletes=True,
     )
 
     def __init__(self) -> None:
@@ -318,6 +320,9 @@ class NftablesBackend(Backend):
                         p, b = out.get(key, (0, 0))
                         out[key] = (p + int(c.get("packets", 0)), b + int(c.get("bytes", 0)))
         return out
+
+    def named_counter(self, name: str) -> Optional[CounterKey]:
+        return counter_key(name)
 
     def flush(self) -> None:
         cmds: list[dict[str, Any]] = []

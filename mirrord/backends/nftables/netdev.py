@@ -35,6 +35,7 @@ from .render import (
     _value,
     chain_name,
     counter_name,
+    counting,
     match_exprs,
 )
 
@@ -99,8 +100,7 @@ def netdev_table(plan: Plan, ranges: bool = True) -> list[dict[str, Any]]:
 
 
 def _entry(r: FrameRule, actions: ActionChains) -> Entry:
-    leaf: tuple[Expr, ...] = ({"counter": counter_name((r.mirror, r.direction))},
-                              {"dup": {"addr": r.target}})
+    leaf: tuple[Expr, ...] = (*counting((r.mirror, r.direction)), {"dup": {"addr": r.target}})
     key = frame_key(r.match)
     return Entry(tuple(tuple(alt) for alt in frame_match_exprs(r.match)), leaf,
                  comment(r.mirror, r.direction),

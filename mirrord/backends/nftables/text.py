@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from ...match import PROTOCOL_NAMES
 from ..base import Counts
-from .render import TABLE, counter_key
+from .render import TABLE, family_seeds, first_references
 
 Expr = dict[str, Any]
 
@@ -52,6 +52,8 @@ def _text_left(e: Expr) -> str:
         return f"{e['payload']['protocol']} {e['payload']['field']}"
     if "ct" in e:
         return f"ct {e['ct']['key']}"
+    if "rt" in e:
+        return f"rt {e['rt']['family']} {e['rt']['key']}"
     if "concat" in e:
         return " . ".join(_text_left(x) for x in e["concat"])
     raise ValueError(f"no text form for {e}")
@@ -89,7 +91,12 @@ def _text_expr(e: Expr) -> str:
             right = _protocol_names(right)
         return f"{_text_left(m['left'])} {op}{_text_value(right)}"
     if "counter" in e:
-        return f'counter name "{e["counter"]}"'
+        c = e["counter"]
+        if isinstance(c, str):
+            return f'counter name "{c}"'
+        if c:
+            return f"counter packets {c['packets']} bytes {c['bytes']}"
+        return "counter"
     if "dup" in e:
         if "dev" in e["dup"]:
             return f'dup to {e["dup"]["addr"]} device "{e["dup"]["dev"]}"'
@@ -107,8 +114,12 @@ def _text_expr(e: Expr) -> str:
 def to_text(tables: dict[str, list[dict[str, Any]]], carry: Optional[Counts] = None) -> str:
     """nft's own syntax for the tables; with `carry`, the counters start there."""
     out: list[str] = []
+    seeds = family_seeds(tables, carry, {}) if carry is not None else {}
+    seeded_rules: set[tuple[str, str]] = set()
     for fam, objs in tables.items():
         chains = [o["chain"] for o in objs if "chain" in o]
+        # In creation order, as batch() seeds them: the same rule each way.
+        firsts = first_references(fam, objs, seeds, seeded_rules) if seeds else {}
         rules = _rules_by_chain(objs)
         out.append(f"table {fam} {TABLE} {{")
         for o in objs:
@@ -118,8 +129,7 @@ def to_text(tables: dict[str, list[dict[str, Any]]], carry: Optional[Counts] = N
             if carry is None:
                 out.append(f"\tcounter {name} {{\n\t}}")
             else:
-                key = counter_key(name)
-                packets, nbytes = carry.get(key, (0, 0)) if key else (0, 0)
+                packets, nbytes = seeds.get((fam, name), (0, 0))
                 out.append(f"\tcounter {name} {{\n\t\tpackets {packets} bytes {nbytes}\n\t}}")
         for c in chains:
             out.append(f"\tchain {c['name']} {{")
@@ -128,7 +138,14 @@ def to_text(tables: dict[str, list[dict[str, Any]]], carry: Optional[Counts] = N
                 out.append(f"\t\ttype {c['type']} hook {c['hook']}{dev} priority {c['prio']}; "
                            f"policy {c['policy']};")
             for r in rules.get(c["name"], ()):
-                line = " ".join(_text_expr(e) for e in r["expr"])
+                first = firsts.get(id(r))
+                if first is None:
+                    line = " ".join(_text_expr(e) for e in r["expr"])
+                else:
+                    at, (packets, nbytes) = first
+                    parts = [_text_expr(e) for e in r["expr"]]
+                    parts[at] = f"counter packets {packets} bytes {nbytes}"
+                    line = " ".join(parts)
                 if "comment" in r:
                     line += f' comment "{r["comment"]}"'
                 out.append(f"\t\t{line}")
