@@ -56,9 +56,10 @@ class TapRow(TypedDict):
 # is not open yet (the plan never says that; only the capture process can).
 MirrorState = Literal["active", "starting", "waiting", "degraded", "error"]
 
-TzspCounter = Literal["captured", "sent", "bytes", "ring_drops", "send_errors", "truncated"]
+TzspCounter = Literal["captured", "sent", "bytes", "ring_drops", "send_errors", "truncated",
+                      "oversize"]
 TZSP_COUNTERS: tuple[TzspCounter, ...] = (
-    "captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
+    "captured", "sent", "bytes", "ring_drops", "send_errors", "truncated", "oversize")
 
 
 class _TzspCounters(TypedDict, total=False):
@@ -69,6 +70,7 @@ class _TzspCounters(TypedDict, total=False):
     ring_drops: int
     send_errors: int
     truncated: int
+    oversize: int
 
 
 class TzspRow(_TzspCounters):

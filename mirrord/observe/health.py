@@ -143,6 +143,19 @@ def tzsp_findings(mirrors: list[MirrorRow]) -> list[Finding]:
                     "frame(s): those copies were never sent",
                     f"raise ring_mib on collector {m['collector']['name']} (the ring absorbs "
                     "bursts; default 512 KiB), or narrow the mirror's match", m["name"]))
+            big = int(w.get("oversize") or 0)
+            if big:
+                # GRO on the way in, or TSO/GSO of the sender (this router,
+                # or a host behind veth): the stack handles one frame of many
+                # segments, and so does the capture. An IDS truncates it.
+                dev = w["interface"]
+                out.append(Finding(
+                    "tzsp-superframes", "warning",
+                    f"mirror {m['name']}: {big} frame(s) captured on {dev} were longer than its "
+                    "MTU (GRO/GSO super-frames): an IDS truncates or drops such copies",
+                    f"ethtool -K {dev} gro off (and on the interfaces this traffic comes in "
+                    "through); for traffic generated on this router or behind veth: ethtool -K "
+                    "<sending device> tso off gso off", m["name"]))
     return out
 
 

@@ -27,7 +27,8 @@ RESTART_DELAY = 1.0
 RESTART_MAX = 30.0
 CRASH_WINDOW = 60.0  # seconds: the ends counted towards a crash loop
 CRASH_LOOP = 5  # this many ends within the window: back off
-COUNTER_FIELDS = ("captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
+COUNTER_FIELDS = ("captured", "sent", "bytes", "ring_drops", "send_errors", "truncated",
+                  "oversize")
 
 
 @dataclass

@@ -219,7 +219,8 @@ class CaptureLoop:
         sender = fwd.sender
         self.log(INFO if code in (EXIT_STOPPED,) else WARNING,
                  f"{line.mirror}: {line.interface}: {reason}; captured {c[0]}, sent {c[1]}, "
-                 f"ring drops {c[3]}, send errors {c[4]}, truncated {c[5]}"
+                 f"ring drops {c[3]}, send errors {c[4]}, truncated {c[5]}, oversize {c[6]}, "
+                 f"checksums completed {fwd.checksummed}"
                  + (f" (last error {sender.last_error})" if sender.last_error else ""))
         fd = tap.ring.fileno()
         self.poller.unregister(fd)

@@ -5,9 +5,13 @@ iovecs per frame at a TZSP header and at the frame in the ring (so the kernel
 copies each frame once, into the datagram), sends the batch with sendmmsg,
 and only then hands the blocks back. Frames whose VLAN tag the kernel took
 off, frames cut to the snap length, and frames of devices without a link
-header get their header built in the sender's scratch area. The capture
-process (capture.py) runs one Forwarder per tap; the loop reads best whole,
-so the per-frame paths for both link types stay here, side by side.
+header get their header built in the sender's scratch area. Frames the ring
+marks TP_STATUS_CSUMNOTREADY get their TCP/UDP checksum completed in place in
+the ring first (csum.py): the flag shares the VLAN bit's test, so other
+frames pay nothing for it. Frames longer than the device's MTU (GRO/GSO
+super-frames) are counted as `oversize` (one comparison per frame). The
+capture process (capture.py) runs one Forwarder per tap; the loop reads best
+whole, so the per-frame paths for both link types stay here, side by side.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import struct
 import time
 
 from . import codec as tzsp
+from .csum import TP_STATUS_CSUMNOTREADY, complete_ethernet, complete_l3
 from .ring import (
     BLOCK_HDR,
     BLOCK_STATUS_BYTE,
@@ -47,6 +52,12 @@ class StopFlag:
         self.set = False
 
 
+# Frames that leave the fast path: a VLAN tag to put back, a checksum to complete.
+SLOW_STATUS = TP_STATUS_VLAN_VALID | TP_STATUS_CSUMNOTREADY
+# Room for link headers above the MTU: Ethernet and one 802.1Q tag left in the frame.
+ETH_OVERHEAD = 18
+
+
 class Forwarder:
     """Ring -> TZSP -> sendmmsg. The hot loop is `pump`."""
 
@@ -58,6 +69,12 @@ class Forwarder:
         self.header_addr = ctypes.addressof(self.header)
         self.scratch = memoryview(sender.scratch).cast("B")
         self.captured = self.sent = self.bytes = self.send_errors = self.truncated = 0
+        self.oversize = 0  # frames longer than MTU + link header: GRO/GSO super-frames
+        self.checksummed = 0  # partial checksums completed (logged, not a slot counter)
+        self.mtu = 0
+        # The longest frame that is not a super-frame (65535 until the MTU is known).
+        self.max_len = 0xFFFF
+        self._read_mtu()
         self.max_held = max(1, ring.block_nr // 4)
         # Blocks per pump() at most: under sustained load on one tap the loop
         # still comes round to the others (and to the daemon's messages).
@@ -67,7 +84,16 @@ class Forwarder:
 
     def counters(self) -> tuple[int, ...]:
         return (self.captured, self.sent, self.bytes, self.ring.drops, self.send_errors,
-                self.truncated)
+                self.truncated, self.oversize)
+
+    def _read_mtu(self) -> None:
+        try:
+            mtu = self.ring.mtu()
+        except OSError:
+            return  # the device is going away: the ring's error says so
+        if mtu != self.mtu:
+            self.mtu = mtu
+            self.max_len = mtu + (ETH_OVERHEAD if self.ring.link == "ethernet" else 0)
 
     def publish(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -75,6 +101,7 @@ class Forwarder:
             return
         self._stats_due = now + 0.25
         self.ring.statistics()
+        self._read_mtu()
         if self.shared is not None:
             self.shared.write(self.counters())
 
@@ -100,6 +127,7 @@ class Forwarder:
         unpack = PKT_HDR.unpack_from
         hdr_addr, hdr_len = self.header_addr, tzsp.HEADER_LEN
         special = self._special
+        max_len = self.max_len
         slot = nbytes = handled = blocks = 0
         budget = self.budget
         held: list[int] = []
@@ -114,7 +142,7 @@ class Forwarder:
             self.captured += num
             for _ in range(num):
                 nxt, snap, plen, status, mac, _net, tci, tpid = unpack(m, off)
-                if status & TP_STATUS_VLAN_VALID or snap != plen:
+                if status & SLOW_STATUS or snap != plen or plen > max_len:
                     nbytes += special(slot, off, mac, snap, plen, status, tci, tpid)
                 else:
                     pack(iov, slot * IOV_PAIR_SIZE, hdr_addr, hdr_len, base + off + mac, snap)
@@ -145,15 +173,27 @@ class Forwarder:
 
     def _special(self, slot: int, off: int, mac: int, snap: int, plen: int, status: int,
                  tci: int, tpid: int) -> int:
-        """A frame whose VLAN tag must be re-inserted, or that was cut: build
-        its header (and the first 12 bytes + tag) in the slot's scratch."""
+        """A frame off the fast path: a partial checksum is completed (unless
+        the frame was cut), a super-frame counted; a frame whose VLAN tag must
+        be re-inserted, or that was cut, gets its header (and the first 12
+        bytes + tag) built in the slot's scratch."""
         m = self.ring.map
         assert m is not None
         frame = self.ring.address + off + mac
         at = slot * SCRATCH_SLOT
         cut = snap != plen
+        if plen > self.max_len:
+            self.oversize += 1
         if cut:
             self.truncated += 1
+        elif status & TP_STATUS_CSUMNOTREADY and complete_ethernet(m, off + mac,
+                                                                   off + mac + snap):
+            # Written in the ring: the block is ours until released, mapped writable.
+            self.checksummed += 1
+        if not cut and not status & TP_STATUS_VLAN_VALID:
+            IOV_PAIR.pack_into(self.sender.iov, slot * IOV_PAIR_SIZE, self.header_addr,
+                               tzsp.HEADER_LEN, frame, snap)
+            return tzsp.HEADER_LEN + snap
         if status & TP_STATUS_VLAN_VALID and snap >= 12:
             if not status & TP_STATUS_VLAN_TPID_VALID:
                 tpid = 0x8100
@@ -189,7 +229,7 @@ class Forwarder:
             off += boff
             self.captured += num
             for _ in range(num):
-                nxt, snap, plen, _status, mac, net, _tci, _tpid = PKT_HDR.unpack_from(m, off)
+                nxt, snap, plen, status, mac, net, _tci, _tpid = PKT_HDR.unpack_from(m, off)
                 (proto,) = SLL_PROTOCOL.unpack_from(m, off + SLL_OFF + 2)
                 outgoing = m[off + SLL_PKTTYPE_OFF] == PACKET_OUTGOING
                 lead = max(0, net - mac)
@@ -200,11 +240,16 @@ class Forwarder:
                 eth = self._eth_cache.get((proto, outgoing))
                 if eth is None:
                     eth = self._eth_cache[(proto, outgoing)] = synth_ethernet(proto, outgoing)
+                if olen > self.max_len:
+                    self.oversize += 1
                 if flen != olen:
                     self.truncated += 1
                     piece = tzsp.header(olen + 14) + eth
                 else:
                     piece = tzsp.HEADER + eth
+                    if status & TP_STATUS_CSUMNOTREADY and complete_l3(m, off + net,
+                                                                        off + net + flen):
+                        self.checksummed += 1
                 at = slot * SCRATCH_SLOT
                 self.scratch[at:at + len(piece)] = piece
                 IOV_PAIR.pack_into(self.sender.iov, slot * IOV_PAIR_SIZE,

@@ -118,6 +118,7 @@ class TzspCounters:
     ring_drops: int = 0   # frames the kernel dropped because the ring was full
     send_errors: int = 0  # datagrams not sent (unreachable collector, no route...)
     truncated: int = 0    # frames cut to the snap length
+    oversize: int = 0     # frames longer than the MTU (GRO/GSO super-frames)
 
     def __add__(self, other: TzspCounters) -> TzspCounters:
         return TzspCounters(*(getattr(self, f.name) + getattr(other, f.name)

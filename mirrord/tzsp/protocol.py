@@ -12,9 +12,12 @@
 Standard library only, and little of it: the capture process imports this.
 
 Slot layout (SLOT_SIZE bytes, native byte order):
-  0   seq (u64; odd while a write is in progress), then the counters (u64 each)
-  56  pid (u64), state (u64), exit code (i64)
-  80  reason length (u16), reason text (UTF-8)
+  0   seq (u64; odd while a write is in progress), then the counters (u64 each;
+      room for 11)
+  96  pid (u64), state (u64), exit code (i64)
+  120 reason length (u16), reason text (UTF-8, up to 134 bytes)
+The daemon and the capture process it starts are always the same version, so
+the layout may change between versions.
 """
 
 from __future__ import annotations
@@ -27,15 +30,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional
 
-COUNTER_NAMES = ("captured", "sent", "bytes", "ring_drops", "send_errors", "truncated")
+COUNTER_NAMES = ("captured", "sent", "bytes", "ring_drops", "send_errors", "truncated",
+                 "oversize")
 SLOT_SIZE = 256
 MAX_TAPS = 256
 SHM_SIZE = SLOT_SIZE * MAX_TAPS  # only the slots in use are ever touched (resident)
 _WORDS = struct.Struct("=Q" + "Q" * len(COUNTER_NAMES))
 _SEQ = struct.Struct("=Q")
 _META = struct.Struct("=QQq")
-_META_OFF = 56
-_REASON_OFF = 80
+_META_OFF = 96
+_REASON_OFF = 120
 _REASON_LEN = struct.Struct("=H")
 _REASON_MAX = SLOT_SIZE - _REASON_OFF - _REASON_LEN.size
 assert _WORDS.size <= _META_OFF and _META_OFF + _META.size <= _REASON_OFF

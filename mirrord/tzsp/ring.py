@@ -83,6 +83,7 @@ RING_HOLD_MS = 200
 def retire_ms_for(block_nr: int) -> int:
     return max(DEFAULT_RETIRE_MS, RING_HOLD_MS // max(1, block_nr))
 SO_ATTACH_FILTER = 26
+SIOCGIFMTU = 0x8921
 
 
 def block_size_for(ring_bytes: int) -> int:
@@ -211,6 +212,16 @@ class RxRing:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def mtu(self) -> int:
+        """The device's MTU now (SIOCGIFMTU): frames longer than it plus the
+        link header are GRO/GSO super-frames."""
+        ifreq = ctypes.create_string_buffer(
+            _socket.if_indextoname(self.ifindex).encode()[:15].ljust(16, b"\0") + bytes(24), 40)
+        if libc().ioctl(self.sock.fileno(), SIOCGIFMTU, ifreq) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return int(struct.unpack_from("=i", ifreq, 16)[0])
 
     def check_error(self) -> None:
         """Raise the socket's pending error (ENETDOWN when the device went down)."""

@@ -444,3 +444,15 @@ def test_mirror_reason_joins_the_texts_once_each() -> None:
     p, _, _ = case("tzsp")
     lan = p.mirror("lan")
     assert lan is not None and [r.code for r in lan.reasons] == [Code.NEIGHBOUR_FAILED]
+
+
+def test_tzsp_superframes_are_a_finding_naming_interface_and_fix() -> None:
+    from mirrord.observe.health import tzsp_findings
+
+    row: Any = {"name": "lan", "collector": {"name": "ids"},
+                "tzsp": [{"interface": "wan", "oversize": 0}, {"interface": "br-lan", "oversize": 12}]}
+    (f,) = tzsp_findings([row])
+    assert (f.code, f.severity, f.mirror) == ("tzsp-superframes", "warning", "lan")
+    assert "12 frame(s) captured on br-lan were longer than its MTU" in f.what
+    assert "ethtool -K br-lan gro off" in f.fix and "tso off gso off" in f.fix
+    assert tzsp_findings([{**row, "tzsp": [{"interface": "wan", "oversize": 0}]}]) == []

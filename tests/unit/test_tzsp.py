@@ -217,20 +217,20 @@ def test_shared_counters_roundtrip() -> None:
     buf = mmap.mmap(-1, SHM_SIZE)
     writer, reader = SharedCounters(buf), SharedCounters(buf)
     assert reader.read() == TzspCounters()
-    writer.write((1, 2, 3, 4, 5, 6))
-    assert reader.read() == TzspCounters(1, 2, 3, 4, 5, 6)
-    writer.write((10, 20, 30, 40, 50, 60))
-    assert reader.read() == TzspCounters(10, 20, 30, 40, 50, 60)
+    writer.write((1, 2, 3, 4, 5, 6, 8))
+    assert reader.read() == TzspCounters(1, 2, 3, 4, 5, 6, 8)
+    writer.write((10, 20, 30, 40, 50, 60, 70))
+    assert reader.read() == TzspCounters(10, 20, 30, 40, 50, 60, 70)
     writer.set_reason("interface wan went away (ENXIO)")
     assert reader.reason() == "interface wan went away (ENXIO)"
-    assert TzspCounters(1, 1, 1, 1, 1, 1) + TzspCounters(1, 2, 3, 4, 5, 6) == TzspCounters(
-        2, 3, 4, 5, 6, 7)
+    assert TzspCounters(1, 1, 1, 1, 1, 1, 1) + TzspCounters(1, 2, 3, 4, 5, 6, 8) == TzspCounters(
+        2, 3, 4, 5, 6, 7, 9)
     # One slot per tap: a neighbour's writes, reason (however long) and reset stay in it.
     other = SharedCounters(buf, 1)
-    other.write((7, 7, 7, 7, 7, 7))
+    other.write((7, 7, 7, 7, 7, 7, 7))
     other.set_reason("x" * 5000)
     other.set_meta(99, 2, 3)
-    assert reader.read() == TzspCounters(10, 20, 30, 40, 50, 60)
+    assert reader.read() == TzspCounters(10, 20, 30, 40, 50, 60, 70)
     assert reader.reason() == "interface wan went away (ENXIO)"
     assert other.meta() == (99, 2, 3) and 100 < len(other.reason()) < 256
     other.reset()
@@ -526,10 +526,10 @@ def test_tap_handle_counts_its_own_run_and_keeps_its_final_counters() -> None:
             time.sleep(0.01)
         assert "mirrord-none0 went away" in (first.poll() or "")
         # What the capture process would have published before the end.
-        SharedCounters(proc._buf, first.slot_index).write((5, 4, 300, 1, 1, 0))  # type: ignore[arg-type]
-        assert first.counters() == TzspCounters(5, 4, 300, 1, 1, 0)
+        SharedCounters(proc._buf, first.slot_index).write((5, 4, 300, 1, 1, 0, 0))  # type: ignore[arg-type]
+        assert first.counters() == TzspCounters(5, 4, 300, 1, 1, 0, 0)
         first.stop()
-        assert first.state() == "exited" and first.counters() == TzspCounters(5, 4, 300, 1, 1, 0)
+        assert first.state() == "exited" and first.counters() == TzspCounters(5, 4, 300, 1, 1, 0, 0)
         with pytest.raises(RuntimeError, match="a new run is a new TapHandle"):
             first.start()
         # The next run: a new handle, in the slot the first gave back, from zero.
@@ -537,11 +537,11 @@ def test_tap_handle_counts_its_own_run_and_keeps_its_final_counters() -> None:
         second.start()
         assert second.slot_index == first.slot_index
         assert second.counters() == TzspCounters()
-        SharedCounters(proc._buf, second.slot_index).write((2, 2, 100, 0, 0, 0))  # type: ignore[arg-type]
-        assert second.counters() == TzspCounters(2, 2, 100, 0, 0, 0)
-        assert first.counters() == TzspCounters(5, 4, 300, 1, 1, 0)
+        SharedCounters(proc._buf, second.slot_index).write((2, 2, 100, 0, 0, 0, 0))  # type: ignore[arg-type]
+        assert second.counters() == TzspCounters(2, 2, 100, 0, 0, 0, 0)
+        assert first.counters() == TzspCounters(5, 4, 300, 1, 1, 0, 0)
         second.stop()
-        assert second.counters() == TzspCounters(2, 2, 100, 0, 0, 0)
+        assert second.counters() == TzspCounters(2, 2, 100, 0, 0, 0, 0)
     finally:
         proc.close()
     assert not proc.running()
