@@ -18,12 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from ...plan.groups import BUCKETS, Group, bucket_ranges
+from .naming import chain_name, counter_name, counting
 
 Expr = dict[str, Any]
-
-
-def _counter_name(key: tuple[str, str]) -> str:
-    return f"{key[0]}.{key[1]}"
 
 
 class MemberChains:
@@ -35,8 +32,6 @@ class MemberChains:
         self._chains: dict[tuple[str, str], str] = {}
 
     def _chain(self, g: Group, k: int) -> str:
-        from .render import chain_name  # render imports this module
-
         key = (g.collector, g.members[k].name)
         if key not in self._chains:
             self._chains[key] = chain_name("g", f"{g.collector}_{k}", self._taken)
@@ -55,13 +50,11 @@ class MemberChains:
     def objects(self, t: dict[str, str]) -> list[dict[str, Any]]:
         """Every member's counter, and the chains of those holding buckets with
         their one rule: count, copy."""
-        from .render import counting  # render imports this module
-
         counters: list[dict[str, Any]] = []
         chains: list[dict[str, Any]] = []
         for g in self._groups.values():
             for k, m in enumerate(g.members):
-                counters.append({"counter": {**t, "name": _counter_name(m.counter)}})
+                counters.append({"counter": {**t, "name": counter_name(m.counter)}})
                 if not m.buckets:
                     continue
                 name = self._chain(g, k)

@@ -16,7 +16,6 @@ wanted tables, and to_text(), the same tables in nft's own syntax.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from typing import Any, Optional
 
@@ -27,6 +26,9 @@ from ...plan.model import DELIVERED, DeliveryPoint
 from ..base import CounterKey, Counts, comment
 from .groups import MemberChains
 from .maps import Entry, chain_rules, family_key
+from .naming import chain_name as chain_name
+from .naming import counter_name as counter_name
+from .naming import counting as counting
 
 TABLE = "mirrord"
 FAMILIES = {4: "ip", 6: "ip6"}
@@ -88,33 +90,6 @@ def match_exprs(fm: FamilyMatch) -> list[list[Expr]]:
             )
         alternatives.append(exprs)
     return alternatives
-
-
-def chain_name(direction: str, ifname: str, taken: set[str]) -> str:
-    base = f"{direction}_{re.sub(r'[^A-Za-z0-9_.-]', '_', ifname)}"
-    name, n = base, 1
-    while name in taken:
-        n += 1
-        name = f"{base}_{n}"
-    taken.add(name)
-    return name
-
-
-def counter_name(key: CounterKey) -> str:
-    return f"{key[0]}.{key[1]}"
-
-
-def counting(key: CounterKey) -> tuple[Expr, Expr]:
-    """A named counter and an anonymous one next to it.
-
-    The kernel's notification of a deleted named counter carries no values,
-    but that of a deleted rule carries its anonymous counters' last values
-    and the named counter's name: with both in every rule, the ledger knows
-    what a table deleted by someone else had counted (see reconcile/ledger).
-    The anonymous counter starts at 0, or at the named counter's seed in the
-    first rule of a batch that creates the named counter (`seed_rules`).
-    """
-    return {"counter": counter_name(key)}, {"counter": None}
 
 
 def ip_tables(plan: Plan, ranges: bool = True) -> dict[str, list[dict[str, Any]]]:
