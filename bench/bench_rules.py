@@ -16,6 +16,8 @@ Cases:
              traffic matching the last: the cost of rules that grow per interface
   old1, old50  mirrord1 and mirrord50 as rendered before issue 14: without the
              anonymous counter next to each named counter (what it costs)
+  nodelivery1, nodelivery50  mirrord1 and mirrord50 without chain `delivered`
+             (what counting copies where they leave costs)
 
 One flood runs for the whole measurement while the router's ruleset is
 switched under it: each cycle measures every case between two `hand` slots
@@ -86,6 +88,28 @@ SPECS: dict[str, Optional[str]] = {
 # The same rules without the anonymous counter beside each named one (before issue 14).
 OLD = {"old1": "mirrord1", "old50": "mirrord50"}
 SPECS.update({old: SPECS[new] for old, new in OLD.items()})
+# The same rules without the chain that counts copies where they leave (issue 14).
+UNCOUNTED = {"nodelivery1": "mirrord1", "nodelivery50": "mirrord50"}
+SPECS.update({case: SPECS[new] for case, new in UNCOUNTED.items()})
+
+
+def strip_delivered(path: str) -> None:
+    """The rendering without chain `delivered`, its rules and its counters."""
+    doc = json.loads(Path(path).read_text())
+
+    def kept(cmd: dict[str, object]) -> bool:
+        obj = cmd.get("add")
+        if not isinstance(obj, dict):
+            return True
+        for kind in ("chain", "rule"):
+            o = obj.get(kind)
+            if isinstance(o, dict) and "delivered" in (o.get("name"), o.get("chain")):
+                return False
+        c = obj.get("counter")
+        return not (isinstance(c, dict) and str(c.get("name", "")).endswith(".delivered"))
+
+    doc["nftables"] = [cmd for cmd in doc["nftables"] if kept(cmd)]
+    Path(path).write_text(json.dumps(doc))
 
 
 def strip_anonymous_counters(path: str) -> None:
@@ -138,7 +162,9 @@ def main() -> int:
             for case in cases:
                 if case in OLD:
                     strip_anonymous_counters(rs.files[case][0])
-            checked = [c for c in cases if SPECS.get(c) and c not in OLD]
+                if case in UNCOUNTED:
+                    strip_delivered(rs.files[case][0])
+            checked = [c for c in cases if SPECS.get(c) and c not in OLD and c not in UNCOUNTED]
             for case in checked:
                 rs.check_against_daemon(case)
             if checked:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 Verdict = Literal["leaving", "dropped", "idle"]
 # Copies counted by the rule but not yet by the point when the counters were
-# read (the clone crosses output and postrouting right after): a few at most.
+# read (the clone crosses the output hook right after): a few at most.
 IN_FLIGHT = 2
 # After an apply that replaced running rules, the first copies may still be
 # lost to the apply itself (a tunnel device made again comes up, neighbours

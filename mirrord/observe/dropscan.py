@@ -64,9 +64,10 @@ class Culprit:
         return what if self.certain else f"probably {what}"
 
 
-def find_drop(ruleset: dict[str, Any], copy: Copy, below: int) -> Optional[Culprit]:
-    """The first rule of the output and postrouting hooks (base chains below
-    priority `below`) that drops `copy`, or None."""
+def find_drop(ruleset: dict[str, Any], copy: Copy, below: int,
+              hooks: tuple[str, ...] = HOOK_ORDER) -> Optional[Culprit]:
+    """The first rule of `hooks` (base chains below priority `below`) that
+    drops `copy`, or None."""
     objs = [o for o in ruleset.get("nftables", []) if isinstance(o, dict)]
     families = ("ip" if copy.version == 4 else "ip6", "inet")
     chains: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -78,7 +79,7 @@ def find_drop(ruleset: dict[str, Any], copy: Copy, below: int) -> Optional[Culpr
         if isinstance(r, dict) and r.get("family") in families:
             rules.setdefault((r["family"], r.get("table", ""), r.get("chain", "")), []).append(r)
     bases = [(HOOK_ORDER.index(c["hook"]), _prio(c), key) for key, c in chains.items()
-             if c.get("hook") in HOOK_ORDER and _prio(c) < below]
+             if c.get("hook") in hooks and _prio(c) < below]
     maybe: Optional[Culprit] = None
     for _, _, key in sorted(bases):
         walker = _Walker(copy, chains, rules)

@@ -169,7 +169,7 @@ def delivery_findings(p: Plan, dropped: list[Delivery]) -> list[Finding]:
         oif = mp.reach.oif if mp is not None and mp.reach is not None else None
         copy, accept = _copy_at(point, oif)
         ruleset = _nft_ruleset()
-        culprit = find_drop(ruleset, copy, PRIO_DELIVERED) if ruleset is not None else None
+        culprit = find_drop(ruleset, copy, PRIO_DELIVERED, ("output",)) if ruleset is not None else None
         names = ", ".join(mirrors)
         what = (f"mirror{'s' if len(mirrors) > 1 else ''} {names}: {d.lost} of {d.window_copied} "
                 f"copies to {', '.join(point.collectors)} did not leave the router "
@@ -184,9 +184,9 @@ def delivery_findings(p: Plan, dropped: list[Delivery]) -> list[Finding]:
                 fix = (f"accept the copies before that rule: nft insert rule {culprit.family} "
                        f"{culprit.table} {culprit.chain} {accept}")
         else:
-            what += "; no rule of the output or postrouting hooks could be named"
+            what += "; no rule of the output hook could be named"
             fix = (f"look for what drops traffic leaving through {oif or 'that device'}: rules of "
-                   "the output and postrouting chains that match named sets or marks, tc "
+                   "the output chains that match named sets or marks, tc "
                    "filters on the device, iptables-legacy rules (iptables-legacy-save)")
         out.append(Finding("copies-dropped", "error", what, fix,
                            mirrors[0] if len(mirrors) == 1 else None))

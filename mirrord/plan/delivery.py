@@ -1,7 +1,7 @@
 """Where kernel copies leave the router, so that what left can be counted.
 
 A copy counted by its rule has not reached the collector yet: a clone is sent
-with ip_local_out() and crosses every table's output and postrouting chains,
+with ip_local_out() and crosses every table's output chains,
 and a tunnel's outer packet (VXLAN, GRE) is a locally generated datagram that
 crosses them too. A firewall whose output policy rejects towards the
 collector's zone drops them all while the copy counters keep rising. A
