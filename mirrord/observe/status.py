@@ -139,7 +139,8 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter,
             "delivery": [_delivery_row(d) for d in through],
         })
         if mp.group is not None:
-            mirrors[-1]["members"] = _member_rows(mp.group, counts, snap.member_since)
+            mirrors[-1]["members"] = _member_rows(mp.group, counts, snap.member_since,
+                                                  tzsp if mp.transport == "tzsp" else None)
     findings = plan_findings(snap.plan, snap.backend_error, snap.topology) if snap.plan else []
     if snap.apply_error:
         findings.insert(0, Finding(
@@ -256,12 +257,15 @@ def _device_of(mp: MirrorPlan) -> Optional[str]:
     return mp.reach.oif if mp.reach is not None else None
 
 
-def _member_rows(g: Group, counts: Counts,
-                 since: Mapping[tuple[str, str], float]) -> list[MemberRow]:
+def _member_rows(g: Group, counts: Counts, since: Mapping[tuple[str, str], float],
+                 tzsp: Optional[Mapping[str, tuple[int, int]]] = None) -> list[MemberRow]:
+    """`tzsp`: a TZSP group's totals, where each member counts under its
+    counter name (its taps' slots); else the kernel's member counters."""
     rows: list[MemberRow] = []
     for m in g.members:
         when = since.get((g.collector, m.name))
-        p, b = counts.get(m.counter, (0, 0))
+        p, b = tzsp.get(m.counter_name, (0, 0)) if tzsp is not None else counts.get(m.counter,
+                                                                                    (0, 0))
         rows.append({"name": m.name, "state": "alive" if m.alive else "dead", "reason": m.cause,
                      "since": _iso(when) if when is not None else None,
                      "buckets": len(m.buckets), "packets": p, "bytes": b})

@@ -16,7 +16,7 @@ from ..spec import Collector, Mirror, Spec
 from . import reasons as why
 from .delivery import delivery_points
 from .frames import Result, carriers, frame_rules, plan_frames, tunnels
-from .groups import plan_group
+from .groups import Group, plan_group
 from .model import (
     CloneRule,
     FrameRule,
@@ -285,12 +285,18 @@ def _plan_group_mirror(
              ) -> tuple[MirrorPlan, list[CloneRule], list[TzspTap], list[FrameRule]]:
         return dataclasses.replace(mp, group=group), clones, [], frames
 
-    if ctx.backend is None:
-        return done(result(t, "error", why.no_backend(ctx.backend_error or "")), [], [])
     dead = [(m.name, m.cause) for m in group.dead]
     live = group.live
     if not live:
         return done(result(t, "error", why.all_members_dead(collector.name, dead)), [], [])
+    if t == "tzsp":
+        mp, jobs = _plan_tzsp(mirror, collector, ctx.topo, taps, ctx.carriers, result, group)
+        if dead and mp.state in ("active", "degraded"):
+            mp = dataclasses.replace(mp, state="degraded", reasons=(
+                why.members_dead(collector.name, dead, len(live)), *mp.reasons))
+        return dataclasses.replace(mp, group=group), [], jobs, []
+    if ctx.backend is None:
+        return done(result(t, "error", why.no_backend(ctx.backend_error or "")), [], [])
     clones: list[CloneRule] = []
     frames: list[FrameRule] = []
     if t == "clone":
@@ -345,7 +351,10 @@ def _plan_tzsp(
     taps: list[TapState],
     carried: Mapping[str, str],
     result: Result,
+    group: Optional[Group] = None,
 ) -> tuple[MirrorPlan, list[TzspTap]]:
+    """One tap per interface; to a group, one per interface and live member,
+    each capturing its member's buckets only (tzsp.bpf)."""
     for i, tap in enumerate(taps):
         what = carried.get(tap.interface)
         if what is not None and tap.direction == "out" and tap.state == "active":
@@ -356,7 +365,14 @@ def _plan_tzsp(
         ways = tuple(t.direction for t in taps if t.interface == name and t.state == "active")
         if link is None or not ways:
             continue
-        jobs.append(TzspTap(mirror.name, name, link.index, ways, collector, mirror.match))
+        if group is None:
+            jobs.append(TzspTap(mirror.name, name, link.index, ways, collector, mirror.match))
+            continue
+        addresses = dict(zip(collector.members, collector.member_addresses()))
+        jobs += [TzspTap(mirror.name, name, link.index, ways, collector, mirror.match,
+                         member=m.name, member_address=addresses[m.name],
+                         member_index=collector.members.index(m.name), buckets=m.buckets)
+                 for m in group.live]
     state, causes = summarize(taps)
     notes = tuple(
         why.not_ethernet(t.interface)

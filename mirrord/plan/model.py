@@ -62,6 +62,21 @@ class TzspTap:
     # Every collector address of the spec, never captured (see exclusions());
     # part of the identity for the same reason as the match.
     exclude: tuple[Address, ...] = ()
+    # A group collector's member (plan.groups): the tap sends to `member`,
+    # its `index`-th member, and captures only the flows of its buckets.
+    member: Optional[str] = None
+    member_address: Optional[Address] = None
+    member_index: int = 0
+    # Not part of the identity: a member's share changes in place (the capture
+    # process swaps the socket's filter), its ring and counters stay.
+    buckets: Optional[tuple[int, ...]] = field(default=None, compare=False)
+
+    @property
+    def destination(self) -> Address:
+        """Where its copies go: the member, else the collector's address."""
+        address = self.member_address or self.collector.address
+        assert address is not None  # TZSP collectors and members are hosts (spec)
+        return address
 
 
 @dataclass(frozen=True)

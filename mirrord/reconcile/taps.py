@@ -1,6 +1,11 @@
 """The TZSP taps the plan asks for, kept running.
 
-Every tap runs in one capture process (tzsp.supervisor.CaptureProcess). A tap
+Every tap runs in one capture process (tzsp.supervisor.CaptureProcess), but
+for the members of a collector group: member k's taps run in capture process
+k mod (the CPUs mirrord may use), so that a group's flows are sent from as
+many cores as it has members (bench/bench_tzsp.py measures what that buys).
+A member whose share of the flows changed (another member died or came back)
+keeps its tap: only its filter is swapped. A tap
 that ends (its interface went away, the process was killed) is marked exited
 and restarted after 1 s; only a tap that is really crash-looping (a fifth end
 within a minute) waits longer, doubling up to 30 s. Each second waited is
@@ -13,11 +18,13 @@ once it is stopped, never before: frames still being sent would be lost.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ..plan import Plan, TzspTap
+from ..plan.groups import member_counter_name
 from .ledger import CounterLedger
 from .snapshot import TapReading
 
@@ -51,7 +58,8 @@ class TapPool:
         self._make_handle = make_handle or self._capture_handle
         self._taps: dict[TzspTap, _Tap] = {}
         self._failures: dict[TzspTap, list[float]] = {}  # when each recent end was
-        self._capture: Any = None
+        self._captures: dict[int, Any] = {}  # lane -> its CaptureProcess
+        self.lanes = _usable_cpus()
 
     # -- what the reconciler calls ---------------------------------------------
     def sync(self, p: Plan, now: float) -> None:
@@ -61,8 +69,11 @@ class TapPool:
             if tap not in wanted or (t.exited and now >= t.restart_at):
                 self._stop(tap)
         for tap in p.tzsp:
-            if tap not in self._taps:
+            running = self._taps.get(tap)
+            if running is None:
                 self._start(tap)
+            elif running.tap.buckets != tap.buckets:
+                self._retarget(running, tap)
         self._stop_capture_if_idle()
 
     def stop_all(self) -> None:
@@ -77,19 +88,25 @@ class TapPool:
 
     def read_events(self) -> list[str]:
         """Taps that ended since the last call, as log-friendly reasons."""
-        if self._capture is None:
-            return []
-        ended, _gone = self._capture.read_events()
-        return self.collect_exits(ended)
+        reasons: list[str] = []
+        for capture in list(self._captures.values()):
+            ended, _gone = capture.read_events()
+            reasons += self.collect_exits(ended, capture)
+        return reasons
 
-    def collect_exits(self, slots: list[int]) -> list[str]:
-        """Mark the taps in `slots`, and those whose process went away, exited."""
-        orphans = set(map(id, self._capture.take_orphans())) if self._capture is not None else set()
+    def collect_exits(self, slots: list[int], process: Any = None) -> list[str]:
+        """Mark the taps in `slots` (of `process`; None: any), and those whose
+        process went away, exited."""
+        orphans = {id(h) for c in self._captures.values() for h in c.take_orphans()}
         if not slots and not orphans:
             return []
         reasons = []
         for t in self._taps.values():
-            if t.exited is not None or not (id(t.handle) in orphans or t.handle.slot_index in slots):
+            if t.exited is not None:
+                continue
+            mine = t.handle.slot_index in slots and (
+                process is None or getattr(t.handle, "process", None) is process)
+            if not (mine or id(t.handle) in orphans):
                 continue
             reason = t.handle.poll()
             if reason is None:
@@ -108,7 +125,7 @@ class TapPool:
         now = time.monotonic()
         for t in self._taps.values():
             c = t.handle.counters()
-            live.append((t.tap.mirror, c.sent, c.bytes))
+            live += [(key, c.sent, c.bytes) for key in _totals_of(t.tap)]
             state = "exited" if t.exited is not None else t.handle.state()
             # Ended, but its event not read yet (a status query came first): the
             # handle knows why; the restart is planned once the event is read.
@@ -124,23 +141,40 @@ class TapPool:
         return self.ledger.tzsp_totals(live), tuple(rows)
 
     # -- the taps -------------------------------------------------------------
-    def _capture_process(self) -> Any:
-        if self._capture is None:
+    def _capture_process(self, lane: int) -> Any:
+        capture = self._captures.get(lane)
+        if capture is None:
             from ..tzsp.supervisor import CaptureProcess
 
-            self._capture = CaptureProcess(watch=self._watch)
-        return self._capture
+            capture = self._captures[lane] = CaptureProcess(watch=self._watch)
+        return capture
 
     def _stop_capture_if_idle(self) -> None:
-        """No tap left: no capture process either (it costs its interpreter)."""
-        if self._capture is not None and not self._taps:
-            self._capture.stop()
+        """A lane with no tap left: no capture process either (it costs its interpreter)."""
+        busy = {self.lane(t.tap) for t in self._taps.values()}
+        for lane, capture in self._captures.items():
+            if lane not in busy:
+                capture.stop()
+
+    def lane(self, tap: TzspTap) -> int:
+        """Which capture process serves `tap`: a group's member k, k mod the CPUs."""
+        return tap.member_index % self.lanes
 
     def _capture_handle(self, tap: TzspTap) -> Any:
         from ..tzsp.job import TzspJob
         from ..tzsp.supervisor import TapHandle
 
-        return TapHandle(self._capture_process(), TzspJob.from_tap(tap))
+        return TapHandle(self._capture_process(self.lane(tap)), TzspJob.from_tap(tap))
+
+    def _retarget(self, t: _Tap, tap: TzspTap) -> None:
+        """The member's share of the flows changed: its filter, not its tap."""
+        del self._taps[t.tap]
+        t.tap = tap
+        self._taps[tap] = t
+        if t.exited is None:
+            from ..tzsp.job import TzspJob
+
+            t.handle.retarget(TzspJob.from_tap(tap))
 
     def _start(self, tap: TzspTap) -> None:
         handle = self._make_handle(tap)
@@ -155,14 +189,15 @@ class TapPool:
                       extra={"MIRROR": tap.mirror, "ACTION": "worker-start"})
             return
         log.info("TZSP capture on %s (%s) -> %s:%d", tap.interface, "+".join(tap.directions),
-                 tap.collector.address, tap.collector.port,
+                 tap.destination, tap.collector.port,
                  extra={"MIRROR": tap.mirror, "ACTION": "worker-start"})
 
     def _stop(self, tap: TzspTap) -> None:
         t = self._taps.pop(tap)
         t.handle.stop()  # returns once the tap is closed: its counters are final
         c = t.handle.counters()
-        self.ledger.bank_tap(tap.mirror, c.sent, c.bytes)
+        for key in _totals_of(tap):
+            self.ledger.bank_tap(key, c.sent, c.bytes)
 
     def _restart_delay(self, t: _Tap) -> float:
         now = time.monotonic()
@@ -172,3 +207,18 @@ class TapPool:
         if looping <= 0:
             return RESTART_DELAY
         return float(min(RESTART_MAX, RESTART_DELAY * 2 ** looping))
+
+
+def _totals_of(tap: TzspTap) -> tuple[str, ...]:
+    """The totals a tap's copies count towards: its mirror's, and a group
+    member's (under the member's counter name, which is never a mirror's)."""
+    if tap.member is None:
+        return (tap.mirror,)
+    return (tap.mirror, member_counter_name(tap.collector.name, tap.member))
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

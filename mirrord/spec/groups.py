@@ -39,12 +39,12 @@ class GroupReader(NodeReader):
             return None
         knode, vnode = m["members"]
         if transport == "auto":
-            self.err(knode, f"{what}: a group needs an explicit transport: clone, span or vxlan "
-                     "(auto may pick tzsp, whose groups are not supported yet)")
+            self.err(knode, f"{what}: a group needs an explicit transport: clone, span, vxlan "
+                     "or tzsp (auto picks one per collector, and a group's members must share one)")
             return None
         if transport not in GROUP_TRANSPORTS:
             self.err(knode, f"{what}: members with transport {transport} is not supported yet; "
-                     "a group needs transport clone, span or vxlan")
+                     "a group needs transport clone, span, vxlan or tzsp")
             return None
         ok = True
         for key in ("address", "interface"):

@@ -32,7 +32,7 @@ DIRECTIONS: tuple[str, ...] = ("in", "out", "both")
 FAMILIES: tuple[str, ...] = ("ipv4", "ipv6", "any")
 BALANCES: tuple[str, ...] = ("flow",)
 # Transports whose collector can be a group: one address or device per member.
-GROUP_TRANSPORTS: frozenset[str] = frozenset({"clone", "span", "vxlan"})
+GROUP_TRANSPORTS: frozenset[str] = frozenset({"clone", "span", "vxlan", "tzsp"})
 
 
 @dataclass(frozen=True)

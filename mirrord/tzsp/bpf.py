@@ -23,7 +23,7 @@ import ipaddress
 import itertools
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -33,10 +33,10 @@ Insn = tuple[int, int, int, int]  # (code, jt, jf, k), as in struct sock_filter
 Link = Literal["ethernet", "raw"]
 
 # Instruction classes and fields (linux/filter.h, linux/bpf_common.h).
-LD, LDX, ALU, JMP, RET, MISC = 0x00, 0x01, 0x04, 0x05, 0x06, 0x07
+LD, LDX, ST, STX, ALU, JMP, RET, MISC = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
 W, H, B = 0x00, 0x08, 0x10
-IMM, ABS, IND, MSH = 0x00, 0x20, 0x40, 0xA0
-ADD, AND, LSH = 0x00, 0x50, 0x60
+IMM, ABS, IND, MEM, MSH = 0x00, 0x20, 0x40, 0x60, 0xA0
+ADD, SUB, MUL, AND, LSH, RSH, XOR = 0x00, 0x10, 0x20, 0x50, 0x60, 0x70, 0xA0
 JA, JEQ, JGT, JGE, JSET = 0x00, 0x10, 0x20, 0x30, 0x40
 K, X = 0x00, 0x08
 TAX, TXA = 0x00, 0x80
@@ -55,6 +55,17 @@ VLAN_HLEN = 4
 
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
+
+# A collector group's flow buckets (plan.groups.BUCKETS; a unit test checks
+# they agree): the hash's top bits, 32 - 6 of them shifted out.
+BUCKETS = 64
+BUCKET_SHIFT = 26
+# Transports whose ports enter a flow's hash (TCP, UDP, DCCP, SCTP, UDP-Lite),
+# as the kernel's flow dissector takes them.
+HASHED_PORTS = (6, 17, 33, 132, 136)
+# Scratch words: the L3 offset, the hash, a temporary.
+M_L3, M_HASH, M_TMP = 0, 1, 2
+GOLDEN = 0x9E3779B1  # Fibonacci hashing: the product's top bits depend on every bit
 
 # Largest frame a TZSP datagram can carry over IPv4 (65507-byte UDP payload
 # minus the header with tag 41, minus a VLAN tag that may be re-inserted).
@@ -183,6 +194,7 @@ class _Compiler:
         self.snaplen = snaplen
         self.reject = self.a.label("reject")
         self.accept = self.a.label("accept")
+        self.bucket_accept = self.a.label("bucket_accept")
 
     # A = 32-bit word at L3 + off (X holds the L3 offset)
     def ld_ind(self, size: int, off: int) -> None:
@@ -289,6 +301,107 @@ class _Compiler:
             self.a.ja(self.accept)
 
 
+class _Buckets:
+    """A group member's share of the flows: the frame's symmetric flow hash
+    picks one of BUCKETS buckets, and the member takes the frames of its own.
+
+    The hash XORs the source and destination addresses, and for an unfragmented
+    TCP/UDP/DCCP/SCTP/UDP-Lite packet its two ports, so a flow and its reply
+    hash alike; any IPv4 fragment (the first too) and any IPv6 packet whose
+    next header is not one of those (a fragment header, an extension header)
+    hashes its addresses only, so a datagram's fragments stay together, as in
+    the kernel's own symmetric hash. It is then folded and multiplied, and
+    its top 6 bits are the bucket. Non-IP frames are bucket 0.
+    """
+
+    def __init__(self, c: _Compiler, held: Collection[int]) -> None:
+        self.c, self.a = c, c.a
+        self.mask = sum(1 << b for b in set(held) if 0 <= b < BUCKETS)
+
+    @property
+    def everything(self) -> bool:
+        return self.mask == (1 << BUCKETS) - 1
+
+    def xor_word(self, size: int, off: int) -> None:
+        """M_HASH ^= the field at L3 + off (X: the L3 offset, kept)."""
+        a = self.a
+        a.op(LD | size | IND, off)
+        a.op(LDX | W | MEM, M_HASH)
+        a.op(ALU | XOR | X)
+        a.op(ST, M_HASH)
+        a.op(LDX | W | MEM, M_L3)
+
+    def ports(self, l4_from_l3: Optional[int]) -> None:
+        """M_HASH ^= sport ^ dport; the L4 offset is L3 + `l4_from_l3`, or
+        (None) L3 + the IPv4 header's length."""
+        a = self.a
+        if l4_from_l3 is None:
+            a.op(LD | B | IND, 0)
+            a.op(ALU | AND | K, 0x0F)
+            a.op(ALU | LSH | K, 2)
+        else:
+            a.op(LD | W | IMM, l4_from_l3)
+        a.op(ALU | ADD | X)
+        a.op(MISC | TAX)
+        a.op(LD | H | IND, 0)
+        a.op(ST, M_TMP)
+        a.op(LD | H | IND, 2)
+        a.op(LDX | W | MEM, M_TMP)
+        a.op(ALU | XOR | X)
+        a.op(LDX | W | MEM, M_HASH)
+        a.op(ALU | XOR | X)
+        a.op(ST, M_HASH)
+
+    def hash(self, version: int, done: str) -> None:
+        """M_HASH = the frame's flow hash (X: the L3 offset in, anything out); then `done`."""
+        a = self.a
+        addresses = range(12, 20, 4) if version == 4 else range(8, 40, 4)
+        first, *rest = addresses
+        a.op(LD | W | IND, first)
+        a.op(ST, M_HASH)
+        for off in rest:
+            self.xor_word(W, off)
+        with_ports = a.label("with_ports")
+        if version == 4:
+            a.op(LD | H | IND, 6)
+            a.jump(JSET, 0x3FFF, done, None)  # MF or an offset: a fragment
+            a.op(LD | B | IND, 9)
+        else:
+            a.op(LD | B | IND, 6)
+        for i, proto in enumerate(HASHED_PORTS):
+            a.jump(JEQ, proto, with_ports, done if i == len(HASHED_PORTS) - 1 else None)
+        a.place(with_ports)
+        self.ports(None if version == 4 else 40)
+        a.ja(done)
+
+    def decide(self) -> None:
+        """From M_HASH: accept the frame when its bucket is this member's."""
+        a, c = self.a, self.c
+        a.op(LD | W | MEM, M_HASH)
+        a.op(ALU | RSH | K, 16)
+        a.op(LDX | W | MEM, M_HASH)
+        a.op(ALU | XOR | X)
+        a.op(ALU | MUL | K, GOLDEN)
+        a.op(ALU | RSH | K, BUCKET_SHIFT)
+        self.held(c.bucket_accept, c.reject)
+
+    def held(self, yes: str, no: str) -> None:
+        """A: a bucket (0..63); to `yes` when the member holds it, else `no`."""
+        a = self.a
+        high = a.label("high")
+        a.jump(JGE, 32, high, None)
+        a.op(MISC | TAX)
+        a.op(LD | W | IMM, self.mask & 0xFFFFFFFF)
+        a.op(ALU | RSH | X)
+        a.jump(JSET, 1, yes, no)
+        a.place(high)
+        a.op(ALU | SUB | K, 32)
+        a.op(MISC | TAX)
+        a.op(LD | W | IMM, self.mask >> 32)
+        a.op(ALU | RSH | X)
+        a.jump(JSET, 1, yes, no)
+
+
 def compile_filter(
     match: Match,
     exclude: Sequence[Address] = (),
@@ -296,6 +409,7 @@ def compile_filter(
     directions: Sequence[str] = ("in", "out"),
     link: Link = "ethernet",
     snaplen: int = MAX_SNAPLEN,
+    buckets: Optional[Collection[int]] = None,
 ) -> list[Insn]:
     """The filter program for `match`, dropping traffic to/from `exclude`.
 
@@ -307,6 +421,9 @@ def compile_filter(
     The accept return value is the snap length: the kernel cuts the copy.
     A match on all traffic (family any, nothing else) also passes non-IP
     frames (ARP, LLDP), as a switch's SPAN port would.
+
+    `buckets` (a collector group's member): only the frames whose flow hash
+    falls in one of these buckets (see _Buckets); None: every frame.
     """
     snaplen = max(1, min(snaplen, MAX_SNAPLEN))
     exclude = tuple(dict.fromkeys(exclude))
@@ -315,6 +432,12 @@ def compile_filter(
         raise BpfError(f"directions must be 'in' and/or 'out', not {tuple(directions)}")
     c = _Compiler(snaplen)
     a = c.a
+    share = _Buckets(c, buckets) if buckets is not None else None
+    if share is not None and share.everything:
+        share = None
+    if share is not None and not share.mask:
+        a.ret(0)  # a member holding no bucket takes nothing
+        return a.assemble()
     if dirs != {"in", "out"}:
         a.op(LD | W | ABS, _anc(SKF_AD_PKTTYPE))
         if dirs == {"in"}:
@@ -346,16 +469,34 @@ def compile_filter(
     else:
         raise BpfError(f"unknown link type {link!r}")
     a.place(dispatch)
+    if share is not None:
+        a.op(STX, M_L3)
     v4, v6 = a.label("ipv4"), a.label("ipv6")
     a.jump(JEQ, ETH_P_IP, v4, None)
     a.jump(JEQ, ETH_P_IPV6, v6, None)
     unconstrained = match == Match()
-    a.ret(snaplen if unconstrained else 0)
-    a.place(v4)
-    c.family(match.for_version(4), 4, exclude)
-    a.place(v6)
-    c.family(match.for_version(6), 6, exclude)
-    a.place(c.accept)
+    if share is not None and unconstrained:
+        a.op(LD | W | IMM, 0)  # non-IP: bucket 0's member
+        share.held(c.bucket_accept, c.reject)
+    else:
+        a.ret(snaplen if unconstrained else 0)
+    accepts = {4: c.accept, 6: c.accept}
+    versions: tuple[tuple[Literal[4, 6], str], ...] = ((4, v4), (6, v6))
+    for version, label in versions:
+        a.place(label)
+        if share is not None:
+            # Each family hashes its own way: a private accept label to start from.
+            accepts[version] = c.accept = a.label(f"hash{version}")
+        c.family(match.for_version(version), version, exclude)
+    if share is not None:
+        decide = a.label("decide")
+        for version in (4, 6):
+            a.place(accepts[version])
+            a.op(LDX | W | MEM, M_L3)
+            share.hash(version, decide)
+        a.place(decide)
+        share.decide()
+    a.place(c.accept if share is None else c.bucket_accept)
     a.ret(snaplen)
     a.place(c.reject)
     a.ret(0)

@@ -131,14 +131,32 @@ class CaptureLoop:
 
     # -- the set of taps -----------------------------------------------------------
     def apply(self, lines: Iterable[TapLine]) -> None:
-        """Make the open taps those of `lines`: close the others, open the new ones."""
+        """Make the open taps those of `lines`: close the others, swap the
+        filters of those whose filter alone changed, open the new ones."""
         wanted = {t.slot: t for t in lines}
         self.sets += 1
-        for index in [i for i in self.taps if i not in wanted]:
+        for index in [i for i in self.taps
+                      if i not in wanted or not wanted[i].same_tap(self.taps[i].line)]:
             self.close_tap(self.taps[index], EXIT_STOPPED, "stopped")
         for index, line in wanted.items():
-            if index not in self.taps:
+            tap = self.taps.get(index)
+            if tap is None:
                 self.open_tap(line)
+            elif line.programs != tap.line.programs:
+                self.refilter(tap, line)
+
+    def refilter(self, tap: Tap, line: TapLine) -> None:
+        """A new filter on the open socket (a group member's share moved): the
+        kernel swaps it atomically, and the ring, its frames and the counters stay."""
+        try:
+            tap.ring.set_filter(line.programs)
+        except OSError as e:
+            self.close_tap(tap, EXIT_ERROR, f"cannot change the filter on {line.interface}: "
+                                            f"{e.strerror} ({_errname(e)})")
+            return
+        tap.line = line
+        self.log(INFO, f"{line.mirror}: {line.interface} -> {line.collector}:{line.port}: "
+                       "filter changed (the flows it takes)")
 
     def _ended(self, line: TapLine, slot: Optional[Slot], code: int, reason: str) -> None:
         if slot is not None:

@@ -44,8 +44,11 @@ TAP_FIELDS_UNUSED: dict[str, str] = {
     "collector.transport": "decided by the plan: a TzspTap exists only for TZSP",
     "collector.vni": "VXLAN's; a TZSP collector has none",
     "collector.session": "ERSPAN's; a TZSP collector has none",
-    "collector.members": "a group's (issue 13); TZSP groups are not supported yet",
-    "collector.balance": "a group's (issue 13); TZSP groups are not supported yet",
+    "collector.members": "a group's: the plan made one tap per live member, and the job "
+                         "sends to the tap's member_address",
+    "collector.balance": "flow is the only balance; the tap's buckets carry it",
+    "member": "the member as the spec wrote it; the job sends to member_address",
+    "member_index": "which capture process serves the tap: the daemon's TapPool decides",
 }
 
 
@@ -70,16 +73,18 @@ class TzspJob:
     # spec (the daemon's plan.exclusions), so that no tap copies another
     # tap's datagrams (or their fragments, or the collectors' ICMP errors).
     exclude: tuple[Address, ...] = ()
+    # A group member's flow buckets (tzsp.bpf): only those flows are captured;
+    # None: every flow.
+    buckets: Optional[tuple[int, ...]] = None
 
     @classmethod
     def from_tap(cls, tap: TzspTap) -> TzspJob:
         """The job of a planned tap: the one place a TzspTap becomes a job."""
         c = tap.collector
-        assert c.address is not None  # TZSP collectors have one (spec)
         return cls(mirror=tap.mirror, interface=tap.interface, ifindex=tap.ifindex,
-                   directions=tuple(tap.directions), match=tap.match, collector=c.address,
-                   port=c.port, snaplen=c.snaplen, ring_bytes=c.ring_mib << 20,
-                   exclude=tap.exclude)
+                   directions=tuple(tap.directions), match=tap.match,
+                   collector=tap.destination, port=c.port, snaplen=c.snaplen,
+                   ring_bytes=c.ring_mib << 20, exclude=tap.exclude, buckets=tap.buckets)
 
     def never_captured(self) -> tuple[Address, ...]:
         """The collector and `exclude`, each once: traffic to or from them is dropped."""
@@ -101,7 +106,7 @@ def tap_line(job: TzspJob, slot: int) -> TapLine:
 
     never = job.never_captured()
     programs = {link: pack(compile_filter(job.match, never, directions=job.directions, link=link,
-                                          snaplen=job.snaplen))
+                                          snaplen=job.snaplen, buckets=job.buckets))
                 for link in ("ethernet", "raw")}
     return TapLine(slot, job.ifindex, tuple(job.directions), str(job.collector), job.port,
                    str(job.source) if job.source else None, job.ring_bytes, job.interface,

@@ -75,6 +75,12 @@ class TapLine:
         self.ring_bytes, self.interface, self.mirror = ring_bytes, interface, mirror
         self.programs = programs  # link type ("ethernet", "raw") -> packed sock_filter[]
 
+    def same_tap(self, other: TapLine) -> bool:
+        """The same socket and destination: the two may differ in their filters
+        only (a group member's share, swapped in place)."""
+        return all(getattr(self, k) == getattr(other, k)
+                   for k in self.__slots__ if k != "programs")
+
     def encode(self) -> str:
         # Names as hex: a line never breaks, whatever a name holds.
         return " ".join((

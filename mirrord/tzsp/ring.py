@@ -210,6 +210,13 @@ class RxRing:
         _bind_ifindex(s, self.ifindex, ETH_P_ALL)
         self.check_error()
 
+    def set_filter(self, programs: dict[str, bytes]) -> None:
+        """Replace the socket's filter: SO_ATTACH_FILTER swaps it under RCU, so
+        every frame meets either the old program or the new one."""
+        if self.link not in programs:
+            raise CaptureError(errno.EPROTONOSUPPORT, f"no filter for a {self.link} link")
+        attach_packed(self.sock, programs[self.link])
+
     def fileno(self) -> int:
         return self.sock.fileno()
 

@@ -159,6 +159,11 @@ class CaptureProcess:
                 break
             time.sleep(0.002)
 
+    def resend(self) -> None:
+        """A tap's line changed in place: the running process gets the new set."""
+        if self.running():
+            self._send_set()
+
     def release(self, index: int) -> None:
         if index not in self.taps and index not in self._free:
             self._free.append(index)
@@ -356,6 +361,16 @@ class TapHandle:
         except BaseException as e:
             self._orphan(f"could not start: {e}")
             raise
+
+    def retarget(self, job: TzspJob) -> None:
+        """The same tap with another filter (a group member's share of the
+        flows): the process swaps it on the open socket, ring and counters kept."""
+        if job == self.job:
+            return
+        self.job = job
+        if self._slot is not None:
+            self.line = tap_line(job, self.slot_index).encode()
+            self.process.resend()
 
     def running(self) -> bool:
         return self._slot is not None and self.poll() is None

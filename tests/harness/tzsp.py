@@ -75,10 +75,20 @@ def _bpf_probe(spec: dict[str, Any]) -> dict[str, Any]:
     filtered = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     filtered.bind((dev, 0))
     link = link_kind(filtered.getsockname()[3])
-    program = compile_filter(match, exclude, directions=tuple(spec.get("directions", ("in", "out"))),
+    directions = tuple(spec.get("directions", ("in", "out")))
+    program = compile_filter(match, exclude, directions=directions,
                              link=link, snaplen=int(spec.get("snaplen", 65535)))
     attach(filtered, program)
     filtered.bind((dev, 3))
+    # A group's members: one more filtered socket per bucket list.
+    shares: list[socket.socket] = []
+    for held in spec.get("partitions", ()):
+        share = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        share.bind((dev, 0))
+        attach(share, compile_filter(match, exclude, directions=directions, link=link,
+                                     buckets=held))
+        share.bind((dev, 3))
+        shares.append(share)
     if dev == "t0":
         import fcntl
 
@@ -112,11 +122,14 @@ def _bpf_probe(spec: dict[str, Any]) -> dict[str, Any]:
             out_sock.send(bytes.fromhex(hexframe))
     seen_control: list[tuple[int, int]] = []
     seen_filtered: list[tuple[int, int]] = []
-    _drain({control: seen_control, filtered: seen_filtered}, 0.3)
+    seen_shares: list[list[tuple[int, int]]] = [[] for _ in shares]
+    _drain({control: seen_control, filtered: seen_filtered,
+            **dict(zip(shares, seen_shares))}, 0.3)
     # markers each socket saw, and the captured length of each filtered one
     return {"control": sorted(m for m, _ in seen_control),
             "filtered": sorted(m for m, _ in seen_filtered),
             "lengths": {str(m): n for m, n in seen_filtered},
+            "partitions": [sorted(m for m, _ in seen) for seen in seen_shares],
             "program_len": len(program)}
 
 

@@ -340,3 +340,50 @@ def test_raw_ip_device(ns: str) -> None:
         ("out-v6-53", "out", IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(dport=53), True),
         ("to-collector", "out", IP(src="192.0.2.10", dst=COLLECTOR) / UDP(dport=53), False),
     ], dev="t0", exclude=(COLLECTOR,))
+
+
+@needs_root
+@pytest.mark.integration
+def test_group_members_split_flows_in_the_kernel(ns: str) -> None:
+    """Issue 13: three members' filters on one interface. Every frame, either
+    way, at exactly one member; a flow's two directions, and a datagram's
+    fragments, at the same one; ARP at bucket 0's member."""
+    from scapy.all import ARP, TCP, UDP, Ether, Raw, raw
+
+    from mirrord.plan.groups import assign
+
+    members = ("192.0.2.50", "192.0.2.51", "192.0.2.52")
+    held = assign(members, set(members))
+    frames: list[tuple[str, str, Any]] = []  # flow, way, packet
+    for i in range(64):
+        a, b = f"192.0.2.{10 + i}", f"198.51.100.{100 + i % 7}"
+        frames += [(f"udp{i}", "in", v4(a, b) / UDP(sport=40000 + i, dport=53)),
+                   (f"udp{i}", "out", v4(b, a) / UDP(sport=53, dport=40000 + i))]
+    for i in range(16):
+        a, b = f"2001:db8:1::{i + 1:x}", "2001:db8:2::443"
+        frames += [(f"tcp{i}", "out", v6(a, b) / TCP(sport=50000 + i, dport=443)),
+                   (f"tcp{i}", "in", v6(b, a) / TCP(sport=443, dport=50000 + i, flags="SA"))]
+    frames += [("frag", "in", v4(flags="MF") / UDP(sport=7, dport=9)),
+               ("frag", "in", v4(proto=17, frag=185) / Raw(b"x" * 8)),
+               ("frag", "out", v4("198.51.100.10", "192.0.2.10", proto=17, frag=370)
+                / Raw(b"y" * 8))]
+    frames.append(("arp", "in", Ether(src=A, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc="192.0.2.1")))
+    spec: dict[str, Any] = {"match": match_to_dict(Match()), "exclude": [COLLECTOR],
+                            "directions": ["in", "out"], "dev": "vb", "snaplen": 65535,
+                            "in": [], "out": [], "partitions": [list(held[m]) for m in members]}
+    for i, (_flow, way, pkt) in enumerate(frames):
+        spec[way].append(raw(pkt / Raw(marker(i) + b"." * 40)).hex())
+    result = bpf_probe(ns, spec)
+    assert result["control"] == list(range(len(frames)))  # every frame reached the interface
+    at: dict[int, list[int]] = {}
+    for k, seen in enumerate(result["partitions"]):
+        for m in seen:
+            at.setdefault(m, []).append(k)
+    assert {m: len(ks) for m, ks in at.items()} == {i: 1 for i in range(len(frames))}
+    by_flow: dict[str, set[int]] = {}
+    for i, (flow, _way, _pkt) in enumerate(frames):
+        by_flow.setdefault(flow, set()).update(at[i])
+    assert all(len(ks) == 1 for ks in by_flow.values()), by_flow
+    assert by_flow["arp"] == {next(k for k, m in enumerate(members) if 0 in held[m])}
+    # 80 flows over 64 buckets: every member has some.
+    assert {k for ks in by_flow.values() for k in ks} == {0, 1, 2}

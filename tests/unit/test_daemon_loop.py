@@ -77,7 +77,7 @@ def test_taps_orphaned_without_an_event_are_noticed_on_the_next_turn() -> None:
     d, r, handles = _started_daemon()
     d.reconciler = r
     handles[0].ended = "capture process exited with status 1"
-    d.taps._capture = _DeadCapture([handles[0]])
+    d.taps._captures[0] = _DeadCapture([handles[0]])
     d._due(time.monotonic())
     assert "worker exited: capture process exited with status 1" in d.pending.reasons
     assert d.taps.next_restart() is not None  # and it will be restarted after its delay

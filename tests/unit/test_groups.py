@@ -243,3 +243,83 @@ def test_reconciler_applies_a_member_failure_once_logs_it_and_probes_the_dead(
     out = r.reconcile(["neighbour: 192.0.2.51 REACHABLE"], refresh_topology=True)
     assert len(k.applied) == 3 and out.look_again_in is None
     assert k.applied[2] == k.applied[0]  # the buckets are back where they were
+
+
+# -- TZSP groups: a tap per interface and live member, its share swapped in place ------------
+TZSP_SPEC = SPEC.replace("transport: clone", "transport: tzsp")
+
+
+def test_tzsp_group_taps_share_the_buckets_and_swap_filters_in_place(
+        monkeypatch: Any) -> None:
+    from mirrord.reconcile.ledger import CounterLedger
+    from mirrord.reconcile.reconciler import Reconciler
+    from mirrord.reconcile.taps import TapPool
+    from mirrord.tzsp.job import TzspJob
+    from tests.unit.test_reconciler import FakeHandle, FakeKernel
+
+    monkeypatch.setattr("mirrord.netlink.probe.probe", lambda addrs: None)
+    state = {"51": "REACHABLE"}
+
+    def topology(sp: spec.Spec) -> Topology:
+        return topo(**{"192_0_2_51": state["51"]})
+
+    handles: list[FakeHandle] = []
+
+    def make(tap: Any) -> FakeHandle:
+        handles.append(FakeHandle(tap))
+        return handles[-1]
+
+    ledger = CounterLedger()
+    pool = TapPool(ledger, watch=lambda fd, on: None, make_handle=make)
+    k = FakeKernel()
+    r = Reconciler(spec.parse(TZSP_SPEC, "t.yaml"), topology, lambda _name: (k, ""), pool,
+                   ledger, make_tunnels=k.make_tunnels)
+    out = r.reconcile(["start"], refresh_topology=True, force=True)
+    p = out.snapshot.plan
+    assert p is not None and p.clones == () and not k.applied
+    # lan (wan, both ways) and dmz (in): one tap per interface and member.
+    assert sorted((t.interface, str(t.destination)) for t in p.tzsp) == sorted(
+        (i, m) for i in ("wan", "dmz") for m in MEMBERS)
+    held = assign(MEMBERS, MEMBERS)
+    for t in p.tzsp:
+        assert t.member == str(t.destination) and t.buckets == held[t.member]
+        assert TzspJob.from_tap(t).buckets == held[t.member]
+    assert len(handles) == 6 and all(mp.state == "active" for mp in p.mirrors)
+    for h in handles:
+        h.sent, h.nbytes = 10, 1000
+    # Member .51 dies: its taps stop, the others' filters take its buckets; no new tap.
+    state["51"] = "FAILED"
+    out = r.reconcile(["neighbour: 192.0.2.51 FAILED"], refresh_topology=True)
+    gone = [h for h in handles if h.tap.member == "192.0.2.51"]
+    assert len(handles) == 6 and all(h.stopped for h in gone)
+    after = assign(MEMBERS, {"192.0.2.50", "192.0.2.52"})
+    for h in handles:
+        if h.tap.member != "192.0.2.51":
+            assert not h.stopped and [j.buckets for j in h.retargets] == [after[h.tap.member]]
+    assert {mp.state for mp in out.snapshot.plan.mirrors} == {"degraded"}  # type: ignore[union-attr]
+    # Counts per member (both its taps): the dead member's banked when they stopped.
+    doc = build_status(out.snapshot, r.read(), RateMeter())
+    rows = {mb["name"]: mb for mb in doc["mirrors"][0]["members"]}  # type: ignore[typeddict-item]
+    assert rows["192.0.2.51"]["state"] == "dead" and rows["192.0.2.50"]["packets"] == 20
+    assert rows["192.0.2.51"]["packets"] == 20  # banked when its taps stopped
+    # It comes back: new taps for it, the others get their old share back.
+    state["51"] = "REACHABLE"
+    r.reconcile(["neighbour: 192.0.2.51 REACHABLE"], refresh_topology=True)
+    assert len(handles) == 8
+    assert {h.tap.buckets for h in handles[6:]} == {held["192.0.2.51"]}
+    for h in handles[:6]:
+        if h.tap.member != "192.0.2.51":
+            assert h.retargets[-1].buckets == held[h.tap.member]
+
+
+def test_tzsp_group_members_run_in_one_capture_process_per_cpu() -> None:
+    from mirrord.reconcile.ledger import CounterLedger
+    from mirrord.reconcile.taps import TapPool
+
+    pool = TapPool(CounterLedger(), watch=lambda fd, on: None)
+    pool.lanes = 2
+    p = plan.build(spec.parse(TZSP_SPEC, "t.yaml"), topo(), None)
+    assert sorted({pool.lane(t) for t in p.tzsp}) == [0, 1]
+    assert {pool.lane(t) for t in p.tzsp if t.member_index == 2} == {0}
+    pool.lanes = 1
+    assert {pool.lane(t) for t in p.tzsp} == {0}

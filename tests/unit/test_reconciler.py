@@ -186,12 +186,16 @@ class FakeHandle:
         self.stopped = False
         self.ended: Optional[str] = None
         self.tap_state = "running"  # what the capture process put in the tap's slot
+        self.retargets: list[Any] = []  # the jobs of filter swaps (a group member's share)
 
     def start(self) -> None:
         pass
 
     def stop(self) -> None:
         self.stopped = True
+
+    def retarget(self, job: Any) -> None:
+        self.retargets.append(job)
 
     def poll(self) -> Optional[str]:
         return self.ended
