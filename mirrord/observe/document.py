@@ -85,6 +85,8 @@ class TzspRow(_TzspCounters):
     # Seconds until an exited tap is started again (as of this status); None
     # while it runs.
     restart_in: Optional[float]
+    # A group collector's member this tap sends its share of the flows to.
+    member: Optional[str]
 
 
 class DeliveryRow(TypedDict):

@@ -100,7 +100,7 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter,
             # pid: the capture process every tap shares; state: this tap's own.
             row: TzspRow = {"interface": t.interface, "id": t.id, "pid": t.pid, "state": t.state,
                             "running": t.running, "exit_reason": t.exit_reason,
-                            "restart_in": t.restart_in}
+                            "restart_in": t.restart_in, "member": t.member}
             for k in TZSP_COUNTERS:
                 if k in t.counters:
                     row[k] = t.counters[k]
@@ -233,7 +233,8 @@ def tzsp_state(state: MirrorState, reason: str, workers: list[TzspRow],
     starting = [w for w in workers if w["state"] in ("starting", "not started")]
     why = ([f"TZSP capture on {w['interface']} stopped ({w['exit_reason'] or 'ended'}), "
             f"{_restart(w)}" for w in exited]
-           + [f"every TZSP datagram from {w['interface']} to {collector} failed to send "
+           + [f"every TZSP datagram from {w['interface']} to {w.get('member') or collector} "
+              "failed to send "
               f"({w.get('send_errors')} so far)" for w in failing]
            + [f"TZSP capture on {w['interface']} starting (not capturing yet)"
               for w in starting])
@@ -345,7 +346,8 @@ def format_table(status: StatusDocument) -> str:
             state = w.get("state")
             shown = f" ({state}: {w.get('exit_reason')})" if state == "exited" else (
                 f" ({state})" if state not in (None, "running") else "")
-            extra.append(f"tzsp {w['interface']}{shown}: " + ", ".join(
+            to = f" -> {w['member']}" if w.get("member") else ""
+            extra.append(f"tzsp {w['interface']}{to}{shown}: " + ", ".join(
                 f"{k.replace('_', ' ')} {w[k]}" for k in
                 ("captured", "sent", "ring_drops", "send_errors", "truncated") if k in w))
         if extra:
@@ -407,8 +409,10 @@ def format_prometheus(status: Optional[StatusDocument]) -> str:
         for w in m.get("tzsp", []):
             for cause in ("ring_drops", "send_errors", "truncated"):
                 if cause in w:
+                    member = (f',member="{_label(w["member"])}"' if w.get("member")
+                              else "")
                     metrics["mirrord_tzsp_errors_total"][2].append(
-                        f'{{mirror="{name}",interface="{_label(w["interface"])}",'
+                        f'{{mirror="{name}",interface="{_label(w["interface"])}"{member},'
                         f'cause="{cause}"}} {w[cause]}')
     seen: set[str] = set()
     for m in status.get("mirrors", []):

@@ -67,6 +67,7 @@ class TapReading:
     exit_reason: Optional[str]
     counters: Mapping[str, int]
     restart_in: Optional[float] = None  # seconds until an exited tap starts again
+    member: Optional[str] = None  # a group's member the tap sends to
 
     @property
     def running(self) -> bool:

@@ -137,7 +137,7 @@ class TapPool:
                 state=state, exit_reason=reason,
                 counters={k: getattr(c, k) for k in COUNTER_FIELDS if hasattr(c, k)},
                 restart_in=round(max(0.0, t.restart_at - now), 3) if t.exited is not None
-                else None))
+                else None, member=t.tap.member))
         return self.ledger.tzsp_totals(live), tuple(rows)
 
     # -- the taps -------------------------------------------------------------

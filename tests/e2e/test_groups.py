@@ -18,7 +18,7 @@ import struct
 import sys
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -130,13 +130,23 @@ mirrors:
 """
 
 
-def add_members(lab: Lab, vxlan: bool = False) -> None:
+# Copies inside UDP datagrams: (port, where the copied frame starts in a captured one).
+VXLAN = (4789, 14 + 20 + 8 + 8)
+TZSP = (37008, 14 + 20 + 8 + 5)
+
+
+def add_members(lab: Lab, encap: Optional[tuple[int, int]] = None) -> None:
     """The members in the collector namespace, each counted there in the kernel:
-    clones by their destination MAC, VXLAN datagrams by their destination."""
+    clones by their destination MAC, VXLAN and TZSP datagrams by their destination."""
     lab.col.run("sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1")
-    lab.count_at_collector({f"m{k}": (f"ip daddr {a} udp dport 4789" if vxlan else
+    lab.count_at_collector({f"m{k}": (f"ip daddr {a} udp dport {encap[0]}" if encap else
                                       f"ether daddr {MACS[a]} meta protocol ip")
                             for k, a in enumerate(MEMBERS)})
+    if encap == TZSP:
+        # No listener: without this, each member's port unreachable would fail
+        # the capture process's next send to it (ECONNREFUSED), a lost copy.
+        lab.col.run("nft", "-f", "-", input="table inet sink {\n chain in {\n  type filter "
+                    "hook input priority 0; policy accept;\n  udp dport 37008 drop\n }\n}\n")
     for k, a in enumerate(MEMBERS):
         dev = f"m{k}"
         lab.col.sh(f"ip link add {dev} link eth0 address {MACS[a]} type macvlan mode bridge && "
@@ -161,13 +171,14 @@ def mirror_packets(lab: Lab) -> tuple[int, dict[str, int]]:
 Run = tuple[dict[Flow, dict[str, dict[str, int]]], dict[str, int], int, dict[str, int]]
 
 
-def run_flows(lab: Lab, vxlan: bool = False, ports: tuple[str, ...] = ()) -> Run:
+def run_flows(lab: Lab, encap: Optional[tuple[int, int]] = None,
+              ports: tuple[str, ...] = ()) -> Run:
     """Every flow's copies: flow -> member -> {"up": n, "down": n} (captured);
     the copies that reached each member (counted in the collector's kernel);
     the mirror's own count of what it copied, and each member counter's."""
     pcap = f"/tmp/{lab.tag}-groups.pcap"
     macs = " or ".join(f"ether dst {m}" for m in MACS.values())
-    bpf = "udp dst port 4789" if vxlan else f"ip and ({macs})"
+    bpf = f"udp dst port {encap[0]}" if encap else f"ip and ({macs})"
     # A stray frame (ARP, a neighbour probe) crossing the mirrored port while
     # the counts are taken would be on one side only: take them again until
     # the mirror copied nothing in between.
@@ -212,9 +223,9 @@ def run_flows(lab: Lab, vxlan: bool = False, ports: tuple[str, ...] = ()) -> Run
         total += 1
         if ports:  # the member is the port the frame came out of
             member = dev
-        elif vxlan:  # the member is the outer destination; the flow is the inner frame's
+        elif encap:  # the member is the outer destination; the flow is the inner frame's
             member = ".".join(map(str, frame[30:34]))
-            frame = frame[50:]
+            frame = frame[encap[1]:]
         else:
             member = by_mac[":".join(f"{b:02x}" for b in frame[:6])]
         if frame[12:14] != b"\x08\x00" or frame[23] not in (6, 17):
@@ -360,7 +371,7 @@ def test_vxlan_group_one_tunnel_per_member_each_flow_at_one_member() -> None:
     """A vxlan group of 3: a tunnel device per member (VNI 100 + k), every flow's
     frames, both directions, inside the datagrams to exactly one member."""
     with Lab(ipv6=False) as lab:
-        add_members(lab, vxlan=True)
+        add_members(lab, VXLAN)
         text = spec(MEMBERS).replace("transport: clone", "transport: vxlan\n    vni: 100")
         lab.start_daemon(lab.write_spec(text))
         st = lab.wait_for_status(lambda s: s and s["mirrors"][0]["state"] == "active"
@@ -368,7 +379,7 @@ def test_vxlan_group_one_tunnel_per_member_each_flow_at_one_member() -> None:
         links = lab.rtr.run("ip", "-d", "link", "show", "type", "vxlan").stdout
         for k, a in enumerate(MEMBERS):
             assert f"mvx-sensors~{k}:" in links and f"vxlan id {100 + k} remote {a} " in links
-        flows, arrived, copied, counted = run_flows(lab, vxlan=True)
+        flows, arrived, copied, counted = run_flows(lab, VXLAN)
         assert len(flows) == UDP_FLOWS + TCP_FLOWS
         placed = owner(flows)
         assert set(placed.values()) == set(MEMBERS)
@@ -424,3 +435,50 @@ mirrors:
         moved = {f for f in first if first[f] != second[f]}
         assert moved == {f for f in first if first[f] == "sp1"} and moved
         assert arrived["sp1"] == 0 and sum(arrived.values()) == copied, (arrived, copied)
+
+
+def test_tzsp_group_flows_split_in_the_socket_filters_and_failover_keeps_the_taps() -> None:
+    """A tzsp group of 3: one tap per member, each sending only its buckets'
+    flows (its socket filter), the members spread over one capture process
+    per CPU. Member .51 dies: its taps close, the others keep their taps (same
+    id, same ring: their filters are swapped) and take exactly its flows."""
+    with Lab(ipv6=False) as lab:
+        add_members(lab, TZSP)
+        lab.start_daemon(lab.write_spec(spec(MEMBERS).replace("transport: clone",
+                                                              "transport: tzsp")))
+        st = lab.wait_for_status(lambda s: s and s["mirrors"][0]["state"] == "active"
+                                 and len(members_of(s)) == 3)
+        taps = {w["member"]: w for w in st["mirrors"][0]["tzsp"]}
+        assert sorted(taps) == sorted(MEMBERS)
+        cpus = len(os.sched_getaffinity(0))
+        assert len({w["pid"] for w in taps.values()}) == min(3, cpus)
+        flows, arrived, copied, counted = run_flows(lab, TZSP)
+        assert len(flows) == UDP_FLOWS + TCP_FLOWS
+        first = owner(flows)
+        assert set(first.values()) == set(MEMBERS)
+        assert sum(arrived.values()) == copied and counted == arrived, (arrived, copied, counted)
+
+        dead = MEMBERS[1]
+        lab.col.run("ip", "addr", "del", f"{dead}/24", "dev", "m1")
+        lab.rtr.run("ip", "neigh", "del", dead, "dev", "col")
+        lab.rtr.run("ping", "-c1", "-W1", dead, check=False)
+        st = lab.wait_for_status(lambda s: s and members_of(s)[dead]["state"] == "dead",
+                                 timeout=15)
+        assert st["mirrors"][0]["state"] == "degraded"
+        kept = {w["member"]: w["id"] for w in st["mirrors"][0]["tzsp"]}
+        assert kept == {a: taps[a]["id"] for a in MEMBERS if a != dead}, "a live member's tap was replaced"
+        for a in MEMBERS:
+            lab.rtr.run("ping", "-c1", "-W2", a, check=False)
+        flows, arrived, copied, counted = run_flows(lab, TZSP)
+        second = owner(flows)
+        assert sum(arrived.values()) == copied and arrived[dead] == 0, (arrived, copied)
+        moved = {f for f in first if first[f] != second[f]}
+        assert moved and moved == {f for f in first if first[f] == dead}
+        assert "filter changed" in lab.daemon_log()
+
+        lab.col.run("ip", "addr", "add", f"{dead}/24", "dev", "m1")
+        st = lab.wait_for_status(lambda s: s and members_of(s)[dead]["state"] == "alive"
+                                 and s["mirrors"][0]["state"] == "active", timeout=15)
+        flows, arrived, copied, counted = run_flows(lab, TZSP)
+        assert owner(flows) == first
+        assert sum(arrived.values()) == copied and counted == arrived, (arrived, copied, counted)
