@@ -18,6 +18,11 @@ Cases:
              anonymous counter next to each named counter (what it costs)
   nodelivery1, nodelivery50  mirrord1 and mirrord50 without chain `delivered`
              (what counting copies where they leave costs)
+  group1, group2, group4  mirrord1's mirror to a collector group of 1, 2 and 4
+             members (addresses of the collector host, so every copy is counted
+             wherever its bucket sends it): symhash, the bucket map, the member's
+             chain and counter (issue 13). Their cost per copy is printed against
+             mirrord1's when `none` and `mirrord1` run too.
 
 One flood runs for the whole measurement while the router's ruleset is
 switched under it: each cycle measures every case between two `hand` slots
@@ -41,6 +46,7 @@ Run as root from the repository root:
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import shutil
 import statistics
@@ -85,6 +91,12 @@ SPECS: dict[str, Optional[str]] = {
     "shared50": mirror_spec([(f"m{i}", "br-lan", 10000 + i) for i in range(1, EXTRA + 1)]
                             + [("m0", "br-lan", PORT)]),
 }
+# Collector groups (issue 13): the same mirror, copies balanced over N members.
+GROUPS = {"group1": 1, "group2": 2, "group4": 4}
+GROUP_MEMBERS = [str(ipaddress.ip_address(COLLECTOR) + k) for k in range(max(GROUPS.values()))]
+SPECS.update({case: mirror_spec([("m0", "br-lan", None)], collector=(
+    f"transport: clone\nmembers: [{', '.join(GROUP_MEMBERS[:n])}]\nbalance: flow"))
+    for case, n in GROUPS.items()})
 # The same rules without the anonymous counter beside each named one (before issue 14).
 OLD = {"old1": "mirrord1", "old50": "mirrord50"}
 SPECS.update({old: SPECS[new] for old, new in OLD.items()})
@@ -129,6 +141,10 @@ def setup(lab: Lab, cfg_path: str) -> None:
     batch = "".join(f"link add x{i} type veth peer name x{i}p\nlink set x{i} up\n"
                     f"link set x{i}p up\n" for i in range(1, EXTRA + 1))
     lab.rtr.run("ip", "-batch", "-", input=batch)
+    for a in GROUP_MEMBERS[1:]:
+        lab.col.run("ip", "addr", "add", f"{a}/24", "dev", "eth0")
+    for a in GROUP_MEMBERS:
+        lab.rtr.run("ping", "-c1", "-W2", a)
     Path(cfg_path).write_text(
         f"{{ eth(da={mac(lab.rtr, 'br-lan')}, sa={mac(lab.lan, 'eth0')}), "
         f"ipv4(sa={LAN_HOST}, da={WAN_HOST}, ttl=64), udp(sp=40000, dp={PORT}), "
@@ -228,6 +244,16 @@ def main() -> int:
             ok = min(verdict[case]) >= 0.95
             print(f"target {case}: forwarding and copies >= 0.95 x hand: "
                   + ("met" if ok else "MISSED"))
+    groups = [c for c in GROUPS if c in verdict]
+    if groups and {"none", "mirrord1"} <= set(verdict):
+        # Per copy: what a forwarded packet costs more than with no mirror (every
+        # packet is copied), in units of the `hand` slot's packet time.
+        base = 1 / verdict["none"][0]
+        one = 1 / verdict["mirrord1"][0] - base
+        for case in groups:
+            cost = 1 / verdict[case][0] - base
+            print(f"{case}: cost per copy {cost / one:.3f} x mirrord1's "
+                  f"(target <= 1.10: {'met' if cost <= 1.10 * one else 'MISSED'})")
     return 0
 
 

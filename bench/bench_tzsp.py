@@ -24,6 +24,12 @@ delivered at >= 99.99 %; the ratio compares both in the same run.
 
 With --two-taps: two mirrored links (m0, m1) both busy, their taps in one
 capture process or in one process each (the choice docs/DESIGN.md records).
+
+With --group: a collector group (issue 13) of 1 member against 2 members
+(one capture process each, as the daemon runs them on 2 CPUs; neither
+pinned), m0 offered 256 UDP flows (source ports 3840-4095); each member's
+socket filter takes its buckets' flows only (plan.groups.assign), and sends
+to its own address on the collector.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ if str(ROOT) not in sys.path:
 from tests.harness.lab import Netns, python_env  # noqa: E402 - after the path set-up above
 
 COLLECTOR = "203.0.113.2"
+COLLECTOR2 = "203.0.113.3"  # a group's second member, on the same collector host
 ROUTER = "203.0.113.1"
 PORT = 37008
 LOSSLESS = 99.99
@@ -155,26 +162,29 @@ class Bench:
                      f" ip link set c0 up; ip addr add {ROUTER}/24 dev c0; "
                      f"ip link set tzbm1 name m1; ip link set m1 up")
         sh(self.col, f"ip link set tzbe0 name eth0; ip link set eth0 up;"
-                     f" ip addr add {COLLECTOR}/24 dev eth0")
+                     f" ip addr add {COLLECTOR}/24 dev eth0; ip addr add {COLLECTOR2}/24 dev eth0")
         # Copies are counted by the device and dropped at once, so the
         # collector's own stack costs nothing and sends no ICMP back.
         sh(self.col, "nft add table netdev sink; nft add chain netdev sink in "
                      "'{ type filter hook ingress device eth0 priority 0; }'; "
                      f"nft add rule netdev sink in udp dport {PORT} drop")
-        sh(self.rtr, f"ping -c1 -W2 {COLLECTOR} >/dev/null")
+        sh(self.rtr, f"ping -c1 -W2 {COLLECTOR} >/dev/null; ping -c1 -W2 {COLLECTOR2} >/dev/null")
 
     def __exit__(self, *exc: object) -> None:
         for ns in (self.gen, self.rtr, self.col):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def start_worker(self, interfaces: tuple[str, ...] = ("m0",),
-                     cpus: str = "1") -> subprocess.Popen[str]:
+    def start_worker(self, interfaces: tuple[str, ...] = ("m0",), cpus: str = "1",
+                     collector: str = COLLECTOR, buckets: Optional[str] = None
+                     ) -> subprocess.Popen[str]:
         argv = ["ip", "netns", "exec", self.rtr, "taskset", "-c", cpus, sys.executable, "-m",
                 "mirrord.tzsp.worker", "--direction", "in",
-                "--collector", COLLECTOR, "--port", str(PORT), "--log-level", "WARNING"]
+                "--collector", collector, "--port", str(PORT), "--log-level", "WARNING"]
         for name in interfaces:
             argv += ["--interface", name]
+        if buckets is not None:
+            argv += ["--buckets", buckets]
         if self.ring_mib:
             argv += ["--ring-mib", str(self.ring_mib)]
         p = subprocess.Popen(argv, env=self.env, cwd=str(ROOT), text=True,
@@ -195,12 +205,15 @@ class Bench:
         return p
 
     def trafgen(self, size: int, rate: Optional[int], dev: str = "g0",
-                also: tuple[str, ...] = ()) -> float:
-        """trafgen on `dev` (and, at the same time and rate, on each of `also`)."""
-        cfg = Path(self.tmp, f"frame{size}.cfg")
+                also: tuple[str, ...] = (), flows: bool = False) -> float:
+        """trafgen on `dev` (and, at the same time and rate, on each of `also`);
+        `flows`: 256 flows, the source port's low byte counting up per frame."""
+        cfg = Path(self.tmp, f"frame{size}{'-flows' if flows else ''}.cfg")
         if not cfg.exists():
-            data = frame_bytes(size)
-            cfg.write_text("{ " + ", ".join(f"0x{b:02x}" for b in data) + " }\n")
+            data = [f"0x{b:02x}" for b in frame_bytes(size)]
+            if flows:
+                data[14 + 20 + 1] = "dinc(0, 255, 1)"
+            cfg.write_text("{ " + ", ".join(data) + " }\n")
         others = []
         for other in also:
             argv = ["ip", "netns", "exec", self.gen, "taskset", "-c", "0", "trafgen", "-o", other,
@@ -288,6 +301,36 @@ class Bench:
         return Result(mode, size, f"{rate // 1000}k" if rate else "max", offered, copies,
                       seconds, cpu)
 
+    def group(self, members: int, size: int, rate: Optional[int]) -> Result:
+        """A group of `members` (1 or 2): a capture process per member, each
+        with its buckets' filter, sending to its own collector address."""
+        from mirrord.plan.groups import assign, bucket_ranges
+
+        names = [COLLECTOR, COLLECTOR2][:members]
+        held = assign(names, set(names))
+        procs = [self.start_worker(("m0",), cpus="0,1", collector=a, buckets=",".join(
+            f"{lo}-{hi}" for lo, hi in bucket_ranges(held[a]))) for a in names]
+        try:
+            time.sleep(0.3)
+            rx0, col0 = counter(self.rtr, "m0"), counter(self.col, "eth0")
+            cpu0 = sum(cpu_ticks(p.pid) for p in procs)
+            seconds = self.trafgen(size, rate, flows=True)
+            time.sleep(0.5)
+            cpu1 = sum(cpu_ticks(p.pid) for p in procs)
+            offered = counter(self.rtr, "m0") - rx0
+            copies = counter(self.col, "eth0") - col0
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.communicate()
+        cpu = 100.0 * (cpu1 - cpu0) / os.sysconf("SC_CLK_TCK") / seconds
+        return Result(f"{members} member{'s' if members > 1 else ''}", size,
+                      f"{rate // 1000}k" if rate else "max", offered, copies, seconds, cpu)
+
     def run(self, impl: str, sizes: list[int], rates: list[Optional[int]]) -> list[Result]:
         proc = self.start_worker() if impl == "mirrord" else self.start_naive()
         out = []
@@ -365,6 +408,8 @@ def main() -> int:
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--two-taps", action="store_true",
                    help="instead: two busy taps, in one process vs one process each")
+    p.add_argument("--group", action="store_true",
+                   help="instead: a collector group of 1 member vs 2 (a process each)")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -379,6 +424,8 @@ def main() -> int:
           f"{args.seconds:g} s per case; trafgen on CPU 0, mirroring process on CPU 1")
     if args.two_taps:
         return two_taps_main(args.seconds, args.ring_mib, sizes, rates)
+    if args.group:
+        return group_main(args.seconds, args.ring_mib, sizes, rates)
     with Bench(args.seconds, args.ring_mib) as b:
         print(send_floor(b), flush=True)
         print_header()
@@ -421,6 +468,34 @@ def two_taps_main(seconds: float, ring_mib: int, sizes: list[int],
             print(f"{size}-byte frames, {mode}: lossless up to "
                   f"{lossless(results, size, mode):,.0f} pps offered (both links), "
                   f"most copies/s {best:,.0f}")
+    return 0
+
+
+def group_main(seconds: float, ring_mib: int, sizes: list[int],
+               rates: list[Optional[int]]) -> int:
+    """Does a second member (a second capture process) carry more? Side by
+    side, rate by rate: 1 member, then 2."""
+    print(f"# group: m0 offered 256 flows; 1 member (one capture process) against 2 "
+          f"(one each); trafgen on CPU 0, captures on either CPU; {seconds:g} s per case")
+    print_header()
+    results = []
+    with Bench(seconds, ring_mib) as b:
+        for size in sizes:
+            for rate in rates:
+                for n in (1, 2):
+                    r = b.group(n, size, rate)
+                    print_row(r)
+                    results.append(r)
+    print()
+    for size in sizes:
+        one, two = (lossless(results, size, m) for m in ("1 member", "2 members"))
+        best = {m: max((r.copies / r.seconds for r in results
+                        if r.size == size and r.impl == m), default=0.0)
+                for m in ("1 member", "2 members")}
+        ratio = f"{two / one:.2f}x" if one else "-"
+        print(f"{size}-byte frames: lossless up to {one:,.0f} pps with 1 member, {two:,.0f} "
+              f"with 2 ({ratio}; target >= 1.5x); most copies/s {best['1 member']:,.0f} vs "
+              f"{best['2 members']:,.0f}")
     return 0
 
 

@@ -409,8 +409,8 @@ def format_prometheus(status: Optional[StatusDocument]) -> str:
         for w in m.get("tzsp", []):
             for cause in ("ring_drops", "send_errors", "truncated"):
                 if cause in w:
-                    member = (f',member="{_label(w["member"])}"' if w.get("member")
-                              else "")
+                    who = w.get("member")
+                    member = f',member="{_label(who)}"' if who else ""
                     metrics["mirrord_tzsp_errors_total"][2].append(
                         f'{{mirror="{name}",interface="{_label(w["interface"])}"{member},'
                         f'cause="{cause}"}} {w[cause]}')

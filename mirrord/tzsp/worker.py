@@ -63,6 +63,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--snaplen", type=int, default=65535)
     p.add_argument("--match", default="{}", help="match as JSON (see match_to_dict)")
     p.add_argument("--ring-mib", type=int, default=0, help="ring size per tap (default 512 KiB)")
+    p.add_argument("--buckets", default=None, type=bucket_list,
+                   help="only the flows of these buckets (0-63), e.g. 0-15,40: a collector "
+                        "group member's share (default: every flow)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--stats", action="store_true", help="print the final counters as JSON")
     args = p.parse_args(argv)
@@ -75,7 +78,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         jobs = [TzspJob(mirror=name, interface=name, ifindex=socket.if_nametoindex(name),
                         directions=directions, match=match_from_dict(json.loads(args.match)),
                         collector=ipaddress.ip_address(args.collector), port=args.port,
-                        snaplen=args.snaplen, ring_bytes=args.ring_mib << 20)
+                        snaplen=args.snaplen, ring_bytes=args.ring_mib << 20,
+                        buckets=args.buckets)
                 for name in args.interface]
     except (ValueError, OSError) as e:
         print(f"mirrord.tzsp.worker: {e}", file=sys.stderr)
@@ -90,6 +94,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps({"interface": j.interface, "reason": s.reason(),
                               "code": s.meta()[2], **asdict(s.read())}), flush=True)
     return rc
+
+
+def bucket_list(text: str) -> tuple[int, ...]:
+    """"0-15,40" -> (0, ..., 15, 40); argparse reports a ValueError as a usage error."""
+    from .bpf import BUCKETS
+
+    out: set[int] = set()
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        first, last = int(low), int(high or low)
+        if not 0 <= first <= last < BUCKETS:
+            raise ValueError(f"bucket range {part} is not within 0-{BUCKETS - 1}")
+        out.update(range(first, last + 1))
+    return tuple(sorted(out))
 
 
 if __name__ == "__main__":
