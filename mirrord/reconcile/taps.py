@@ -17,6 +17,7 @@ once it is stopped, never before: frames still being sent would be lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -65,15 +66,28 @@ class TapPool:
     def sync(self, p: Plan, now: float) -> None:
         """Run exactly the plan's taps; restart those whose delay has passed."""
         wanted = set(p.tzsp)
-        for tap, t in list(self._taps.items()):
-            if tap not in wanted or (t.exited and now >= t.restart_at):
-                self._stop(tap)
+        stopping = [tap for tap, t in self._taps.items()
+                    if tap not in wanted or (t.exited and now >= t.restart_at)]
+        # One set per capture process: taps leaving, taps added and filters
+        # swapped together, so that a group member's flows move in one step
+        # (the wait for the closed taps' final counters comes after, then the
+        # restarts of ended taps, whose slots those free).
+        with contextlib.ExitStack() as batch:
+            for capture in self._captures.values():
+                batch.enter_context(capture.batch())
+            for tap in stopping:
+                self._taps[tap].handle.detach()
+            for tap in p.tzsp:
+                running = self._taps.get(tap)
+                if running is None:
+                    self._start(tap)
+                elif tap not in stopping and running.tap.buckets != tap.buckets:
+                    self._retarget(running, tap)
+        for tap in stopping:
+            self._stop(tap)
         for tap in p.tzsp:
-            running = self._taps.get(tap)
-            if running is None:
+            if tap not in self._taps:
                 self._start(tap)
-            elif running.tap.buckets != tap.buckets:
-                self._retarget(running, tap)
         self._stop_capture_if_idle()
 
     def stop_all(self) -> None:

@@ -131,18 +131,20 @@ class CaptureLoop:
 
     # -- the set of taps -----------------------------------------------------------
     def apply(self, lines: Iterable[TapLine]) -> None:
-        """Make the open taps those of `lines`: close the others, swap the
-        filters of those whose filter alone changed, open the new ones."""
+        """Make the open taps those of `lines`: close the others, open the new
+        ones, then swap the filters of those whose filter alone changed (a
+        member back: its taps capture before the others let its flows go)."""
         wanted = {t.slot: t for t in lines}
         self.sets += 1
         for index in [i for i in self.taps
                       if i not in wanted or not wanted[i].same_tap(self.taps[i].line)]:
             self.close_tap(self.taps[index], EXIT_STOPPED, "stopped")
         for index, line in wanted.items():
-            tap = self.taps.get(index)
-            if tap is None:
+            if index not in self.taps:
                 self.open_tap(line)
-            elif line.programs != tap.line.programs:
+        for index, line in wanted.items():
+            tap = self.taps.get(index)
+            if tap is not None and tap.line is not line and line.programs != tap.line.programs:
                 self.refilter(tap, line)
 
     def refilter(self, tap: Tap, line: TapLine) -> None:

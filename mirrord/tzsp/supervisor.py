@@ -27,6 +27,7 @@ own (tests, bench, by hand).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -38,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Callable, Optional
 
 from .job import SharedCounters, TzspCounters, TzspJob, tap_line
@@ -95,6 +97,8 @@ class CaptureProcess:
         self.orphans: list[TapHandle] = []
         self._free = list(range(MAX_TAPS - 1, -1, -1))
         self.starts = 0
+        self._held = 0  # open batch() blocks
+        self._dirty = False  # the set changed inside one
 
     @property
     def pid(self) -> Optional[int]:
@@ -130,23 +134,50 @@ class CaptureProcess:
             if not self.running():
                 self._spawn()
             else:
-                self._send_set()
+                self._changed()
         except BaseException:
             self.taps.pop(index, None)
             handle._orphan("could not start")
             raise
 
-    def remove(self, handle: TapHandle, timeout: float = STOP_TIMEOUT) -> None:
-        """Take `handle` out of the set and wait until the process closed it (its
-        counters are final then); the last one stops the process."""
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Changes of the set inside go to the process as one set, on the way
+        out: a group's failover closes the dead member's taps and swaps the
+        others' filters in one step of the process."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            if not self._held and self._dirty:
+                self._dirty = False
+                self.resend()
+
+    def _changed(self) -> None:
+        if self._held:
+            self._dirty = True
+        elif self.running():
+            self._send_set()
+
+    def detach(self, handle: TapHandle) -> None:
+        """Take `handle` out of the set (the process closes it: see remove)."""
         if self.taps.get(handle.slot_index) is not handle:
             return
         del self.taps[handle.slot_index]
-        if not self.running():
-            return
         # An empty set too: the process stays (stop() ends it), so that a tap
         # replaced by another does not cost a new interpreter.
-        self._send_set()
+        self._changed()
+
+    def remove(self, handle: TapHandle, timeout: float = STOP_TIMEOUT) -> None:
+        """Take `handle` out of the set and wait until the process closed it (its
+        counters are final then); the last one stops the process."""
+        self.detach(handle)
+        if not self.running():
+            return
+        if self._dirty:  # inside a batch: the set must go now, or nothing closes it
+            self._dirty = False
+            self._send_set()
         deadline = time.monotonic() + timeout
         while handle.slot_state() != STATE_EXITED and self.running():
             if time.monotonic() >= deadline:
@@ -161,8 +192,7 @@ class CaptureProcess:
 
     def resend(self) -> None:
         """A tap's line changed in place: the running process gets the new set."""
-        if self.running():
-            self._send_set()
+        self._changed()
 
     def release(self, index: int) -> None:
         if index not in self.taps and index not in self._free:
@@ -400,6 +430,12 @@ class TapHandle:
         else:
             return None
         return reason
+
+    def detach(self) -> None:
+        """Out of the set, without waiting: stop() waits (inside a batch, the
+        set with it goes to the process as the batch ends)."""
+        if self._slot is not None:
+            self.process.detach(self)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Out of the set, and wait until the process closed it (or is gone): the

@@ -33,7 +33,10 @@ pytestmark = [
 MEMBERS = ("203.0.113.50", "203.0.113.51", "203.0.113.52")
 MACS = {a: f"02:00:00:00:00:{a.rsplit('.', 1)[1]}" for a in MEMBERS}
 UDP_PORT, TCP_PORT = 6000, 5000
-UDP_FLOWS, TCP_FLOWS, ROUNDS = 64, 16, 4
+# 256 UDP flows (the issue asks for 64 at least): symhash has a per-boot seed,
+# so a member's share is a draw; with 80 flows in all a member fell outside
+# +-50 % of an even split about once in 200 boots, with 272 about once in 10^5.
+UDP_FLOWS, TCP_FLOWS, ROUNDS = 256, 16, 4
 
 SERVER = r"""
 import selectors, socket, sys, time
@@ -110,6 +113,58 @@ while applied is None and time.monotonic() < end:
         if nft.read() and failed is not None:
             applied = now
 print(json.dumps({"failed": failed, "applied": applied}), flush=True)
+"""
+
+# In the router namespace: the wall clock of the kernel's FAILED for a member.
+FAILED_AT = r"""
+import json, select, sys, time
+from mirrord.netlink.watch import RouteEvents
+member, route = sys.argv[1], RouteEvents()
+print("watching", file=sys.stderr, flush=True)
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    if select.select([route], [], [], 0.5)[0]:
+        now = time.time()
+        if any(str(c.neighbour_failed) == member for c in route.read()):
+            print(json.dumps({"failed": now}), flush=True)
+            break
+"""
+
+# In the collector namespace: the first TZSP copy of the client's UDP port
+# `port` at a member other than `dead` (raw IPv4 headers): when it arrived, and
+# when its packet was sent (the stream's payload; a copy waits in the capture
+# ring up to its block's retire timer, which is not the failover's).
+FIRST_COPY = r"""
+import json, socket, struct, sys, time
+port, dead = int(sys.argv[1]), sys.argv[2]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+s.bind(("eth0", 0)); s.settimeout(0.2)
+print("listening", file=sys.stderr, flush=True)
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    try:
+        f = s.recv(256)
+    except socket.timeout:
+        continue
+    now = time.time()
+    if len(f) < 90 or f[23] != 17 or struct.unpack_from("!H", f, 36)[0] != 37008:
+        continue
+    to, inner = socket.inet_ntoa(f[30:34]), f[47:]
+    if to != dead and inner[23] == 17 and struct.unpack_from("!H", inner, 34)[0] == port:
+        sent = float(inner[42:].split(b" ")[1])
+        print(json.dumps({"first": now, "sent": sent, "member": to}), flush=True)
+        break
+"""
+
+# From the LAN host: one UDP datagram from `port` every millisecond, 5000 at most.
+STREAM = r"""
+import socket, sys, time
+dst, dport, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("", port))
+print("sending", file=sys.stderr, flush=True)
+for i in range(5000):
+    s.sendto(b"s%d %.6f " % (i, time.time()), (dst, dport)); time.sleep(0.001)
 """
 
 Flow = tuple[int, int]  # (protocol, the client's port): names a flow, both directions
@@ -455,13 +510,33 @@ def test_tzsp_group_flows_split_in_the_socket_filters_and_failover_keeps_the_tap
         flows, arrived, copied, counted = run_flows(lab, TZSP)
         assert len(flows) == UDP_FLOWS + TCP_FLOWS
         first = owner(flows)
-        assert set(first.values()) == set(MEMBERS)
+        share = {a: sum(1 for m in first.values() if m == a) for a in MEMBERS}
+        even = len(first) / 3
+        assert all(0.5 * even <= n <= 1.5 * even for n in share.values()), share
         assert sum(arrived.values()) == copied and counted == arrived, (arrived, copied, counted)
 
         dead = MEMBERS[1]
-        lab.col.run("ip", "addr", "del", f"{dead}/24", "dev", "m1")
-        lab.rtr.run("ip", "neigh", "del", dead, "dev", "col")
-        lab.rtr.run("ping", "-c1", "-W1", dead, check=False)
+        # A flow of the member about to die, streaming: when does its first copy
+        # reach another member, after the kernel said FAILED?
+        port = min(c for (proto, c), m in first.items() if proto == 17 and m == dead)
+        copy = Background(lab.col.name, [sys.executable, "-c", FIRST_COPY, str(port), dead],
+                          "listening")
+        stream = Background(lab.lan.name, [sys.executable, "-c", STREAM, WAN_HOST,
+                                           str(UDP_PORT), str(port)], "sending")
+        watch = Background(lab.rtr.name, [sys.executable, "-c", FAILED_AT, dead], "watching")
+        try:
+            lab.col.run("ip", "addr", "del", f"{dead}/24", "dev", "m1")
+            lab.rtr.run("ip", "neigh", "del", dead, "dev", "col")
+            lab.rtr.run("ping", "-c1", "-W1", dead, check=False)
+            assert watch.wait(30) == 0 and copy.wait(30) == 0, (watch.stderr, copy.stderr)
+        finally:
+            stream.kill()
+        failed, moved_to = json.loads(watch.stdout)["failed"], json.loads(copy.stdout)
+        heal_ms = (moved_to["sent"] - failed) * 1000
+        print(f"tzsp failover: the first packet copied to {moved_to['member']} was sent "
+              f"{heal_ms:.1f} ms after the kernel's FAILED (its copy arrived "
+              f"{(moved_to['first'] - failed) * 1000:.1f} ms after)", file=sys.stderr)
+        assert heal_ms < 1000, heal_ms
         st = lab.wait_for_status(lambda s: s and members_of(s)[dead]["state"] == "dead",
                                  timeout=15)
         assert st["mirrors"][0]["state"] == "degraded"

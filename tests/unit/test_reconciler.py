@@ -194,6 +194,9 @@ class FakeHandle:
     def stop(self) -> None:
         self.stopped = True
 
+    def detach(self) -> None:
+        pass
+
     def retarget(self, job: Any) -> None:
         self.retargets.append(job)
 
