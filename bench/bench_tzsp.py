@@ -44,7 +44,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -279,15 +279,22 @@ class Bench:
             procs = [self.start_worker(("m0", "m1"), cpus="0,1")]
         else:
             procs = [self.start_worker(("m0",), cpus="0,1"), self.start_worker(("m1",), cpus="0,1")]
+        return self._measure(mode, procs, ("m0", "m1"), size, rate, also=("g1",))
+
+    def _measure(self, impl: str, procs: list[subprocess.Popen[str]], links: tuple[str, ...],
+                 size: int, rate: Optional[int], also: tuple[str, ...] = (),
+                 flows: bool = False) -> Result:
+        """Offer traffic to `links` (trafgen on g0, and on `also`), count what
+        they received and what reached the collector, then stop `procs`."""
         try:
             time.sleep(0.3)
-            rx0 = counter(self.rtr, "m0") + counter(self.rtr, "m1")
+            rx0 = sum(counter(self.rtr, link) for link in links)
             col0 = counter(self.col, "eth0")
             cpu0 = sum(cpu_ticks(p.pid) for p in procs)
-            seconds = self.trafgen(size, rate, "g0", also=("g1",))
+            seconds = self.trafgen(size, rate, "g0", also=also, flows=flows)
             time.sleep(0.5)
             cpu1 = sum(cpu_ticks(p.pid) for p in procs)
-            offered = counter(self.rtr, "m0") + counter(self.rtr, "m1") - rx0
+            offered = sum(counter(self.rtr, link) for link in links) - rx0
             copies = counter(self.col, "eth0") - col0
         finally:
             for p in procs:
@@ -298,7 +305,7 @@ class Bench:
                     p.kill()
                     p.communicate()
         cpu = 100.0 * (cpu1 - cpu0) / os.sysconf("SC_CLK_TCK") / seconds
-        return Result(mode, size, f"{rate // 1000}k" if rate else "max", offered, copies,
+        return Result(impl, size, f"{rate // 1000}k" if rate else "max", offered, copies,
                       seconds, cpu)
 
     def group(self, members: int, size: int, rate: Optional[int]) -> Result:
@@ -310,26 +317,8 @@ class Bench:
         held = assign(names, set(names))
         procs = [self.start_worker(("m0",), cpus="0,1", collector=a, buckets=",".join(
             f"{lo}-{hi}" for lo, hi in bucket_ranges(held[a]))) for a in names]
-        try:
-            time.sleep(0.3)
-            rx0, col0 = counter(self.rtr, "m0"), counter(self.col, "eth0")
-            cpu0 = sum(cpu_ticks(p.pid) for p in procs)
-            seconds = self.trafgen(size, rate, flows=True)
-            time.sleep(0.5)
-            cpu1 = sum(cpu_ticks(p.pid) for p in procs)
-            offered = counter(self.rtr, "m0") - rx0
-            copies = counter(self.col, "eth0") - col0
-        finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.communicate(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.communicate()
-        cpu = 100.0 * (cpu1 - cpu0) / os.sysconf("SC_CLK_TCK") / seconds
-        return Result(f"{members} member{'s' if members > 1 else ''}", size,
-                      f"{rate // 1000}k" if rate else "max", offered, copies, seconds, cpu)
+        return self._measure(f"{members} member{'s' if members > 1 else ''}", procs, ("m0",),
+                             size, rate, flows=True)
 
     def run(self, impl: str, sizes: list[int], rates: list[Optional[int]]) -> list[Result]:
         proc = self.start_worker() if impl == "mirrord" else self.start_naive()
@@ -446,21 +435,30 @@ def main() -> int:
     return 0
 
 
-def two_taps_main(seconds: float, ring_mib: int, sizes: list[int],
-                  rates: list[Optional[int]]) -> int:
-    """Does a process per tap buy throughput? Rates are per link (two links)."""
-    print(f"# two taps: m0 and m1 each offered the rate; trafgen for both on CPU 0; the "
-          f"capture on either CPU; {seconds:g} s per case")
+def side_by_side(seconds: float, ring_mib: int, sizes: list[int], rates: list[Optional[int]],
+                 variants: tuple[str, ...],
+                 one: Callable[[Bench, str, int, Optional[int]], Result]) -> list[Result]:
+    """Every variant at each size and rate, one after the other: ratios from one run."""
     print_header()
     results = []
     with Bench(seconds, ring_mib) as b:
         for size in sizes:
             for rate in rates:
-                for mode in ("1 proc", "2 procs"):
-                    r = b.two_taps(mode, size, rate)
+                for variant in variants:
+                    r = one(b, variant, size, rate)
                     print_row(r)
                     results.append(r)
     print()
+    return results
+
+
+def two_taps_main(seconds: float, ring_mib: int, sizes: list[int],
+                  rates: list[Optional[int]]) -> int:
+    """Does a process per tap buy throughput? Rates are per link (two links)."""
+    print(f"# two taps: m0 and m1 each offered the rate; trafgen for both on CPU 0; the "
+          f"capture on either CPU; {seconds:g} s per case")
+    results = side_by_side(seconds, ring_mib, sizes, rates, ("1 proc", "2 procs"),
+                           lambda b, mode, size, rate: b.two_taps(mode, size, rate))
     for size in sizes:
         for mode in ("1 proc", "2 procs"):
             rs = [r for r in results if r.size == size and r.impl == mode]
@@ -477,16 +475,8 @@ def group_main(seconds: float, ring_mib: int, sizes: list[int],
     side, rate by rate: 1 member, then 2."""
     print(f"# group: m0 offered 256 flows; 1 member (one capture process) against 2 "
           f"(one each); trafgen on CPU 0, captures on either CPU; {seconds:g} s per case")
-    print_header()
-    results = []
-    with Bench(seconds, ring_mib) as b:
-        for size in sizes:
-            for rate in rates:
-                for n in (1, 2):
-                    r = b.group(n, size, rate)
-                    print_row(r)
-                    results.append(r)
-    print()
+    results = side_by_side(seconds, ring_mib, sizes, rates, ("1", "2"),
+                           lambda b, n, size, rate: b.group(int(n), size, rate))
     for size in sizes:
         one, two = (lossless(results, size, m) for m in ("1 member", "2 members"))
         best = {m: max((r.copies / r.seconds for r in results

@@ -47,21 +47,26 @@ class DeliveryMeter:
         self._base: dict[str, tuple[int, int, float]] = {}
         self._last: dict[str, Delivery] = {}
         self._epoch = 0
-        self._settled = 0.0  # no verdict before this (monotonic within a run)
+        self._settled = 0.0  # no verdict before this (the `mono` clock)
 
     def assess(self, points: tuple[DeliveryPoint, ...], counts: Counts, now: float,
-               started: float, epoch: int = 0) -> dict[str, Delivery]:
-        """`epoch`: changes whenever mirrord applied its rules (start, reload,
+               started: float, epoch: int = 0,
+               mono: Optional[float] = None) -> dict[str, Delivery]:
+        """`now`, `started`: wall clock, for the windows' `since`; `mono`: a
+        monotonic clock for the settling after an apply, which a step of the
+        wall clock must not stretch or cut (default: `now`).
+        `epoch`: changes whenever mirrord applied its rules (start, reload,
         heal). Copies lost while the rules were missing or bound to a device
         that was gone are the heal's story (status shows it as last_heal),
         not a firewall's: a window never spans an apply, nor the SETTLE
         seconds after one."""
         out: dict[str, Delivery] = {}
+        clock = now if mono is None else mono
         if epoch != self._epoch:
             if self._epoch:  # not the first apply this meter sees
-                self._settled = now + SETTLE
+                self._settled = clock + SETTLE
             self._epoch = epoch
-        rebase = now < self._settled
+        rebase = clock < self._settled
         for p in points:
             copied = sum(counts.get(feed, (0, 0))[0] for feed in p.feeds)
             left, left_bytes = counts.get(p.key, (0, 0))

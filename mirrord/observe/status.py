@@ -72,7 +72,8 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter,
     counts = reading.clones if reading else {}
     points = snap.plan.deliveries if snap.plan and reading else ()
     deliveries = (delivery or DeliveryMeter()).assess(points, counts, time.time(), snap.started,
-                                                      snap.applies + snap.reapplies)
+                                                      snap.applies + snap.reapplies,
+                                                      mono=time.monotonic())
     tzsp = reading.tzsp if reading else {}
     taps = reading.taps if reading else ()
     mirror_plans = snap.plan.mirrors if snap.plan else ()
@@ -109,7 +110,7 @@ def build_status(snap: Snapshot, reading: Optional[Reading], meter: RateMeter,
         reason = mp.reason
         if mp.transport == "tzsp" and state in ("active", "degraded"):
             state, reason = tzsp_state(state, reason, workers, mp.collector.where())
-        kernel = mp.transport == "clone" or mp.collector.copies_frames
+        kernel = mp.kernel_copies
         through = [d for d in deliveries.values() if any(f[0] == m.name for f in d.point.feeds)
                    or (mp.group is not None and mp.collector.name in d.point.collectors)]
         dropped = [d for d in through if d.verdict == "dropped"]
@@ -349,7 +350,8 @@ def format_table(status: StatusDocument) -> str:
             to = f" -> {w['member']}" if w.get("member") else ""
             extra.append(f"tzsp {w['interface']}{to}{shown}: " + ", ".join(
                 f"{k.replace('_', ' ')} {w[k]}" for k in
-                ("captured", "sent", "ring_drops", "send_errors", "truncated") if k in w))
+                ("captured", "sent", "ring_drops", "send_errors", "truncated", "oversize")
+                if k in w))
         if extra:
             lines.append(f"  {m['name']}: " + "; ".join(extra))
     for f in status.get("findings", []):
@@ -376,6 +378,9 @@ def format_prometheus(status: Optional[StatusDocument]) -> str:
         "mirrord_mirror_bytes_total": ("counter", "Bytes copied to the collector.", []),
         "mirrord_mirror_state": ("gauge", "1 for the state the mirror is in.", []),
         "mirrord_tzsp_errors_total": ("counter", "TZSP copies lost, by cause.", []),
+        "mirrord_tzsp_oversize_total": (
+            "counter", "TZSP copies longer than the interface's MTU (GRO/GSO super-frames): "
+            "sent, but an IDS may truncate or drop them.", []),
         "mirrord_delivery_copied_packets_total": (
             "counter", "Kernel copies made for a delivery point (every mirror it serves).", []),
         "mirrord_delivery_left_packets_total": (
@@ -407,13 +412,15 @@ def format_prometheus(status: Optional[StatusDocument]) -> str:
             metrics["mirrord_mirror_state"][2].append(
                 f'{{mirror="{name}",state="{st}"}} {1 if m["state"] == st else 0}')
         for w in m.get("tzsp", []):
+            who = w.get("member")
+            tap = (f'mirror="{name}",interface="{_label(w["interface"])}"'
+                   + (f',member="{_label(who)}"' if who else ""))
             for cause in ("ring_drops", "send_errors", "truncated"):
                 if cause in w:
-                    who = w.get("member")
-                    member = f',member="{_label(who)}"' if who else ""
                     metrics["mirrord_tzsp_errors_total"][2].append(
-                        f'{{mirror="{name}",interface="{_label(w["interface"])}"{member},'
-                        f'cause="{cause}"}} {w[cause]}')
+                        f'{{{tap},cause="{cause}"}} {w[cause]}')
+            if "oversize" in w:
+                metrics["mirrord_tzsp_oversize_total"][2].append(f"{{{tap}}} {w['oversize']}")
     seen: set[str] = set()
     for m in status.get("mirrors", []):
         for d in m.get("delivery", []):

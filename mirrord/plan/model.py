@@ -175,6 +175,12 @@ class MirrorPlan:
         """What status and the log show: the reasons' texts, each once, "; " between."""
         return why.join(self.reasons)
 
+    @property
+    def kernel_copies(self) -> bool:
+        """Its copies are made by the backend's rules (counted per direction
+        there, restored by a heal), not by a TZSP capture."""
+        return self.transport == "clone" or self.collector.copies_frames
+
 
 @dataclass(frozen=True)
 class Plan:

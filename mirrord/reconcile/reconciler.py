@@ -280,7 +280,7 @@ class Reconciler:
         since = self._lost_since if exact else self.ledger.unread_since()
         mirrors = sorted({m.mirror.name for m in (self.snapshot.plan.mirrors
                                                   if self.snapshot.plan else ())
-                          if m.transport == "clone" or m.collector.copies_frames})
+                          if m.kernel_copies})
         if not mirrors:
             return
         why = ("nftables notifications were lost" if exact else
@@ -459,7 +459,7 @@ class Reconciler:
                 log.info("mirror %s: %s%s (%s)", name, mp.state,
                          f" ({mp.reason})" if mp.reason else "", why,
                          extra={"MIRROR": name, "ACTION": "state"})
-            elif healed_drift and (mp.transport == "clone" or mp.collector.copies_frames):
+            elif healed_drift and mp.kernel_copies:
                 heals[name] = Heal(now, f"rules restored after: {why}")
             states[name] = state
         self._states = states

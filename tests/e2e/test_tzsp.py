@@ -8,7 +8,6 @@ tcpdump saw on the mirrored interface, and counted in the collector's kernel.
 from __future__ import annotations
 
 import contextlib
-import glob
 import ipaddress
 import os
 import shutil
@@ -26,6 +25,7 @@ from mirrord.match import Match, PortRange
 from mirrord.tzsp import codec as tzsp
 from mirrord.tzsp.job import TzspJob
 from tests.harness.capture import read_pcap, receiver, tcpdump, udp_payloads
+from tests.harness.fixtures import lab_then_clean, remove_files
 from tests.harness.lab import LAN_HOST, ROOT, RTR_COL, RTR_LAN, WAN_HOST, Lab, have_root_netns
 from tests.harness.tzsp import WorkerRun, in_netns
 
@@ -37,19 +37,9 @@ pytestmark = [
 ICMP = Match(protocols=(1,))
 
 
-def remove_files(lab: Lab) -> None:
-    for path in glob.glob(f"/tmp/{lab.tag}-*"):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with Lab(offlink=True, ipv6=False) as lab:
-        try:
-            yield lab
-        finally:
-            remove_files(lab)
+    yield from lab_then_clean(offlink=True, ipv6=False)
 
 
 def ifindex(ns: Any, name: str) -> int:

@@ -11,10 +11,7 @@ may be bad. GRO/GSO super-frames (a TCP burst across veth) are counted as
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import ipaddress
-import os
 import struct
 import subprocess
 import sys
@@ -27,6 +24,7 @@ import pytest
 from mirrord.match import Match, PortRange
 from mirrord.tzsp.job import TzspJob
 from tests.harness.capture import Background, read_pcap, receiver
+from tests.harness.fixtures import lab_then_clean
 from tests.harness.lab import (
     ROOT,
     WAN_HOST,
@@ -124,13 +122,7 @@ for item in sys.argv[2:]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with Lab(offlink=False, ipv6=True) as lab:
-        try:
-            yield lab
-        finally:
-            for path in glob.glob(f"/tmp/{lab.tag}-*"):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+    yield from lab_then_clean(offlink=False, ipv6=True)
 
 
 def ifindex(ns: Any, name: str) -> int:

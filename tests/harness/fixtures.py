@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+import contextlib
+import glob
+import os
+from typing import Any, Iterator
 
 import pytest
 
@@ -13,6 +16,22 @@ def _skip_unless_root_netns() -> None:
     why = have_root_netns()
     if why is not None:
         pytest.skip(why)
+
+
+def remove_files(lab: Lab) -> None:
+    """The files a test wrote for the lab (/tmp/TAG-*: captures, specs)."""
+    for path in glob.glob(f"/tmp/{lab.tag}-*"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def lab_then_clean(**options: Any) -> Iterator[Lab]:
+    """A module's lab (Lab(**options)), its files removed with it: `yield from` it."""
+    with Lab(**options) as built:
+        try:
+            yield built
+        finally:
+            remove_files(built)
 
 
 @pytest.fixture

@@ -241,3 +241,23 @@ def test_a_window_never_spans_an_apply_of_mirrords_own() -> None:
     assert d.verdict == "leaving" and d.window_copied == 10
     (d,) = m.assess((POINT,), counts(75, 0, 31), 4.0 + SETTLE, 0.0, epoch=2).values()
     assert d.verdict == "dropped" and d.lost == 10
+
+
+def test_the_settling_after_an_apply_is_timed_on_the_monotonic_clock() -> None:
+    m = DeliveryMeter()
+    m.assess((POINT,), counts(10, 0, 10), 1000.0, 0.0, epoch=1, mono=5.0)
+    (d,) = m.assess((POINT,), counts(50, 0, 20), 1001.0, 0.0, epoch=2, mono=6.0).values()
+    assert d.verdict == "idle"
+    # The wall clock steps back an hour (NTP at boot) while the new rules
+    # settle: still settling, and the windows' `since` stays wall clock.
+    (d,) = m.assess((POINT,), counts(60, 0, 30), 1002.0 - 3600, 0.0, epoch=2,
+                    mono=6.0 + SETTLE / 2).values()
+    assert d.verdict == "idle"
+    (d,) = m.assess((POINT,), counts(70, 0, 30), 1003.0 - 3600, 0.0, epoch=2,
+                    mono=7.0 + SETTLE).values()
+    assert d.verdict == "dropped" and d.lost == 10 and d.since == 1002.0 - 3600
+    # Stepping forward does not cut the settling short either.
+    m.assess((POINT,), counts(80, 0, 40), 9999.0, 0.0, epoch=3, mono=20.0)
+    (d,) = m.assess((POINT,), counts(90, 0, 40), 99999.0, 0.0, epoch=3,
+                    mono=20.0 + SETTLE / 2).values()
+    assert d.verdict == "idle"

@@ -25,7 +25,9 @@ STATUS: dict[str, Any] = {
          "collector": {"name": "far", "address": "203.0.113.5", "reach": "routed via x"},
          "directions": {},
          "tzsp": [{"interface": "wan", "captured": 8, "sent": 7, "ring_drops": 1,
-                   "send_errors": 0, "truncated": 0}],
+                   "send_errors": 0, "truncated": 0, "oversize": 2},
+                  {"interface": "wan", "member": "192.0.2.51", "captured": 3, "sent": 3,
+                   "ring_drops": 0, "send_errors": 0, "truncated": 0, "oversize": 0}],
          "rate": None, "last_heal": None},
     ],
     "findings": [{"code": "interface-absent", "severity": "warning", "what": "eth9 absent",
@@ -43,6 +45,12 @@ def test_prometheus_exposition() -> None:
     assert 'mirrord_mirror_packets_total{mirror="odd\\"name",direction="in",transport="tzsp"} 7' in lines
     assert 'mirrord_mirror_state{mirror="odd\\"name",state="waiting"} 1' in lines
     assert 'mirrord_tzsp_errors_total{mirror="odd\\"name",interface="wan",cause="ring_drops"} 1' in lines
+    assert 'mirrord_tzsp_oversize_total{mirror="odd\\"name",interface="wan"} 2' in lines
+    # A group member's tap on the same interface: its own series, by member.
+    assert ('mirrord_tzsp_errors_total{mirror="odd\\"name",interface="wan",member="192.0.2.51",'
+            'cause="ring_drops"} 0') in lines
+    samples = [ln.rsplit(" ", 1)[0] for ln in lines if not ln.startswith("#")]
+    assert len(samples) == len(set(samples)), "a series twice"
     assert "mirrord_reapplies_total 3" in lines
     assert 'mirrord_findings{code="interface-absent"} 1' in lines
     # Every sample's metric has exactly one HELP and one TYPE line before it.
@@ -58,6 +66,8 @@ def test_prometheus_when_the_daemon_is_down() -> None:
 def test_table_and_health() -> None:
     text = format_table(STATUS)
     assert "lan" in text and "active" in text and "interface eth9 does not exist" in text
+    assert "tzsp wan: captured 8, sent 7, ring drops 1" in text and "oversize 2" in text
+    assert "tzsp wan -> 192.0.2.51: captured 3" in text
     assert "5.0 pkt/s over 2.0s" in text and "ring drops 1" in text
     assert "WARNING: eth9 absent" in text and "fix: check it" in text
     assert not healthy(STATUS)  # a mirror waits
