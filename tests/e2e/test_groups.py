@@ -213,6 +213,14 @@ def add_members(lab: Lab, encap: Optional[tuple[int, int]] = None) -> None:
         lab.rtr.run("ping", "-c1", "-W2", a)
 
 
+def silence(lab: Lab, member: str) -> None:
+    """`member` stops answering ARP: its address gone from the collector, the
+    router's entry for it deleted and resolved again, which fails."""
+    lab.col.run("ip", "addr", "del", f"{member}/24", "dev", f"m{MEMBERS.index(member)}")
+    lab.rtr.run("ip", "neigh", "del", member, "dev", "col")  # only its entry
+    lab.rtr.run("ping", "-c1", "-W1", member, check=False)  # resolution fails
+
+
 def members_of(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {mb["name"]: mb for mb in st["mirrors"][0].get("members", [])}
 
@@ -345,9 +353,7 @@ def test_flows_split_by_member_both_directions_and_failover_moves_only_the_dead(
         # (b) member .51 stops answering ARP: its neighbour goes FAILED.
         dead = MEMBERS[1]
         watch = Background(lab.rtr.name, [sys.executable, "-c", WATCH, dead], "watching")
-        lab.col.run("ip", "addr", "del", f"{dead}/24", "dev", "m1")
-        lab.rtr.run("ip", "neigh", "del", dead, "dev", "col")  # only its entry
-        lab.rtr.run("ping", "-c1", "-W1", dead, check=False)  # resolution fails
+        silence(lab, dead)
         st = lab.wait_for_status(lambda s: s and members_of(s)[dead]["state"] == "dead",
                                  timeout=15)
         assert st["mirrors"][0]["state"] == "degraded" and dead in st["mirrors"][0]["reason"]
@@ -424,7 +430,8 @@ def _bucket_owner(text: str) -> dict[int, str]:
 
 def test_vxlan_group_one_tunnel_per_member_each_flow_at_one_member() -> None:
     """A vxlan group of 3: a tunnel device per member (VNI 100 + k), every flow's
-    frames, both directions, inside the datagrams to exactly one member."""
+    frames, both directions, inside the datagrams to exactly one member. A
+    member stops answering: only its flows move, its tunnel device stays."""
     with Lab(ipv6=False) as lab:
         add_members(lab, VXLAN)
         text = spec(MEMBERS).replace("transport: clone", "transport: vxlan\n    vni: 100")
@@ -440,6 +447,20 @@ def test_vxlan_group_one_tunnel_per_member_each_flow_at_one_member() -> None:
         assert set(placed.values()) == set(MEMBERS)
         assert sum(arrived.values()) == copied and counted == arrived, (arrived, copied, counted)
         assert sum(mb["buckets"] for mb in members_of(st).values()) == 64
+
+        dead = MEMBERS[1]
+        silence(lab, dead)
+        st = lab.wait_for_status(lambda s: s and members_of(s)[dead]["state"] == "dead",
+                                 timeout=15)
+        assert st["mirrors"][0]["state"] == "degraded" and dead in st["mirrors"][0]["reason"]
+        for a in MEMBERS:
+            lab.rtr.run("ping", "-c1", "-W2", a, check=False)
+        flows, arrived, copied, counted = run_flows(lab, VXLAN)
+        after = owner(flows)
+        assert sum(arrived.values()) == copied and arrived[dead] == 0, (arrived, copied)
+        moved = {f for f in placed if placed[f] != after[f]}
+        assert moved and moved == {f for f in placed if placed[f] == dead}
+        assert "mvx-sensors~1:" in lab.rtr.run("ip", "link", "show", "type", "vxlan").stdout
 
 
 def test_span_group_a_port_down_moves_only_its_flows() -> None:
@@ -525,9 +546,7 @@ def test_tzsp_group_flows_split_in_the_socket_filters_and_failover_keeps_the_tap
                                            str(UDP_PORT), str(port)], "sending")
         watch = Background(lab.rtr.name, [sys.executable, "-c", FAILED_AT, dead], "watching")
         try:
-            lab.col.run("ip", "addr", "del", f"{dead}/24", "dev", "m1")
-            lab.rtr.run("ip", "neigh", "del", dead, "dev", "col")
-            lab.rtr.run("ping", "-c1", "-W1", dead, check=False)
+            silence(lab, dead)
             assert watch.wait(30) == 0 and copy.wait(30) == 0, (watch.stderr, copy.stderr)
         finally:
             stream.kill()
