@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from mirrord.tzsp.bpf import (
+from mirrord.tzsp.bpf_asm import (
     ABS,
     ALU,
     IMM,

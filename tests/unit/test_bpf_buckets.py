@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from mirrord.match import Match, PortRange
 from mirrord.plan.groups import BUCKETS, assign
-from mirrord.tzsp import bpf
+from mirrord.tzsp import bpf, bpf_asm
 from mirrord.tzsp.bpf import compile_filter
 from tests.unit.cbpf import run
 
@@ -153,7 +153,7 @@ def test_the_match_still_decides_first() -> None:
 
 def test_a_dead_member_takes_nothing_and_only_its_flows_move() -> None:
     everyone, without_b = programs(), programs(live=("192.0.2.50", "192.0.2.52"))
-    assert compile_filter(Match(), buckets=()) == [(bpf.RET, 0, 0, 0)]
+    assert compile_filter(Match(), buckets=()) == [(bpf_asm.RET, 0, 0, 0)]
     rng = random.Random(3)
     for _ in range(300):
         a, b = f"192.0.2.{rng.randrange(1, 254)}", f"198.51.100.{rng.randrange(1, 254)}"

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from mirrord.match import Match, PortRange
-from mirrord.tzsp.bpf import JA, JMP, RET, BpfError, compile_filter, disassemble
+from mirrord.tzsp.bpf import BpfError, compile_filter, disassemble
+from mirrord.tzsp.bpf_asm import JA, JMP, RET
 from tests.kernel.test_bpf import COLLECTOR, OTHER, OTHER6
 
 
