@@ -5,8 +5,10 @@ from the spec alone.
                 SpecError, for anything that is not a valid spec
   yaml_tree.py  bytes -> UTF-8 text -> a YAML node tree, bounded in size, depth
                 and alias expansion (libyaml where present, pure PyYAML else)
-  validate.py   node tree -> Spec: which keys, which values, how they fit;
-                match_from_text, the same rules for `mirrord trace`'s options
+  validate.py   node tree -> Spec: which keys, which values, how they fit
+  matches.py    a mirror's match; match_from_text, the same rules for
+                `mirrord trace`'s options
+  groups.py     a collector group's members and balance
   nodes.py      reading one typed value from a node; problems at FILE:LINE:COL
   fields.py     rules for one value without YAML: names, interface names,
                 a collector's address
@@ -15,6 +17,7 @@ from the spec alone.
 """
 
 from .fields import IFNAMSIZ, NAME_RE, host_address, valid_ifname
+from .matches import match_from_text
 from .model import (
     BACKENDS,
     DEFAULT_PATH,
@@ -36,7 +39,6 @@ from .model import (
     default_path,
 )
 from .read import INTERNAL_ERROR, MAX_LINE, MAX_PROBLEMS, load, parse
-from .validate import match_from_text
 from .yaml_tree import MAX_ALIAS_NODES, MAX_BYTES, MAX_DEPTH, MAX_NODES, MAX_SHOWN, show
 
 __all__ = [
