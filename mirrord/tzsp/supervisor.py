@@ -268,6 +268,10 @@ class CaptureProcess:
                 log.warning("TZSP capture process pid %d did not stop; killing it", p.pid)
                 p.kill()
                 p.wait()
+        if p is not None:
+            # Its last lines (each tap's final counters as it closed) are in the
+            # pipe: into the daemon's log with them, before the pipe goes.
+            self.read_events()
         self._orphan_all()
 
     def _orphan_all(self) -> None:

@@ -847,6 +847,9 @@ def test_removed_tap_counts_to_its_very_end(lab: Lab) -> None:
             assert _total(st) == final[0] > 1000
         finally:
             lab.stop_daemon(daemon)
+    # The daemon's stop closes tp1 too: its last line reaches the daemon's log.
+    assert re.search(r"ports: (?:tp1: )?stopped; captured \d+, sent 0",
+                     lab.daemon_log()[mark:]), lab.daemon_log()[mark:]
 
 
 # -- the state status reports comes from the capture process ---------------------------
