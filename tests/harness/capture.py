@@ -113,7 +113,10 @@ class Background:
 
 
 def tcpdump(ns: str, iface: str, path: str, bpf: str = "") -> Background:
-    argv = ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-s", "0", "-w", path]
+    # A 16 MiB buffer (tcpdump's default is 2 MiB): a burst of full-size
+    # fragments overflowed the default while tcpdump wrote to disk.
+    argv = ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-B", "16384", "-s", "0",
+            "-w", path]
     return Background(ns, argv + ([bpf] if bpf else []), "listening on")
 
 
