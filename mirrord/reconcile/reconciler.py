@@ -100,6 +100,10 @@ class Reconciler:
         # None: not asked yet, so the first reconcile removes what a mirrord
         # that died left behind.
         self._tunnels: Optional[tuple[Tunnel, ...]] = None
+        # Devices the running rules may still copy into that the spec being
+        # applied no longer wants: deleted once its apply is committed, so a
+        # reload the kernel refuses leaves the old rules their devices.
+        self._tunnels_stale: tuple[Tunnel, ...] = ()
         self._tunnel_errors: dict[str, str] = {}
         self._tunnels_tried = 0.0
         self._choose = choose_backend
@@ -202,6 +206,7 @@ class Reconciler:
         self.backend = backend
         if rendered is not None:
             self._rendered = rendered
+        self._prune_tunnels()
         heals = self._note_changes(p, why, (drift or rebound) and applied and not force)
         since, moved = member_changes(groups_of(cur.plan.mirrors if cur.plan else ()),
                                       groups_of(p.mirrors), cur.member_since, time.time())
@@ -298,7 +303,8 @@ class Reconciler:
         self.taps.stop_all()
         if self.backend is not None and self.snapshot.applies:
             self.backend.flush()
-        if self._tunnels:
+        if self._tunnels or self._tunnels_stale:
+            self._tunnels_stale = ()
             for name, error in self._make_tunnels(()).items():
                 log.warning("could not remove tunnel device %s: %s", name, error)
 
@@ -313,20 +319,43 @@ class Reconciler:
         wanted = plan.tunnels(s) if backend is not None else ()
         if backend is not None and wanted and backend.frame_support().ingress:
             wanted = ()  # no rule could copy into them
-        if not wanted and self._tunnels == ():
+        names = {t.name for t in wanted}
+        # Until the apply is committed the running rules are the old ones:
+        # their devices stay (a device whose settings changed is replaced).
+        stale = tuple(t for t in (*self._tunnels_stale, *(self._tunnels or ()))
+                      if t.name not in names)
+        stale = tuple({t.name: t for t in stale}.values())
+        if not wanted and not stale and self._tunnels == ():
             return
         now = time.monotonic()
         if (wanted == self._tunnels and self._tunnel_errors
                 and now - self._tunnels_tried < LOOK_AGAIN):
             return
+        make = wanted + stale
         try:
-            errors = self._make_tunnels(wanted)
+            errors = self._make_tunnels(make)
         except OSError as e:  # rtnetlink itself failed: every tunnel is in doubt
-            errors = {t.name: f"cannot make tunnel device {t.name}: {e}" for t in wanted}
+            errors = {t.name: f"cannot make tunnel device {t.name}: {e}" for t in make}
+        for name, error in errors.items():
+            if name in names and self._tunnel_errors.get(name) != error:
+                log.error("tunnel device %s: %s", name, error, extra={"ACTION": "tunnel"})
+        errors = {name: e for name, e in errors.items() if name in names}
+        self._tunnels, self._tunnel_errors, self._tunnels_tried = wanted, errors, now
+        self._tunnels_stale = stale
+
+    def _prune_tunnels(self) -> None:
+        """The apply committed: the devices only the old rules used can go."""
+        if not self._tunnels_stale:
+            return
+        self._tunnels_stale = ()
+        try:
+            errors = self._make_tunnels(self._tunnels or ())
+        except OSError as e:
+            log.warning("could not remove the tunnel devices no longer used: %s", e)
+            return
         for name, error in errors.items():
             if self._tunnel_errors.get(name) != error:
                 log.error("tunnel device %s: %s", name, error, extra={"ACTION": "tunnel"})
-        self._tunnels, self._tunnel_errors, self._tunnels_tried = wanted, errors, now
 
     # -- the steps ------------------------------------------------------------
     def _backend_for(self, s: Spec) -> tuple[Optional[Backend], str]:

@@ -274,6 +274,29 @@ def test_tunnels_are_made_before_the_rules_and_removed_after_them() -> None:
     assert k.tunnel_calls[-1] == () and k.listing == ""
 
 
+def test_a_refused_reload_leaves_the_running_rules_their_tunnels() -> None:
+    """A reload to another vxlan collector the kernel refuses: the old rules
+    still copy into mvx-ids, so it is never deleted; the next accepted apply
+    of the new spec removes it, and only then."""
+    r, k = reconciler(VXLAN)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    new = spec.parse(VXLAN.replace("ids", "nsm").replace("203.0.113.10", "203.0.113.11"))
+    k.refuse = "no"
+    with pytest.raises(ApplyError):
+        r.reconcile(["reload"], refresh_topology=True, force=True, new_spec=new)
+    assert all("mvx-ids" in {t.name for t in call} for call in k.tunnel_calls)
+    assert {t.name for t in k.tunnel_calls[-1]} == {"mvx-ids", "mvx-nsm"}
+    # A link event: the old spec is what runs; committed, it prunes the new device.
+    r.reconcile(["link"], refresh_topology=True)
+    assert {t.name for t in k.tunnel_calls[-2]} == {"mvx-ids", "mvx-nsm"}
+    assert {t.name for t in k.tunnel_calls[-1]} == {"mvx-ids"}
+    k.refuse = None
+    r.reconcile(["reload"], refresh_topology=True, force=True, new_spec=new)
+    assert k.applied[-1] == "lan in br-lan => mvx-nsm"
+    assert [t.name for t in k.tunnel_calls[-1]] == ["mvx-nsm"]  # pruned after the commit
+    assert {t.name for t in k.tunnel_calls[-2]} == {"mvx-ids", "mvx-nsm"}  # before it
+
+
 def test_a_spec_without_tunnels_removes_leftovers_once() -> None:
     """The first reconcile asks for none (a mirrord that died left some?), then never again."""
     r, k = reconciler(CLONE)
