@@ -369,7 +369,10 @@ def _plan_tzsp(
             jobs.append(TzspTap(mirror.name, name, link.index, ways, collector, mirror.match))
             continue
         addresses = dict(zip(collector.members, collector.member_addresses()))
-        jobs += [TzspTap(mirror.name, name, link.index, ways, collector, mirror.match,
+        # Without the member list: a tap is its member's, and a reload that
+        # adds or removes another member must not replace it (only its filter).
+        settings = dataclasses.replace(collector, members=())
+        jobs += [TzspTap(mirror.name, name, link.index, ways, settings, mirror.match,
                          member=m.name, member_address=addresses[m.name],
                          member_index=collector.members.index(m.name), buckets=m.buckets)
                  for m in group.live]

@@ -59,9 +59,10 @@ class TzspTap:
     # Part of the tap's identity: a reload that changes only the match must
     # replace the worker, whose BPF program was compiled from it.
     match: Match = field(default_factory=Match)
-    # Every collector address of the spec, never captured (see exclusions());
-    # part of the identity for the same reason as the match.
-    exclude: tuple[Address, ...] = ()
+    # Every collector address of the spec, never captured (see exclusions()).
+    # Not part of the identity: a reload that adds a collector swaps the
+    # socket's filter in place (like `buckets`), its ring and counters stay.
+    exclude: tuple[Address, ...] = field(default=(), compare=False)
     # A group collector's member (plan.groups): the tap sends to `member`,
     # its `index`-th member, and captures only the flows of its buckets.
     member: Optional[str] = None
@@ -70,6 +71,11 @@ class TzspTap:
     # Not part of the identity: a member's share changes in place (the capture
     # process swaps the socket's filter), its ring and counters stay.
     buckets: Optional[tuple[int, ...]] = field(default=None, compare=False)
+
+    def same_filter(self, other: TzspTap) -> bool:
+        """Whether `other`, the same tap, also has the same filter (the fields
+        swapped in place differ: see exclude, buckets)."""
+        return (self.exclude, self.buckets) == (other.exclude, other.buckets)
 
     @property
     def destination(self) -> Address:

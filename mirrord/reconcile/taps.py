@@ -4,8 +4,9 @@ Every tap runs in one capture process (tzsp.supervisor.CaptureProcess), but
 for the members of a collector group: member k's taps run in capture process
 k mod (the CPUs mirrord may use), so that a group's flows are sent from as
 many cores as it has members (bench/bench_tzsp.py measures what that buys).
-A member whose share of the flows changed (another member died or came back)
-keeps its tap: only its filter is swapped. A tap
+A tap whose filter alone changed (a group member's share of the flows, when
+another member died, came back or was added; the spec's collectors, never
+captured) keeps its tap, ring and counters: only its filter is swapped. A tap
 that ends (its interface went away, the process was killed) is marked exited
 and restarted after 1 s; only a tap that is really crash-looping (a fifth end
 within a minute) waits longer, doubling up to 30 s. Each second waited is
@@ -81,7 +82,7 @@ class TapPool:
                 running = self._taps.get(tap)
                 if running is None:
                     self._start(tap)
-                elif tap not in stopping and running.tap.buckets != tap.buckets:
+                elif tap not in stopping and not running.tap.same_filter(tap):
                     self._retarget(running, tap)
         for tap in stopping:
             self._stop(tap)
@@ -181,7 +182,8 @@ class TapPool:
         return TapHandle(self._capture_process(self.lane(tap)), TzspJob.from_tap(tap))
 
     def _retarget(self, t: _Tap, tap: TzspTap) -> None:
-        """The member's share of the flows changed: its filter, not its tap."""
+        """The tap's filter changed (a group member's share of the flows, the
+        spec's collectors): its filter is swapped, the tap stays."""
         del self._taps[t.tap]
         t.tap = tap
         self._taps[tap] = t

@@ -627,12 +627,15 @@ def _tap_links(lab: Lab) -> Iterator[None]:
         lab.col.run("nft", "delete", "table", "netdev", "lab", check=False)
 
 
-def _taps_spec(interfaces: tuple[str, ...], ring_mib: int = 0) -> str:
+def _taps_spec(interfaces: tuple[str, ...], ring_mib: int = 0, other: str = "") -> str:
+    """`other`: one more collector's address (no mirror's): every tap's filter
+    never captures it."""
     ring = f"    ring_mib: {ring_mib}\n" if ring_mib else ""
+    more = f"  other:\n    address: {other}\n    transport: tzsp\n" if other else ""
     return f"""\
 backend: nftables
 collectors:
-  far:
+{more}  far:
     address: "{COLLECTOR_ADDR}"
     transport: tzsp
     port: {TAP_PORT}
@@ -776,8 +779,9 @@ def test_four_taps_one_process_all_deliver_and_survive_a_kill(lab: Lab) -> None:
 
 
 def test_plan_change_keeps_other_taps_and_banks_final_counts(lab: Lab) -> None:
-    """A reload that adds tp3 and removes tp2 while both tp1 and tp2 stream:
-    tp1 loses no copy (its tap is never reopened), tp3 delivers, and the
+    """A reload that adds tp3, removes tp2 and adds a collector while both tp1
+    and tp2 stream: tp1 loses no copy (its tap is never reopened: the new
+    collector's exclusion is swapped into its filter), tp3 delivers, and the
     mirror's total counts every copy tp2 sent up to its very end (banked after
     the tap stopped, not before)."""
     n1, n2 = 24000, 24000
@@ -791,10 +795,12 @@ def test_plan_change_keeps_other_taps_and_banks_final_counts(lab: Lab) -> None:
                        for i, (t, n) in enumerate((("tp1", n1), ("tp2", n2)), 1)]
             try:
                 _wait_counts(lab, {"t1": 100, "t2": 100})
+                tp1 = _rows(lab.status())["tp1"]["id"]
                 with open(spec, "w") as f:
-                    f.write(_taps_spec(("tp1", "tp3"), ring_mib=8))
+                    f.write(_taps_spec(("tp1", "tp3"), ring_mib=8, other="203.0.113.77"))
                 daemon.send_signal(1)
-                lab.wait_for_status(lambda s: _all_running(s, ("tp1", "tp3")), timeout=20)
+                st = lab.wait_for_status(lambda s: _all_running(s, ("tp1", "tp3")), timeout=20)
+                assert _rows(st)["tp1"]["id"] == tp1, "tp1's tap was replaced"
                 # Positive control: the change happened while tp1 was streaming.
                 assert senders[0].poll() is None, "the stream ended before the reload"
                 for p in senders:

@@ -323,3 +323,36 @@ def test_tzsp_group_members_run_in_one_capture_process_per_cpu() -> None:
     assert {pool.lane(t) for t in p.tzsp if t.member_index == 2} == {0}
     pool.lanes = 1
     assert {pool.lane(t) for t in p.tzsp} == {0}
+
+
+def test_tzsp_group_reload_to_three_members_only_shrinks_the_old_members_shares() -> None:
+    from mirrord.reconcile.ledger import CounterLedger
+    from mirrord.reconcile.reconciler import Reconciler
+    from mirrord.reconcile.taps import TapPool
+    from tests.unit.test_reconciler import FakeHandle, FakeKernel
+
+    handles: list[FakeHandle] = []
+
+    def make(tap: Any) -> FakeHandle:
+        handles.append(FakeHandle(tap))
+        return handles[-1]
+
+    two = TZSP_SPEC.replace(", 192.0.2.52]", "]")
+    ledger = CounterLedger()
+    k = FakeKernel()
+    r = Reconciler(spec.parse(two, "t.yaml"), lambda sp: topo(), lambda _name: (k, ""),
+                   TapPool(ledger, watch=lambda fd, on: None, make_handle=make), ledger,
+                   make_tunnels=k.make_tunnels)
+    r.reconcile(["start"], refresh_topology=True, force=True)
+    assert len(handles) == 4  # 2 interfaces x 2 members
+    before = {h.tap.member: set(h.tap.buckets or ()) for h in handles}
+    r.reconcile(["reload"], refresh_topology=True, new_spec=spec.parse(TZSP_SPEC, "t.yaml"))
+    new = handles[4:]
+    assert len(new) == 2 and {h.tap.member for h in new} == {"192.0.2.52"}
+    gained = set(new[0].tap.buckets or ())
+    for h in handles[:4]:
+        assert not h.stopped and h.retargets, "an old member's tap was replaced"
+        after = set(h.retargets[-1].buckets)
+        assert after <= before[h.tap.member]  # lost buckets, gained none
+        assert before[h.tap.member] - after <= gained  # and only to the new member
+    assert len(gained) == len(assign(MEMBERS, MEMBERS)["192.0.2.52"])
