@@ -254,3 +254,50 @@ def test_kernel_loads_frames_golden(case: str, form: str, netns: Netns) -> None:
     listed = _listed(netns)
     assert _shape(listed) == _shape(_final(cmds))
     assert fingerprint(listed) == fingerprint(_final(cmds))
+
+
+ADOPT = """\
+import json, socket, sys
+from mirrord.backends.base import Rendered
+from mirrord.backends.nftables import NftablesBackend
+t = {"family": "netdev", "table": "mirrord"}
+objs = [{"table": {"family": "netdev", "name": "mirrord"}},
+        {"chain": {**t, "name": "in_lanx", "type": "filter", "hook": "ingress", "prio": -300,
+                   "dev": "lanx", "policy": "accept"}},
+        {"rule": {**t, "chain": "in_lanx", "expr": [{"dup": {"addr": "spanx"}}]}}]
+binds = tuple(sorted((n, socket.if_nametoindex(n)) for n in ("lanx", "spanx")))
+NftablesBackend().apply(Rendered(text="x", payload={"netdev": objs}, binds=binds), {})
+"""
+
+
+@pytest.mark.integration
+def test_a_restart_adopts_the_netdev_table_in_place_unless_a_device_changed(
+        netns: Netns) -> None:
+    """A new daemon (a backend that loaded nothing) adopts the netdev table the
+    last one left by refilling its chains, not by replacing them: replacing
+    hooks the old and new base chains at once for a moment, and a restart
+    copied a frame twice. A dup target made again since (nft lists it by its
+    old ifindex, a number) is loaded anew."""
+    from mirrord.backends.nftables.backend import _chains_may_lose_device
+
+    netns.sh("ip link add lanx type veth peer name lany && ip link add spanx type veth peer "
+             "name spany && ip link set lanx up && ip link set spanx up")
+
+    def chain_handle() -> tuple[int, int]:
+        """(table handle, chain handle): both stay while the table is refilled."""
+        objs = json.loads(netns.run("nft", "-j", "list", "table", "netdev", "mirrord").stdout)
+        return (next(int(o["table"]["handle"]) for o in objs["nftables"] if "table" in o),
+                next(int(o["chain"]["handle"]) for o in objs["nftables"] if "chain" in o))
+
+    netns.run(sys.executable, "-c", ADOPT)
+    first = chain_handle()
+    netns.run(sys.executable, "-c", ADOPT)  # the restart: another process, same rules
+    if not _chains_may_lose_device():
+        assert chain_handle() == first, "the base chain was replaced"
+    netns.sh("ip link del spanx && ip link add spanx type veth peer name spany && "
+             "ip link set spanx up")
+    assert '"addr": "spanx"' not in netns.run("nft", "-j", "list", "table", "netdev",
+                                              "mirrord").stdout  # a number now
+    netns.run(sys.executable, "-c", ADOPT)
+    assert chain_handle()[0] != first[0]  # the table was made again
+    assert 'dup to "spanx"' in netns.run("nft", "list", "table", "netdev", "mirrord").stdout

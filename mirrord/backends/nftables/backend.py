@@ -225,9 +225,9 @@ class NftablesBackend(Backend):
         # flushes) makes the kernel refuse it. That is a race, not a refusal
         # of our rules: list again and retry while the listing keeps moving.
         # Rules bound to devices that were made again are loaded anew.
-        renew = frozenset({NETDEV}) if rendered.binds != self._binds else frozenset()
         for _ in range(APPLY_ATTEMPTS):
             existing = self._existing()
+            renew = self._renew(rendered, existing)
             if not existing and rendered.payload:
                 rc, err = self._load_fresh(rendered, carry)
                 if rc == 0:
@@ -246,6 +246,27 @@ class NftablesBackend(Backend):
             f"nftables refused the ruleset: {err.strip()}\n"
             f"input: {json.dumps({'nftables': cmds})}"
         )
+
+    def _renew(self, rendered: Rendered, existing: dict[str, list[dict[str, Any]]]
+               ) -> frozenset[str]:
+        """The families to delete and make again in the batch: netdev when
+        the devices its rules bind to changed since this backend loaded them.
+
+        A backend that loaded nothing yet (a restart adopting the table the
+        last daemon left) cannot know what those rules were bound to, except
+        from the listing: nft names a dup target by the ifindex the rule holds
+        (a device made again lists as a number), and a base chain is bound to
+        the device of its name, dying with it before Linux 6.14 and following
+        the name from 6.16. Then the table is refilled in place: replacing its
+        base chains hooks old and new chains at once for a moment (on 6.18 a
+        restart copied one frame twice that way)."""
+        if rendered.binds == self._binds:
+            return frozenset()
+        if (self._binds is None and NETDEV in existing and not _chains_may_lose_device()
+                and _dup_targets(existing[NETDEV]) == _dup_targets(
+                    rendered.payload.get(NETDEV, []))):
+            return frozenset()
+        return frozenset({NETDEV})
 
     def _load_fresh(self, rendered: Rendered, carry: Counts) -> tuple[int, str]:
         """Every table anew, in nft syntax: one transaction, like batch()'s.
@@ -334,3 +355,34 @@ class NftablesBackend(Backend):
         rc, _, err = self._json(cmds)
         if rc != 0:
             raise ApplyError(f"nftables refused to remove mirrord's tables: {err.strip()}")
+
+
+def _dup_targets(objs: list[dict[str, Any]]) -> Counter[str]:
+    """The devices a netdev table's rules dup to, as nft names them."""
+    out: Counter[str] = Counter()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            dup = v.get("dup")
+            if isinstance(dup, dict) and isinstance(dup.get("addr"), str):
+                out[dup["addr"]] += 1
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk([o["rule"]["expr"] for o in objs if "rule" in o])
+    return out
+
+
+def _chains_may_lose_device() -> bool:
+    """Linux 6.14 and 6.15 keep a netdev base chain whose device went away,
+    bound to nothing, and do not bind it again: its listing cannot be trusted."""
+    import platform
+
+    try:
+        major, minor = (int(x) for x in platform.release().split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) in ((6, 14), (6, 15))
