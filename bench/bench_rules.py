@@ -235,12 +235,12 @@ def main() -> int:
         fr, cr = ratios[case]
         if case == "hand":
             fr, cr = [1.0], [1.0]
-        if fr and cr:
-            verdict[case] = (statistics.median(fr), statistics.median(cr))
+        if fr and (cr or case == "none"):
+            verdict[case] = (statistics.median(fr), statistics.median(cr) if cr else 0.0)
         print(f"{case:<10} {fwd:>10.0f} {copies:>10.0f} {frac:>7} {spread(fr):>20} "
               f"{spread(cr):>20}")
     for case in ("mirrord1", "mirrord50"):
-        if case in verdict:
+        if case in verdict and case in results:
             ok = min(verdict[case]) >= 0.95
             print(f"target {case}: forwarding and copies >= 0.95 x hand: "
                   + ("met" if ok else "MISSED"))

@@ -3,12 +3,12 @@
 The copy rule of a mirror to a group ends, where a single collector's has
 `dup to ADDR`, in one lookup:
 
-    symhash mod 64 vmap { 0-5 : jump g_sensors_0, 6 : jump g_sensors_2, ... }
+    symhash mod 64 vmap { 0 : jump g_sensors_0, 1 : jump g_sensors_2, ... }
 
 and each member has a chain that counts (its named counter,
 `_member_COLLECTOR_MEMBER.member`) and copies to it. One hash and one map
-lookup per packet, whatever the number of members; contiguous buckets of a
-member are one range element. A member without buckets (dead) keeps its
+lookup per packet, whatever the number of members (a hash table: one element
+per bucket). A member without buckets (dead) keeps its
 counter and has no chain. Members are shared by every mirror of the group in
 one table: their counters count the group's copies to that member.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...plan.groups import BUCKETS, Group, bucket_ranges
+from ...plan.groups import BUCKETS, Group
 from .naming import chain_name, counter_name, counting
 
 Expr = dict[str, Any]
@@ -38,13 +38,17 @@ class MemberChains:
         return self._chains[key]
 
     def lookup(self, g: Group) -> Expr:
-        """The expression that sends a packet to its flow's member chain."""
+        """The expression that sends a packet to its flow's member chain: a
+        jump when one member holds every bucket (a group of one, or the only
+        one alive: no hash), else the bucket map. Its elements are single
+        buckets, not ranges: a map of single values is a hash table, one of
+        ranges an interval tree, which bench_rules measured slower per copy."""
         self._groups.setdefault(g.collector, g)
-        items: list[list[Any]] = []
-        for first, last, k in sorted(
-                (a, b, k) for k, m in enumerate(g.members) for a, b in bucket_ranges(m.buckets)):
-            key: Any = first if first == last else {"range": [first, last]}
-            items.append([key, {"jump": {"target": self._chain(g, k)}}])
+        holders = [k for k, m in enumerate(g.members) if m.buckets]
+        if len(holders) == 1:
+            return {"jump": {"target": self._chain(g, holders[0])}}
+        items = [[b, {"jump": {"target": self._chain(g, k)}}]
+                 for b, k in sorted((b, k) for k, m in enumerate(g.members) for b in m.buckets)]
         return {"vmap": {"key": {"symhash": {"mod": BUCKETS}}, "data": {"set": items}}}
 
     def objects(self, t: dict[str, str]) -> list[dict[str, Any]]:

@@ -148,13 +148,42 @@ def ip_tables(plan: Plan, ranges: bool = True) -> dict[str, list[dict[str, Any]]
             objs.append({"chain": {**t, "name": "delivered", "type": "filter",
                                    "hook": "output", "prio": PRIO_DELIVERED,
                                    "policy": "accept"}})
-            rule_objs += [{"rule": {**t, "chain": "delivered", "expr": delivered_exprs(p)}}
-                          for p in points[version]]
+            objs_, rules_ = delivered_rules(t, points[version], taken)
+            objs += objs_
+            rule_objs += rules_
         objs += members.objects(t)
         objs += actions.objects(t, rule_objs)
         objs += rule_objs
         tables[fam] = objs
     return tables
+
+
+def delivered_rules(t: dict[str, str], points: list[DeliveryPoint], taken: set[str]
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Chain `delivered`'s rules (and the chains they jump to). Several clone
+    points (a group's members) are one lookup of the clone's next hop, each
+    address jumping to its point's chain, so a copy's cost here does not grow
+    with the members; other points are a rule each."""
+    clones = [p for p in points if p.kind == "clone"]
+    if len(clones) < 2:
+        return [], [{"rule": {**t, "chain": "delivered", "expr": delivered_exprs(p)}}
+                    for p in points]
+    fam = FAMILIES[clones[0].version]
+    chains: list[dict[str, Any]] = []
+    rules: list[dict[str, Any]] = []
+    items: list[list[Any]] = []
+    for p in clones:
+        name = chain_name("d", str(p.address).replace(":", "-"), taken)
+        chains.append({"chain": {**t, "name": name}})
+        rules.append({"rule": {**t, "chain": name, "expr": [*counting(p.key)]}})
+        items.append([str(p.address), {"jump": {"target": name}}])
+    lookup = {"rule": {**t, "chain": "delivered", "expr": [
+        _match({"ct": {"key": "state"}}, "untracked", "in"),
+        {"vmap": {"key": {"rt": {"key": "nexthop", "family": fam}}, "data": {"set": items}}}]}}
+    rules = [lookup, *rules]
+    rules += [{"rule": {**t, "chain": "delivered", "expr": delivered_exprs(p)}}
+              for p in points if p.kind != "clone"]
+    return chains, rules
 
 
 def delivered_exprs(p: DeliveryPoint) -> list[Expr]:

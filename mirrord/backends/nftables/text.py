@@ -110,6 +110,8 @@ def _text_expr(e: Expr) -> str:
         return f"{_text_left(v['key'])} vmap {{ {_map_items(v['key'], v['data']['set'])} }}"
     if "return" in e:
         return "return"
+    if "jump" in e:
+        return f"jump {e['jump']['target']}"
     raise ValueError(f"no text form for {e}")
 
 
