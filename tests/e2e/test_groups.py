@@ -313,6 +313,20 @@ def run_flows(lab: Lab, encap: Optional[tuple[int, int]] = None,
         a: members.get(a, 0) - members_before.get(a, 0) for a in members}
 
 
+def flows_move_off(lab: Lab, encap: tuple[int, int], before: dict[Flow, str],
+                   dead: str) -> dict[Flow, str]:
+    """With `dead` dead: every copy made reached a live member, and exactly the
+    flows `dead` held (in `before`) moved."""
+    for a in MEMBERS:
+        lab.rtr.run("ping", "-c1", "-W2", a, check=False)
+    flows, arrived, copied, _ = run_flows(lab, encap)
+    after = owner(flows)
+    assert sum(arrived.values()) == copied and arrived[dead] == 0, (arrived, copied)
+    moved = {f for f in before if before[f] != after[f]}
+    assert moved and moved == {f for f in before if before[f] == dead}, "other flows moved"
+    return after
+
+
 def owner(flows: dict[Flow, dict[str, dict[str, int]]]) -> dict[Flow, str]:
     """Each flow's one member (asserted: both directions there, nowhere else)."""
     out: dict[Flow, str] = {}
@@ -453,13 +467,7 @@ def test_vxlan_group_one_tunnel_per_member_each_flow_at_one_member() -> None:
         st = lab.wait_for_status(lambda s: s and members_of(s)[dead]["state"] == "dead",
                                  timeout=15)
         assert st["mirrors"][0]["state"] == "degraded" and dead in st["mirrors"][0]["reason"]
-        for a in MEMBERS:
-            lab.rtr.run("ping", "-c1", "-W2", a, check=False)
-        flows, arrived, copied, counted = run_flows(lab, VXLAN)
-        after = owner(flows)
-        assert sum(arrived.values()) == copied and arrived[dead] == 0, (arrived, copied)
-        moved = {f for f in placed if placed[f] != after[f]}
-        assert moved and moved == {f for f in placed if placed[f] == dead}
+        flows_move_off(lab, VXLAN, placed, dead)
         assert "mvx-sensors~1:" in lab.rtr.run("ip", "link", "show", "type", "vxlan").stdout
 
 
@@ -561,13 +569,7 @@ def test_tzsp_group_flows_split_in_the_socket_filters_and_failover_keeps_the_tap
         assert st["mirrors"][0]["state"] == "degraded"
         kept = {w["member"]: w["id"] for w in st["mirrors"][0]["tzsp"]}
         assert kept == {a: taps[a]["id"] for a in MEMBERS if a != dead}, "a live member's tap was replaced"
-        for a in MEMBERS:
-            lab.rtr.run("ping", "-c1", "-W2", a, check=False)
-        flows, arrived, copied, counted = run_flows(lab, TZSP)
-        second = owner(flows)
-        assert sum(arrived.values()) == copied and arrived[dead] == 0, (arrived, copied)
-        moved = {f for f in first if first[f] != second[f]}
-        assert moved and moved == {f for f in first if first[f] == dead}
+        flows_move_off(lab, TZSP, first, dead)
         assert "filter changed" in lab.daemon_log()
 
         lab.col.run("ip", "addr", "add", f"{dead}/24", "dev", "m1")
