@@ -99,6 +99,9 @@ class CaptureProcess:
         self.starts = 0
         self._held = 0  # open batch() blocks
         self._dirty = False  # the set changed inside one
+        # Handles taken out of the set while a process had them open -> that
+        # process's start number: remove() waits for those to close, only.
+        self._closing: dict[int, int] = {}
 
     @property
     def pid(self) -> Optional[int]:
@@ -165,6 +168,9 @@ class CaptureProcess:
         if self.taps.get(handle.slot_index) is not handle:
             return
         del self.taps[handle.slot_index]
+        if self.running():
+            # This process has it open: remove() waits for it to close it.
+            self._closing[id(handle)] = self.starts
         # An empty set too: the process stays (stop() ends it), so that a tap
         # replaced by another does not cost a new interpreter.
         self._changed()
@@ -173,7 +179,11 @@ class CaptureProcess:
         """Take `handle` out of the set and wait until the process closed it (its
         counters are final then); the last one stops the process."""
         self.detach(handle)
-        if not self.running():
+        started = self._closing.pop(id(handle), None)
+        # Not open in this process (an orphan of one that died, whose slot
+        # stays RUNNING for ever): nothing will close it, so nothing to wait
+        # for. Waiting killed the next process, and its taps with it.
+        if started is None or started != self.starts or not self.running():
             return
         if self._dirty:  # inside a batch: the set must go now, or nothing closes it
             self._dirty = False
@@ -282,6 +292,7 @@ class CaptureProcess:
             h._orphan(reason)
             self.orphans.append(h)
         self.taps.clear()
+        self._closing.clear()  # nothing of that process will close now
 
     def take_orphans(self) -> list[TapHandle]:
         out, self.orphans = self.orphans, []

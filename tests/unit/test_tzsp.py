@@ -503,6 +503,52 @@ def test_job_from_tap_maps_every_field() -> None:
 
 # -- a tap handle counts one run --------------------------------------------------------
 
+def test_stopping_a_dead_process_tap_does_not_wait_for_the_next_process() -> None:
+    """The capture process dies with two taps open; one tap is restarted (a new
+    process) before the other's old handle is stopped. That stop has nothing
+    to wait for: its slot says RUNNING for ever. Waiting for it timed out and
+    killed the new process, so the restarted tap died too, again and again."""
+    import time
+
+    from mirrord.tzsp.job import SharedCounters
+    from mirrord.tzsp.protocol import STATE_RUNNING
+    from mirrord.tzsp.supervisor import CaptureProcess, TapHandle
+
+    def job(name: str) -> TzspJob:  # no such interface: the process ends the tap at once
+        return TzspJob("m", name, 2**31 - 7, ("in",), Match(),
+                       ipaddress.ip_address("203.0.113.10"), 37008, 65535)
+
+    proc = CaptureProcess()
+    try:
+        first, second = TapHandle(proc, job("mirrord-none1")), TapHandle(proc, job("mirrord-none2"))
+        first.start()
+        second.start()
+        deadline = time.monotonic() + 20
+        while first.poll() is None or second.poll() is None:
+            assert time.monotonic() < deadline, "the capture process did not end the taps"
+            proc.read_events()
+            time.sleep(0.01)
+        # As if killed while capturing: both slots RUNNING, both taps still in the set.
+        proc.taps[first.slot_index], proc.taps[second.slot_index] = first, second
+        for h in (first, second):
+            SharedCounters(proc._buf, h.slot_index).set_meta(12345, STATE_RUNNING)  # type: ignore[arg-type]
+        old = proc.pid
+        proc._kill()
+        while proc.read_events()[1] is False:
+            time.sleep(0.01)
+        first.stop(timeout=3)
+        again = TapHandle(proc, job("mirrord-none1"))
+        again.start()  # a new process
+        assert proc.running() and proc.pid != old
+        t0 = time.monotonic()
+        second.stop(timeout=3)
+        assert time.monotonic() - t0 < 1.0, "waited for a slot no process will close"
+        assert proc.running(), "the new process was killed"
+        again.stop()
+    finally:
+        proc.close()
+
+
 def test_tap_handle_counts_its_own_run_and_keeps_its_final_counters() -> None:
     """A handle's counters are its run's; stop() keeps them past the slot's reuse, and a
     handle runs once (the daemon's ledger, not the handle, sums runs)."""
