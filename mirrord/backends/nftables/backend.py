@@ -249,24 +249,27 @@ class NftablesBackend(Backend):
 
     def _renew(self, rendered: Rendered, existing: dict[str, list[dict[str, Any]]]
                ) -> frozenset[str]:
-        """The families to delete and make again in the batch: netdev when
-        the devices its rules bind to changed since this backend loaded them.
+        """The families to delete and make again in the batch: none, except
+        netdev on a kernel whose base chains may outlive their device.
 
-        A backend that loaded nothing yet (a restart adopting the table the
-        last daemon left) cannot know what those rules were bound to, except
-        from the listing: nft names a dup target by the ifindex the rule holds
-        (a device made again lists as a number), and a base chain is bound to
-        the device of its name, dying with it before Linux 6.14 and following
-        the name from 6.16. Then the table is refilled in place: replacing its
-        base chains hooks old and new chains at once for a moment (on 6.18 a
-        restart copied one frame twice that way)."""
-        if rendered.binds == self._binds:
+        Everywhere else the netdev table is refilled in place: every rule is
+        loaded again, which binds each `dup to` to the device of its name now,
+        and a base chain either died with its device (before Linux 6.14: the
+        batch adds it again) or follows its name (6.16+). Replacing base
+        chains hooks the old and the new at once for a moment, and a frame
+        crossing then is copied twice (seen on 6.18 at a restart and at a
+        reload adding a device). On 6.14 and 6.15 a base chain whose device
+        was made again stays, bound to nothing: the table is made again when
+        a device it binds to changed, or when nothing says what it was bound
+        to (a restart adopting the table the last daemon left)."""
+        if NETDEV not in existing or not _chains_may_lose_device():
             return frozenset()
-        if (self._binds is None and NETDEV in existing and not _chains_may_lose_device()
-                and _dup_targets(existing[NETDEV]) == _dup_targets(
-                    rendered.payload.get(NETDEV, []))):
-            return frozenset()
-        return frozenset({NETDEV})
+        if self._binds is None:
+            return frozenset({NETDEV})
+        was = dict(self._binds)
+        if any(was.get(name, index) != index for name, index in rendered.binds):
+            return frozenset({NETDEV})
+        return frozenset()
 
     def _load_fresh(self, rendered: Rendered, carry: Counts) -> tuple[int, str]:
         """Every table anew, in nft syntax: one transaction, like batch()'s.
@@ -355,25 +358,6 @@ class NftablesBackend(Backend):
         rc, _, err = self._json(cmds)
         if rc != 0:
             raise ApplyError(f"nftables refused to remove mirrord's tables: {err.strip()}")
-
-
-def _dup_targets(objs: list[dict[str, Any]]) -> Counter[str]:
-    """The devices a netdev table's rules dup to, as nft names them."""
-    out: Counter[str] = Counter()
-
-    def walk(v: Any) -> None:
-        if isinstance(v, dict):
-            dup = v.get("dup")
-            if isinstance(dup, dict) and isinstance(dup.get("addr"), str):
-                out[dup["addr"]] += 1
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-
-    walk([o["rule"]["expr"] for o in objs if "rule" in o])
-    return out
 
 
 def _chains_may_lose_device() -> bool:

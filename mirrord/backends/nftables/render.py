@@ -324,8 +324,9 @@ def batch(
                 continue  # kept, with its count
             if ("chain" in obj and "dev" in obj["chain"] and obj["chain"]["name"] in old_def
                     and obj["chain"]["name"] in want_chains):
-                # Kept, bound to the same device (else the table is renewed):
-                # adding a device chain again asks old kernels to bind it twice.
+                # Kept: it is bound to the device of its name (where it may
+                # not be, the table is renewed; see NftablesBackend._renew).
+                # Adding a device chain again asks old kernels to bind it twice.
                 continue
             cmds.append({"add": _seeded(fam, obj, seeds, seeded_rules)})
     return cmds
