@@ -13,7 +13,8 @@ Cases:
 
 Also printed:
   imports  the modules the daemon loaded by the time it was active (a second
-           run of clone1 under PYTHONPROFILEIMPORTTIME), their self time total
+           run of clone1 under PYTHONPROFILEIMPORTTIME), their self time total;
+           its spec reader's (a forked child's) imports counted apart
   rtnl     the ways the daemon can ask rtnetlink (links, route get, neighbours)
            compared in a fresh interpreter in the router namespace: RSS after
            the import and one read of the lab's topology, and the time of one
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -269,6 +271,30 @@ def imported(log: str) -> list[tuple[str, int]]:
     return out
 
 
+# argv: spec path. Prints the modules a spec read adds to a daemon's: what the
+# daemon's spec reader (a forked child) imports, not the daemon.
+READER = r"""
+import sys
+import mirrord.service.daemon, mirrord.service.logsetup
+before = set(sys.modules)
+import mirrord.spec
+mirrord.spec.load(sys.argv[1])
+print(" ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def without_reader(rows: list[tuple[str, int]], reader: set[str]) -> list[tuple[str, int]]:
+    """The daemon's own imports, once each: the spec reader child's dropped. A
+    module both import appears twice in the log, and is the daemon's once."""
+    times = Counter(name for name, _ in rows)
+    out, seen = [], set()
+    for name, us in rows:
+        if name not in seen and (name not in reader or times[name] > 1):
+            seen.add(name)
+            out.append((name, us))
+    return out
+
+
 def case_imports(pycache: str) -> None:
     print("\n== imports: the daemon (clone1) until active, PYTHONPROFILEIMPORTTIME")
     for label, env, flags in (("as run here", {}, ()),
@@ -277,17 +303,23 @@ def case_imports(pycache: str) -> None:
             daemon = start(lab, CLONE1, {**env, "PYTHONPROFILEIMPORTTIME": "1"}, flags)
             lab.stop_daemon(daemon)
             rows = imported(lab.daemon_log())
-        names = [n for n, _ in rows]
-        print(f"   {label}: {len(rows)} modules, {sum(t for _, t in rows) / 1000:.0f} ms self time")
+            reader = set(subprocess.run(
+                [sys.executable, *flags, "-c", READER, lab.write_spec(CLONE1)],
+                env={**os.environ, **env}, cwd=str(ROOT), capture_output=True, text=True,
+                check=True).stdout.split())
+        own = without_reader(rows, reader)
+        print(f"   {label}: {len(own)} modules, {sum(t for _, t in own) / 1000:.0f} ms self time; "
+              f"the spec reader (a child) adds {len(rows) - len(own)}")
         if flags:
-            need = openwrt_split.packages(names)
+            # The packages: the reader's modules included (it reads the YAML).
+            need = openwrt_split.packages(n for n, _ in rows)
             print("   OpenWrt packages beyond python3-light: " + (", ".join(
                 f"{pkg} ({' '.join(sorted(mods))})" for pkg, mods in sorted(need.items()))
                 or "none"))
-            extra = sorted({n.split(".")[0] for n in names} & (
+            extra = sorted({n.split(".")[0] for n, _ in rows} & (
                 openwrt_split.STDLIB_OPTIONAL | openwrt_split.NO_PACKAGE))
             print(f"   also loaded here, optional: {' '.join(extra) or 'none'}")
-            big = sorted(rows, key=lambda r: -r[1])[:8]
+            big = sorted(own, key=lambda r: -r[1])[:8]
             print("   slowest: " + ", ".join(f"{n} {t / 1000:.1f} ms" for n, t in big))
 
 

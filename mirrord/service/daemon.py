@@ -39,6 +39,7 @@ from .control import DEFAULT_SOCKET, ControlServer
 from .heap import heap_trimmer
 from .instance import answer_probe, take_instance_lock
 from .notify import Notifier
+from .spec_reader import load_apart
 
 __all__ = ["Daemon", "Pending", "add_arguments", "run", "summarize"]
 
@@ -78,7 +79,7 @@ def _load_spec(path: str) -> spec.Spec | tuple[int, str]:
     """The spec, or what is wrong with it: (problems, "") after logging each
     problem, or (0, why) when it cannot be read at all (never a traceback)."""
     try:
-        return spec.load(path)
+        return load_apart(path)
     except spec.SpecError as e:
         for problem in e.problems[:REJECTED_PROBLEMS_SHOWN]:
             log.error("%s", bounded(str(problem)))

@@ -16,8 +16,9 @@ from the spec alone.
   loops.py      copies that would become input to a mirror (`mirrord check`)
 """
 
-from .fields import IFNAMSIZ, NAME_RE, host_address, valid_ifname
-from .matches import match_from_text
+from typing import TYPE_CHECKING, Any
+
+from .fields import IFNAMSIZ, MAX_SHOWN, NAME_RE, host_address, valid_ifname
 from .model import (
     BACKENDS,
     DEFAULT_PATH,
@@ -38,8 +39,31 @@ from .model import (
     Transport,
     default_path,
 )
-from .read import INTERNAL_ERROR, MAX_LINE, MAX_PROBLEMS, load, parse
-from .yaml_tree import MAX_ALIAS_NODES, MAX_BYTES, MAX_DEPTH, MAX_NODES, MAX_SHOWN, show
+
+if TYPE_CHECKING:
+    from .matches import match_from_text
+    from .read import INTERNAL_ERROR, MAX_LINE, MAX_PROBLEMS, load, parse
+    from .yaml_tree import MAX_ALIAS_NODES, MAX_BYTES, MAX_DEPTH, MAX_NODES, show
+
+# What needs PyYAML is imported when first used (PEP 562): the daemon holds the
+# model only and reads its spec in a child process (service/spec_reader.py),
+# so the parser never takes a router's memory in it (about 1 MiB).
+_NEEDS_YAML = {
+    "match_from_text": "matches",
+    **dict.fromkeys(("INTERNAL_ERROR", "MAX_LINE", "MAX_PROBLEMS", "load", "parse"), "read"),
+    **dict.fromkeys(("MAX_ALIAS_NODES", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "show"),
+                    "yaml_tree"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _NEEDS_YAML.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{module}", __name__), name)
+
 
 __all__ = [
     "BACKENDS",

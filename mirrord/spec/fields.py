@@ -9,10 +9,19 @@ import re
 from typing import Optional
 
 from ..match import Address
-from .yaml_tree import show
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 IFNAMSIZ = 16
+MAX_SHOWN = 60  # characters of a user's value quoted in a message
+
+
+def show_text(value: object) -> str:
+    """A user's value as quoted in a message: one line, bounded in length.
+    (yaml_tree.show takes YAML nodes too.)"""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_SHOWN:
+        text = text[:MAX_SHOWN] + "..."
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def valid_ifname(name: str) -> Optional[str]:
@@ -56,7 +65,7 @@ def host_address(raw: str, has_interface: bool = True) -> tuple[Optional[Address
     try:
         iface = ipaddress.ip_interface(raw)
     except ValueError:
-        return None, f"address '{show(raw)}' is not an IPv4 or IPv6 address"
+        return None, f"address '{show_text(raw)}' is not an IPv4 or IPv6 address"
     address, net = iface.ip, iface.network
     if net.num_addresses > 2 and address == net.network_address:
         what = "network address" if address.version == 4 else "subnet-router anycast address"

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .fields import show_text
 from .model import SpecError
 
 # Bounds on what a spec may cost to read. A router's spec is a few KiB; these
@@ -26,7 +27,6 @@ MAX_ALIAS_NODES = 10_000
 # Values in the file: a mirror has about eight. Parsing stops at the bound, so
 # a file of nothing but values costs seconds, not minutes, and tens of MiB.
 MAX_NODES = 100_000
-MAX_SHOWN = 60  # characters of a user's value quoted in a message
 
 
 def read_text(path: str) -> str:
@@ -67,10 +67,7 @@ def show(value: object) -> str:
             value = "a list"
         else:
             value = str(value.value)
-    text = value if isinstance(value, str) else str(value)
-    if len(text) > MAX_SHOWN:
-        text = text[:MAX_SHOWN] + "..."
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return show_text(value)
 
 
 STD_TAG = "tag:yaml.org,2002:"

@@ -233,6 +233,26 @@ def test_a_spec_that_breaks_the_reader_on_reload_keeps_the_daemon_and_its_rules(
         lab.wait_for_status(lambda s: s and s["mirrors"][0]["name"] == "lan2")
 
 
+def test_the_daemon_reads_its_spec_in_a_child_and_holds_no_yaml_parser() -> None:
+    """PyYAML stays out of the daemon's memory (service/spec_reader.py): through
+    start and reloads, good and bad, libyaml's extension is never mapped."""
+    with Lab() as lab:
+        # Positive control: this interpreter maps the extension once yaml is imported.
+        probe = "import yaml, yaml.cyaml, os; print('_yaml' in open('/proc/self/maps').read())"
+        assert lab.rtr.python(probe).strip() == "True"
+        path = lab.write_spec(spec(transport="clone"))
+        d = lab.start_daemon(path)
+        hup_and_wait(lab, d, spec(transport="clone", name="lan2"), path)
+        lab.wait_for_status(lambda s: s and s["mirrors"][0]["name"] == "lan2")
+        hup_and_wait(lab, d, spec(transport="clone", name="!!timestamp 2024-02-30"), path)
+        assert "the tag !!timestamp is not supported" in lab.daemon_log()
+        with open(f"/proc/{d.pid}/cmdline", "rb") as f:
+            assert b"mirrord" in f.read()  # the interpreter itself: `ip netns exec` execs it
+        with open(f"/proc/{d.pid}/maps") as f:
+            maps = f.read()
+        assert "_yaml" not in maps and "python" in maps
+
+
 # -- issue 9, item 4: one daemon per router ---------------------------------------
 class Monitor:
     """`nft monitor` in the router: every nftables change (iptables-nft's too)
